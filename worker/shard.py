@@ -1,0 +1,357 @@
+"""Load one contiguous range of an mlx-lm model's layers.
+
+A stage of the pipeline holds layers ``[start, end)`` of the model. It builds
+the full mlx-lm model lazily (no array is evaluated), replaces the layers it
+does not hold with pass-throughs, reads only the safetensors files that hold
+its tensors, and wraps the first and last layer it holds with ``recv`` from the
+previous stage and ``send`` to the next. The model's own ``__call__`` then runs
+the stage: embeddings and head are used only where they are needed, because
+MLX evaluates lazily and the stage evaluates only what it sends or samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, load_config, load_model
+
+log = logging.getLogger(__name__)
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which layers this process holds and where its neighbours are."""
+
+    start: int
+    end: int  # exclusive
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+
+@dataclass
+class LoadedShard:
+    model: nn.Module
+    config: dict[str, Any]
+    spec: StageSpec
+    files: list[str]
+    weights_bytes: int
+    # Set by the send wrapper on every call: what this stage sends on.
+    sent: list[mx.array] = field(default_factory=list)
+
+
+class PassThrough(nn.Module):
+    """Stands in for a layer held by another stage.
+
+    Copies the layer's plain attributes (``use_sliding``, ``is_sliding``, ...)
+    because some models read them in their layer loop.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
+                object.__setattr__(self, key, value)
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return x
+
+
+class StageBoundary(nn.Module):
+    """Wraps the first and/or last layer a stage holds with recv/send."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        recv_from: int | None,
+        send_to: int | None,
+        sent: list[mx.array],
+    ):
+        super().__init__()
+        self.layer = layer
+        self._recv_from = recv_from
+        self._send_to = send_to
+        self._sent = sent
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
+                object.__setattr__(self, key, value)
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        if self._recv_from is not None:
+            x = mx.distributed.recv_like(x, self._recv_from)
+        y = self.layer(x, *args, **kwargs)
+        if self._send_to is not None:
+            y = mx.distributed.send(y, self._send_to)
+            self._sent.append(y)
+        return y
+
+
+def layer_list(model: nn.Module) -> list[nn.Module]:
+    """The model's own list of decoder blocks, to be edited in place.
+
+    mlx-lm models expose ``layers`` as a property, which some return as a
+    copy (``pipeline_layers``); the list itself lives on an inner module.
+    """
+    todo: list[nn.Module] = [model]
+    while todo:
+        module = todo.pop(0)
+        layers = module.get("layers")
+        if isinstance(layers, list) and layers and isinstance(layers[0], nn.Module):
+            return layers
+        todo.extend(v for v in module.values() if isinstance(v, nn.Module))
+    raise ValueError(
+        f"{type(model).__module__} has no list of layers; "
+        "Pomona can only pipeline decoder models whose blocks are a list"
+    )
+
+
+def layer_index(tensor_name: str) -> int | None:
+    match = _LAYER_KEY.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def weight_map(model_path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name, from the index or the single file."""
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(model_path.glob("model*.safetensors"))
+    if len(files) == 1:
+        return {name: files[0].name for name in _safetensors_names(files[0])}
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {model_path}")
+    raise FileNotFoundError(
+        f"{model_path} has {len(files)} safetensors files but no model.safetensors.index.json"
+    )
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return [k for k in header if k != "__metadata__"]
+
+
+def files_for_stage(wmap: dict[str, str], num_layers: int, spec: StageSpec) -> list[str]:
+    """The safetensors files holding the tensors of this stage.
+
+    Layer tensors are needed only inside ``[start, end)``. Tensors outside the
+    layers (embeddings, final norm, head) are needed by the first and last
+    stage only; a middle stage reads none of them.
+    """
+    needed = set()
+    for name, file in wmap.items():
+        idx = layer_index(name)
+        if idx is None:
+            if spec.is_first or spec.is_last:
+                needed.add(file)
+        elif spec.start <= idx < spec.end:
+            needed.add(file)
+    return sorted(needed)
+
+
+def carve(model: nn.Module, spec: StageSpec) -> None:
+    """Replace the layers outside ``[start, end)`` with pass-throughs."""
+    layers = layer_list(model)
+    if not 0 <= spec.start < spec.end <= len(layers):
+        raise ValueError(
+            f"layer range [{spec.start}, {spec.end}) is outside the model's "
+            f"{len(layers)} layers"
+        )
+    for i, layer in enumerate(layers):
+        if not spec.start <= i < spec.end:
+            layers[i] = PassThrough(layer)
+
+
+def place_boundaries(model: nn.Module, spec: StageSpec, sent: list[mx.array]) -> None:
+    """Wrap the stage's first layer with recv and its last with send."""
+    if spec.world_size == 1:
+        return
+    layers = layer_list(model)
+    recv_from = None if spec.is_first else spec.rank - 1
+    send_to = None if spec.is_last else spec.rank + 1
+    if spec.start == spec.end - 1:
+        layers[spec.start] = StageBoundary(layers[spec.start], recv_from, send_to, sent)
+        return
+    if recv_from is not None:
+        layers[spec.start] = StageBoundary(layers[spec.start], recv_from, None, sent)
+    if send_to is not None:
+        layers[spec.end - 1] = StageBoundary(layers[spec.end - 1], None, send_to, sent)
+
+
+def make_stage_cache(model: nn.Module, spec: StageSpec) -> list[Any]:
+    """KV caches for every layer index, real only for the layers held.
+
+    Models build attention masks from the cache of a fixed layer index (the
+    first layer, or the first of each attention kind). For a layer held
+    elsewhere this returns the cache of a held layer of the same kind, so the
+    mask sees the right offset; pass-through layers never touch a cache.
+    """
+    if hasattr(model, "make_cache"):
+        caches = list(model.make_cache())
+    else:
+        from mlx_lm.models.cache import KVCache
+
+        caches = [KVCache() for _ in layer_list(model)]
+
+    def kind(c: Any) -> tuple[str, Any]:
+        return type(c).__name__, getattr(c, "max_size", None)
+
+    held = {}
+    for i in range(spec.start, spec.end):
+        held.setdefault(kind(caches[i]), caches[i])
+    first_held = caches[spec.start]
+    for i in range(len(caches)):
+        if not spec.start <= i < spec.end:
+            caches[i] = held.get(kind(caches[i]), first_held)
+    return caches
+
+
+def stage_caches(caches: list[Any], spec: StageSpec) -> list[Any]:
+    """The caches this stage owns (for evaluation and trimming)."""
+    return caches[spec.start : spec.end]
+
+
+def load_stage(
+    model_path: Path,
+    spec: StageSpec,
+    *,
+    progress: Callable[[float], None] | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedShard:
+    """Load layers ``[start, end)`` of the model at ``model_path``.
+
+    Reads only the safetensors files that hold this stage's tensors and
+    evaluates only the parameters the stage uses.
+    """
+    config = load_config(model_path)
+    wmap = weight_map(model_path)
+    files = files_for_stage(wmap, _num_layers(config, wmap), spec)
+    loaded_names: set[str] = set()
+
+    def build(args: Any) -> nn.Module:
+        model_class, _ = _get_classes(config)
+        model = model_class(args)
+        carve(model, spec)
+        module_paths = {name for name, _ in model.named_modules()}
+        original = model.sanitize if hasattr(model, "sanitize") else (lambda w: w)
+
+        def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+            weights = original(weights)
+            kept = {k: v for k, v in weights.items() if k.rsplit(".", 1)[0] in module_paths}
+            loaded_names.update(kept)
+            return kept
+
+        object.__setattr__(model, "sanitize", sanitize)
+        return model
+
+    def classes(config: dict) -> tuple[Any, Any]:
+        _, args_class = _get_classes(config)
+        return build, args_class
+
+    # mlx-lm's loader reads every model*.safetensors in a folder; give it a
+    # folder holding only the files this stage needs.
+    with tempfile.TemporaryDirectory(prefix="pomona-stage-") as tmp:
+        staging = Path(tmp)
+        for name in ("config.json",):
+            (staging / name).symlink_to((model_path / name).resolve())
+        for i, name in enumerate(files):
+            (staging / f"model-{i:05d}.safetensors").symlink_to((model_path / name).resolve())
+        model, config = load_model(
+            staging,
+            lazy=True,
+            strict=False,
+            get_model_classes=classes,
+            trust_remote_code=trust_remote_code,
+        )
+
+    params = _used_parameters(model, spec)
+    missing = [name for name in params if name not in loaded_names]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"the checkpoint at {model_path} lacks {len(missing)} tensors: {shown}")
+    _evaluate(params, progress)
+    weights_bytes = sum(p.nbytes for p in params.values())
+    sent: list[mx.array] = []
+    place_boundaries(model, spec, sent)
+    log.info(
+        "loaded layers [%d, %d) of %s from %d files (%.1f MB)",
+        spec.start,
+        spec.end,
+        model_path.name,
+        len(files),
+        weights_bytes / 1e6,
+    )
+    return LoadedShard(model, config, spec, files, weights_bytes, sent)
+
+
+def _num_layers(config: dict[str, Any], wmap: dict[str, str]) -> int:
+    indices = [i for i in (layer_index(n) for n in wmap) if i is not None]
+    return max(indices) + 1 if indices else int(config.get("num_hidden_layers", 0))
+
+
+def _used_parameters(model: nn.Module, spec: StageSpec) -> dict[str, mx.array]:
+    """Parameters this stage evaluates: its layers, and the rest where needed.
+
+    The first stage needs the embeddings; the last needs everything else
+    outside the layers (final norm, head), and the embeddings too when the
+    head is tied to them. A middle stage needs only its layers.
+    """
+    params = dict(tree_flatten(model.parameters()))
+    embeddings = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding))
+    }
+    tied = not any("lm_head" in name for name in params)
+    used = {}
+    for name, value in params.items():
+        idx = layer_index(name)
+        if idx is not None:
+            if spec.start <= idx < spec.end:
+                used[name] = value
+            continue
+        is_embedding = name.rsplit(".", 1)[0] in embeddings
+        if (is_embedding and (spec.is_first or (spec.is_last and tied))) or (
+            not is_embedding and spec.is_last
+        ):
+            used[name] = value
+    return used
+
+
+def _evaluate(params: dict[str, mx.array], progress: Callable[[float], None] | None) -> None:
+    total = sum(p.nbytes for p in params.values()) or 1
+    done = 0
+    batch: list[mx.array] = []
+    batch_bytes = 0
+    for value in params.values():
+        batch.append(value)
+        batch_bytes += value.nbytes
+        if batch_bytes >= 256 << 20:
+            mx.eval(batch)
+            done += batch_bytes
+            batch, batch_bytes = [], 0
+            if progress:
+                progress(done / total)
+    mx.eval(batch)
+    if progress:
+        progress(1.0)
