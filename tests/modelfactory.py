@@ -121,18 +121,14 @@ def make_model(
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
-    weights = {
-        k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())
-    }
+    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     _write_shards(folder, weights, num_layers, shards)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(folder)
     return folder
 
 
-def _write_shards(
-    folder: Path, weights: dict[str, mx.array], num_layers: int, shards: int
-) -> None:
+def _write_shards(folder: Path, weights: dict[str, mx.array], num_layers: int, shards: int) -> None:
     from pomona.worker.shard import layer_index
 
     groups: list[dict[str, mx.array]] = [{} for _ in range(shards)]

@@ -21,7 +21,6 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
-
 from pomona.worker.shard import LoadedShard, make_stage_cache, stage_caches
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,11 @@ def decode_ctrl(ctrl: Sequence[int]) -> tuple[int, int, Step | None]:
         min_p=_i2f(int(ctrl[7])),
         seed=int(ctrl[8]) | (int(ctrl[9]) << 31),
     )
-    return op, n, Step(tokens=(), sample=bool(ctrl[2]), new_sequence=bool(ctrl[3]), sampling=sampling)
+    return (
+        op,
+        n,
+        Step(tokens=(), sample=bool(ctrl[2]), new_sequence=bool(ctrl[3]), sampling=sampling),
+    )
 
 
 class StageEngine:
@@ -114,7 +117,9 @@ class StageEngine:
 
     # -- the head's side ----------------------------------------------------
 
-    def head_session(self, next_step: Callable[[], Step | None], on_token: Callable[[int], None]) -> None:
+    def head_session(
+        self, next_step: Callable[[], Step | None], on_token: Callable[[int], None]
+    ) -> None:
         """Run steps chosen by ``next_step`` until it returns None."""
         while True:
             step = next_step()

@@ -154,7 +154,9 @@ class Scheduler:
                     if not self._queue:
                         return None
                     req = self._queue.popleft()
-                self._active = active = _Active(req, self._make_detokenizer(), StopMatcher(req.stop))
+                self._active = active = _Active(
+                    req, self._make_detokenizer(), StopMatcher(req.stop)
+                )
             req = active.req
             if req.cancelled.is_set():
                 self._finish(Finish.CANCELLED)

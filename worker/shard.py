@@ -174,8 +174,7 @@ def carve(model: nn.Module, spec: StageSpec) -> None:
     layers = layer_list(model)
     if not 0 <= spec.start < spec.end <= len(layers):
         raise ValueError(
-            f"layer range [{spec.start}, {spec.end}) is outside the model's "
-            f"{len(layers)} layers"
+            f"layer range [{spec.start}, {spec.end}) is outside the model's {len(layers)} layers"
         )
     for i, layer in enumerate(layers):
         if not spec.start <= i < spec.end:

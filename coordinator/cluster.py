@@ -1,0 +1,239 @@
+"""Membership, planning and loading: the coordinator's view of the cluster.
+
+Workers found by Bonjour or given as seeds are described and kept by node
+id (a worker that comes back at a new address keeps its id). Once enough are
+known and membership has been quiet for a moment, the model's layers are
+split over them, every worker loads its range, and the head runner's address
+becomes the entry point for requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from pomona.coordinator.placement import Assignment, PlacementError, place
+from pomona.v1 import worker_pb2, worker_pb2_grpc
+
+from pomona import rpc
+from pomona.config import CoordinatorConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    node_id: str
+    name: str
+    address: str
+    describe: worker_pb2.DescribeReply
+    stub: worker_pb2_grpc.WorkerStub
+    state: str = "discovered"  # discovered, loading, serving, idle, lost
+    last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class Serving:
+    load_id: str
+    head_address: str
+    assignments: tuple[Assignment, ...]
+    max_context: int
+
+
+class Cluster:
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.members: dict[str, Member] = {}
+        self.serving: Serving | None = None
+        self.problem = "waiting for workers"
+        self._changed = asyncio.Event()
+        self._last_change = time.monotonic()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.loading = False
+
+    # -- membership -------------------------------------------------------------
+
+    async def add_address(self, address: str, props: dict[str, str] | None = None) -> Member | None:
+        """Describe the worker at ``address`` and keep it if it belongs here."""
+        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+        try:
+            reply = await stub.Describe(worker_pb2.DescribeRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            log.warning("cannot describe worker at %s: %s", address, rpc.describe_error(e, address))
+            return None
+        if reply.cluster != self.config.cluster:
+            log.info("ignoring %s at %s: cluster %r", reply.name, address, reply.cluster)
+            return None
+        known = self.members.get(reply.node_id)
+        if known is not None and known.address == address:
+            known.describe, known.last_seen = reply, time.monotonic()
+            return known
+        member = Member(reply.node_id, reply.name, address, reply, stub)
+        if known is not None:
+            log.info("worker %s (%s) moved to %s", reply.name, reply.node_id, address)
+            member.state = known.state
+        else:
+            log.info("worker %s (node %s) joined at %s", reply.name, reply.node_id, address)
+        self.members[reply.node_id] = member
+        self._note_change()
+        return member
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = rpc.aio_channel(address)
+        return self._channels[address]
+
+    def _note_change(self) -> None:
+        self._last_change = time.monotonic()
+        self._changed.set()
+
+    # -- planning and loading -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Plan and load whenever the cluster is not serving and membership allows."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            if self.serving is not None:
+                for m in self.members.values():
+                    if m.state == "discovered":
+                        m.state = "idle"
+                continue
+            if len(self.members) < self.config.min_workers:
+                self.problem = (
+                    f"waiting for workers: {len(self.members)} of {self.config.min_workers} found"
+                )
+                continue
+            quiet = self.config.settle_seconds - (time.monotonic() - self._last_change)
+            if quiet > 0:
+                await asyncio.sleep(quiet)
+                if self._changed.is_set():
+                    continue
+            await self.plan_and_load()
+
+    async def plan_and_load(self) -> None:
+        members = sorted(self.members.values(), key=lambda m: m.node_id)
+        self.loading = True
+        try:
+            info = await self._inspect(members[0])
+            if info is None:
+                return
+            assignments = place(info, [m.describe for m in members], self.config.layers)
+            await self._load(info, members, assignments)
+        except PlacementError as e:
+            self.problem = str(e)
+            log.error("cannot place %s: %s", self.config.model, e)
+        finally:
+            self.loading = False
+
+    async def _inspect(self, member: Member) -> worker_pb2.ModelInfo | None:
+        try:
+            return await member.stub.InspectModel(
+                worker_pb2.InspectModelRequest(model=self.config.model), timeout=rpc.CONTROL_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as e:
+            self.problem = e.details() or str(e.code())
+            log.error("%s", self.problem)
+            return None
+
+    async def _load(
+        self,
+        info: worker_pb2.ModelInfo,
+        members: list[Member],
+        assignments: list[Assignment],
+    ) -> None:
+        by_id = {m.node_id: m for m in members}
+        ordered = [by_id[a.node_id] for a in assignments]
+        load_id = uuid.uuid4().hex[:12]
+        ring_hosts = [f"{m.host}:{m.describe.ring_port}" for m in ordered]
+        workers = [m.address for m in ordered]
+        max_context = min(self.config.max_context or info.max_context, info.max_context)
+        self.problem = f"loading {self.config.model} on {len(ordered)} workers"
+        log.info(
+            "loading %s (%d layers): %s",
+            self.config.model,
+            info.num_layers,
+            ", ".join(f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)),
+        )
+        for m in ordered:
+            m.state = "loading"
+        requests = [
+            worker_pb2.LoadRequest(
+                load_id=load_id,
+                model=self.config.model,
+                start_layer=a.start,
+                end_layer=a.end,
+                rank=rank,
+                world_size=len(ordered),
+                ring_hosts=ring_hosts,
+                workers=workers,
+                backend="ring",
+                max_context=max_context,
+            )
+            for rank, a in enumerate(assignments)
+        ]
+        results = await asyncio.gather(
+            *(self._load_one(m, r) for m, r in zip(ordered, requests, strict=True)), return_exceptions=True
+        )
+        errors = [
+            f"{m.name}: {r}" for m, r in zip(ordered, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if errors:
+            self.problem = "loading failed on " + "; ".join(errors)
+            log.error("%s", self.problem)
+            await self._unload(ordered, load_id)
+            for m in ordered:
+                m.state = "idle"
+            return
+        head = results[0]
+        assert isinstance(head, worker_pb2.ShardStatus)
+        self.serving = Serving(load_id, head.runner_address, tuple(assignments), max_context)
+        for m in self.members.values():
+            m.state = "serving" if m in ordered else "idle"
+        self.problem = ""
+        log.info("serving %s; requests enter at %s", self.config.model, head.runner_address)
+
+    async def _load_one(
+        self, member: Member, request: worker_pb2.LoadRequest
+    ) -> worker_pb2.ShardStatus:
+        try:
+            await member.stub.Load(request, timeout=rpc.CONTROL_TIMEOUT)
+            last = None
+            async for status in member.stub.WatchShard(
+                worker_pb2.WatchShardRequest(load_id=request.load_id),
+                timeout=self.config.load_timeout,
+            ):
+                last = status
+                if status.state == worker_pb2.SHARD_STATE_FAILED:
+                    raise RuntimeError(status.error or "the runner failed")
+            if last is None or last.state != worker_pb2.SHARD_STATE_READY:
+                raise RuntimeError("the runner stopped before it was ready")
+            return last
+        except grpc.aio.AioRpcError as e:
+            raise RuntimeError(rpc.describe_error(e, member.address)) from e
+
+    async def _unload(self, members: list[Member], load_id: str) -> None:
+        async def one(m: Member) -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await m.stub.Unload(
+                    worker_pb2.UnloadRequest(load_id=load_id), timeout=rpc.CONTROL_TIMEOUT
+                )
+
+        await asyncio.gather(*(one(m) for m in members))
+
+    async def shutdown(self) -> None:
+        if self.serving is not None:
+            members = [m for m in self.members.values() if m.state == "serving"]
+            await self._unload(members, self.serving.load_id)
+            self.serving = None
+        for ch in self._channels.values():
+            await ch.close()

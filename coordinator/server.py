@@ -1,0 +1,58 @@
+"""Running a coordinator: gRPC server, discovery and the planning loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pomona.coordinator.cluster import Cluster
+from pomona.coordinator.discovery import Browser
+from pomona.coordinator.service import CoordinatorService
+from pomona.v1 import coordinator_pb2_grpc
+
+from pomona import rpc
+from pomona.config import CoordinatorConfig
+
+log = logging.getLogger(__name__)
+
+SEED_RETRY_SECONDS = 5.0
+
+
+async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> None:
+    cluster = Cluster(config)
+    server = rpc.aio_server()
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(cluster), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def found(address: str, props: dict[str, str]) -> None:
+        await cluster.add_address(address, props)
+
+    async def seeds() -> None:
+        pending = set(config.seeds)
+        while pending:
+            for address in sorted(pending):
+                if await cluster.add_address(address) is not None:
+                    pending.discard(address)
+            if pending:
+                await asyncio.sleep(SEED_RETRY_SECONDS)
+
+    log.info("coordinator for cluster %r on port %d, model %s", config.cluster, port, config.model)
+    tasks = [asyncio.create_task(cluster.run()), asyncio.create_task(seeds())]
+    try:
+        async with Browser(config.cluster, config.mdns_interfaces, found):
+            await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await cluster.shutdown()
+        await server.stop(grace=1.0)

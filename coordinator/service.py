@@ -1,0 +1,110 @@
+"""The Coordinator gRPC service: the cluster's public entry point.
+
+Thin: a request is checked against the cluster's state and relayed to the
+head runner; its chunks stream back as they come. Errors keep their gRPC
+status and message from wherever they arose.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from pomona.coordinator.cluster import Cluster
+from pomona.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    runner_pb2_grpc,
+    worker_pb2,
+)
+
+from pomona import rpc
+
+log = logging.getLogger(__name__)
+
+_NODE_STATES = {
+    "discovered": coordinator_pb2.NODE_STATE_DISCOVERED,
+    "loading": coordinator_pb2.NODE_STATE_LOADING,
+    "serving": coordinator_pb2.NODE_STATE_SERVING,
+    "idle": coordinator_pb2.NODE_STATE_IDLE,
+    "lost": coordinator_pb2.NODE_STATE_LOST,
+}
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _head(self) -> runner_pb2_grpc.RunnerStub | None:
+        serving = self.cluster.serving
+        if serving is None:
+            return None
+        address = serving.head_address
+        if address not in self._channels:
+            self._channels[address] = rpc.aio_channel(address)
+        return runner_pb2_grpc.RunnerStub(self._channels[address])
+
+    async def Generate(  # noqa: N802
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateChunk]:
+        head = self._head()
+        if head is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the cluster is not serving {self.cluster.config.model}: {self.cluster.problem}",
+            )
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        elif len(request.request_id) > 128:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "request_id is over 128 characters"
+            )
+        call = head.Generate(request, timeout=rpc.GENERATE_TIMEOUT)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details() or "the head runner failed")
+        finally:
+            call.cancel()
+
+    async def ListNodes(  # noqa: N802
+        self, request: coordinator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ListNodesReply:
+        cluster = self.cluster
+        nodes = []
+        for m in sorted(cluster.members.values(), key=lambda m: m.name):
+            shard = m.describe.shard if m.describe.HasField("shard") else worker_pb2.ShardStatus()
+            if cluster.serving is not None:
+                for a in cluster.serving.assignments:
+                    if a.node_id == m.node_id:
+                        shard = worker_pb2.ShardStatus(
+                            load_id=cluster.serving.load_id,
+                            state=worker_pb2.SHARD_STATE_READY,
+                            model=cluster.config.model,
+                            start_layer=a.start,
+                            end_layer=a.end,
+                            weights_bytes=a.weights_bytes,
+                        )
+            nodes.append(
+                coordinator_pb2.Node(
+                    node_id=m.node_id,
+                    name=m.name,
+                    address=m.address,
+                    state=_NODE_STATES[m.state],
+                    hardware=m.describe.hardware,
+                    shard=shard,
+                    mlx_version=m.describe.mlx_version,
+                )
+            )
+        return coordinator_pb2.ListNodesReply(
+            cluster=cluster.config.cluster,
+            model=cluster.config.model,
+            problem=cluster.problem,
+            nodes=nodes,
+            serving=cluster.serving is not None,
+        )

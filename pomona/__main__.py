@@ -1,0 +1,3 @@
+from pomona.cli import main
+
+main()

@@ -1,0 +1,229 @@
+"""The ``pomona`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import click
+import grpc
+
+from pomona import rpc
+from pomona.config import (
+    DEFAULT_CLUSTER,
+    DEFAULT_COORDINATOR_PORT,
+    DEFAULT_MODEL,
+    DEFAULT_WORKER_PORT,
+    CoordinatorConfig,
+    WorkerConfig,
+    default_model_dirs,
+    default_state_dir,
+)
+from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+COORDINATOR_OPTION = click.option(
+    "--coordinator",
+    envvar="POMONA_COORDINATOR",
+    default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}",
+    show_default=True,
+    help="HOST:PORT of the coordinator (or set POMONA_COORDINATOR).",
+)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(package_name="pomona")
+def main(verbose: int) -> None:
+    """Run one large language model across several machines."""
+    level = logging.WARNING - 10 * verbose if verbose else logging.INFO
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("zeroconf").setLevel(logging.WARNING)
+
+
+def _run_until_signal(make: object) -> None:
+    """Run ``make(stop_event)`` until SIGINT/SIGTERM sets the event."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await make(stop)  # type: ignore[operator]
+
+    try:
+        asyncio.run(runner())
+    except OSError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command()
+@click.option("--port", default=DEFAULT_WORKER_PORT, show_default=True, help="gRPC port.")
+@click.option("--ring-port", default=0, help="MLX ring port [default: PORT+1].")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option(
+    "--name", default=socket.gethostname().split(".")[0], help="Name shown in the cluster."
+)
+@click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="Cluster to join.")
+@click.option("--address", "addresses", multiple=True, help="Address to advertise (repeatable).")
+@click.option("--mdns-interface", "mdns", multiple=True, help="Interface address for Bonjour.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Node id, logs.")
+@click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(path_type=Path))
+def worker(
+    port: int, ring_port: int, host: str, name: str, cluster: str, addresses: tuple[str, ...],
+    mdns: tuple[str, ...], state_dir: Path | None, model_dirs: tuple[Path, ...],
+) -> None:  # fmt: skip
+    """Run the worker daemon of this machine."""
+    from pomona.worker.daemon import serve
+
+    config = WorkerConfig(
+        name=name,
+        cluster=cluster,
+        host=host,
+        port=port,
+        ring_port=ring_port,
+        addresses=addresses,
+        mdns_interfaces=mdns,
+        state_dir=state_dir or default_state_dir() / "worker",
+        model_dirs=model_dirs or default_model_dirs(),
+    )
+    _run_until_signal(lambda stop: serve(config, stop=stop))
+
+
+def _parse_layers(value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter("give layers per worker as numbers, e.g. 3,5") from None
+
+
+@main.command()
+@click.option("--port", default=DEFAULT_COORDINATOR_PORT, show_default=True, help="gRPC port.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to serve.")
+@click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="Cluster to manage.")
+@click.option("--worker", "seeds", multiple=True, help="HOST:PORT of a worker (repeatable).")
+@click.option("--min-workers", default=1, show_default=True, help="Workers to wait for.")
+@click.option("--layers", default=None, help="Layers per worker in ring order, e.g. 3,5.")
+@click.option("--mdns-interface", "mdns", multiple=True, help="Interface address for Bonjour.")
+def coordinator(
+    port: int, host: str, model: str, cluster: str, seeds: tuple[str, ...], min_workers: int,
+    layers: str | None, mdns: tuple[str, ...],
+) -> None:  # fmt: skip
+    """Run the coordinator: discover workers, place the model, serve requests."""
+    from pomona.coordinator.server import serve
+
+    for seed in seeds:
+        _check_address(seed, "--worker")
+    config = CoordinatorConfig(
+        cluster=cluster,
+        host=host,
+        port=port,
+        model=model,
+        seeds=seeds,
+        min_workers=max(1, min_workers),
+        layers=_parse_layers(layers),
+        mdns_interfaces=mdns,
+    )
+    _run_until_signal(lambda stop: serve(config, stop=stop))
+
+
+def _check_address(address: str, what: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{address!r} is not HOST:PORT", param_hint=what)
+
+
+def _stub(address: str) -> coordinator_pb2_grpc.CoordinatorStub:
+    _check_address(address, "--coordinator")
+    return coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address))
+
+
+@main.command()
+@COORDINATOR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def nodes(coordinator: str, as_json: bool) -> None:
+    """List the cluster's workers and what each holds."""
+    from pomona.display import print_nodes
+
+    try:
+        reply = _stub(coordinator).ListNodes(
+            coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT
+        )
+    except grpc.RpcError as e:
+        raise click.ClickException(rpc.describe_error(e, coordinator)) from None
+    print_nodes(reply, as_json)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
+@COORDINATOR_OPTION
+def generate(
+    prompt: str, max_tokens: int, temperature: float, top_p: float, seed: int | None,
+    stop: tuple[str, ...], coordinator: str,
+) -> None:  # fmt: skip
+    """Generate text from PROMPT, streamed as it is produced."""
+    sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p)
+    if seed is not None:
+        sampling.seed = seed
+    request = common_pb2.GenerateRequest(
+        prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=list(stop)
+    )
+    try:
+        for chunk in _stub(coordinator).Generate(request, timeout=rpc.GENERATE_TIMEOUT):
+            if chunk.text:
+                click.echo(chunk.text, nl=False)
+                sys.stdout.flush()
+    except grpc.RpcError as e:
+        raise click.ClickException(rpc.describe_error(e, coordinator)) from None
+    except KeyboardInterrupt:
+        raise click.Abort() from None
+    click.echo()
+
+
+@main.command()
+@click.option("--local", "count", type=click.IntRange(1, 16), required=True,
+              help="Start this many workers on this machine.")  # fmt: skip
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to serve.")
+@click.option("--port", default=DEFAULT_COORDINATOR_PORT, show_default=True,
+              help="Coordinator gRPC port.")  # fmt: skip
+@click.option("--layers", default=None, help="Layers per worker, e.g. 3,5.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
+def up(count: int, model: str, port: int, layers: str | None, timeout: float) -> None:
+    """Start a cluster of local workers and a coordinator on this machine."""
+    from pomona.local import LocalCluster
+
+    _parse_layers(layers)
+    cluster = LocalCluster(count, model, port, layers, state_dir=default_state_dir() / "local")
+    sys.exit(cluster.run(timeout))
+
+
+def _register_optional() -> None:
+    try:
+        from pomona.coordinator.plan_cli import plan_command
+    except ImportError:
+        return
+    main.add_command(plan_command, "plan")
+
+
+_register_optional()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

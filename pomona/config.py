@@ -1,0 +1,66 @@
+"""Configuration objects, built once at the CLI edge and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICE_TYPE = "_pomona._tcp.local."
+PROTOCOL_VERSION = 1
+DEFAULT_CLUSTER = "default"
+DEFAULT_COORDINATOR_PORT = 50150
+DEFAULT_WORKER_PORT = 50151
+DEFAULT_MODEL = "pomona-demo"
+
+
+def default_state_dir() -> Path:
+    """Per-user state: node ids, caches of the demo model, logs."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "pomona"
+
+
+def default_model_dirs() -> tuple[Path, ...]:
+    return (Path.home() / "models", Path.home() / ".cache" / "pomona" / "models")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str
+    cluster: str = DEFAULT_CLUSTER
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_WORKER_PORT
+    # The port of this machine's MLX ring listener; 0 means port + 1.
+    ring_port: int = 0
+    # Addresses to advertise and to give the ring; empty means every
+    # non-loopback IPv4 address of this machine.
+    addresses: tuple[str, ...] = ()
+    # Interfaces (by address) for Bonjour; empty means all.
+    mdns_interfaces: tuple[str, ...] = ()
+    state_dir: Path = field(default_factory=default_state_dir)
+    model_dirs: tuple[Path, ...] = field(default_factory=default_model_dirs)
+    # Seconds a runner may take to load and join its group.
+    load_timeout: float = 600.0
+
+    @property
+    def effective_ring_port(self) -> int:
+        return self.ring_port or self.port + 1
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    cluster: str = DEFAULT_CLUSTER
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_COORDINATOR_PORT
+    model: str = DEFAULT_MODEL
+    # Static "host:port" workers, for networks where multicast is blocked.
+    seeds: tuple[str, ...] = ()
+    # Wait for this many workers before the first plan.
+    min_workers: int = 1
+    # Quiet time after the last membership change before planning.
+    settle_seconds: float = 1.0
+    mdns_interfaces: tuple[str, ...] = ()
+    load_timeout: float = 600.0
+    max_context: int = 0  # 0: the model's own limit
+    # Layers per worker, in order; empty means split by memory.
+    layers: tuple[int, ...] = ()

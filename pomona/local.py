@@ -1,0 +1,183 @@
+"""``pomona up --local N``: a whole cluster as processes on this machine.
+
+Workers and the coordinator are separate processes on loopback that find each
+other through Bonjour, as real machines do. Every child runs in its own
+process group and is stopped on Ctrl-C or SIGTERM; on Linux a child also dies
+if this process is killed outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+
+from pomona import rpc
+from pomona.display import shard_state
+from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+LOOPBACK = "127.0.0.1"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pair(taken: set[int]) -> int:
+    """A port p with p and p + 1 free (gRPC and the MLX ring)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port + 1 < 65536 and not {port, port + 1} & taken and _port_free(port + 1):
+            taken.update((port, port + 1))
+            return port
+    raise RuntimeError("no free pair of ports on loopback")
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+
+
+class LocalCluster:
+    def __init__(self, count: int, model: str, port: int, layers: str | None, state_dir: Path):
+        self.count = count
+        self.model = model
+        self.port = port
+        self.layers = layers
+        self.state_dir = state_dir
+        self.cluster = f"local-{secrets.token_hex(3)}"
+        self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.console = Console(stderr=True)
+        self._stop = False
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log_dir = self.state_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name}.log"
+        log = log_path.open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pomona", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        self.children.append((name, proc, log_path))
+
+    def start(self) -> None:
+        if not _port_free(self.port):
+            raise RuntimeError(f"port {self.port} is in use: pass --port with a free port")
+        taken = {self.port}
+        for i in range(self.count):
+            port = free_port_pair(taken)
+            self._spawn(
+                f"worker-{i + 1}",
+                [
+                    "worker", "--port", str(port), "--host", LOOPBACK, "--name", f"local-{i + 1}",
+                    "--cluster", self.cluster, "--address", LOOPBACK, "--mdns-interface", LOOPBACK,
+                    "--state-dir", str(self.state_dir / f"worker-{i + 1}"),
+                ],
+            )  # fmt: skip
+        args = [
+            "coordinator", "--port", str(self.port), "--host", LOOPBACK, "--model", self.model,
+            "--cluster", self.cluster, "--min-workers", str(self.count),
+            "--mdns-interface", LOOPBACK,
+        ]  # fmt: skip
+        if self.layers:
+            args += ["--layers", self.layers]
+        self._spawn("coordinator", args)
+
+    def _dead_child(self) -> str:
+        for name, proc, log_path in self.children:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                return f"{name} exited with code {proc.returncode}: " + " | ".join(tail)
+        return ""
+
+    def wait_ready(self, timeout: float) -> coordinator_pb2.ListNodesReply:
+        address = f"{LOOPBACK}:{self.port}"
+        stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address))
+        deadline = time.monotonic() + timeout
+        with self.console.status("starting workers and coordinator") as status:
+            while time.monotonic() < deadline and not self._stop:
+                if dead := self._dead_child():
+                    raise RuntimeError(dead)
+                try:
+                    reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=2.0)
+                except grpc.RpcError:
+                    time.sleep(0.2)
+                    continue
+                if reply.serving:
+                    return reply
+                loading = [
+                    f"{n.name} {shard_state(n.shard.state)} {n.shard.progress:.0%}"
+                    for n in reply.nodes
+                    if n.shard.load_id
+                ]
+                status.update(f"{reply.problem} " + " · ".join(loading))
+                if reply.problem.startswith(("unknown model", "loading failed", "cannot")):
+                    raise RuntimeError(reply.problem)
+                time.sleep(0.2)
+        raise RuntimeError(f"the cluster was not ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Coordinator first (it unloads the workers), then the workers."""
+        for _, proc, _ in reversed(self.children):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def run(self, timeout: float) -> int:
+        def on_signal(signum: int, frame: object) -> None:
+            self._stop = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            self.start()
+            reply = self.wait_ready(timeout)
+            if self._stop:
+                return 130
+            print(
+                f"Pomona is up: coordinator {LOOPBACK}:{self.port}, {len(reply.nodes)} workers, "
+                f'model {reply.model} (try: pomona generate "Once upon a time"; Ctrl-C stops)',
+                flush=True,
+            )
+            while not self._stop:
+                if dead := self._dead_child():
+                    self.console.print(f"[red]error:[/red] {dead}")
+                    return 1
+                time.sleep(0.5)
+            return 0
+        except RuntimeError as e:
+            self.console.print(f"[red]error:[/red] {e} (logs in {self.state_dir / 'logs'})")
+            return 1
+        finally:
+            self.stop()

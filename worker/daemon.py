@@ -1,0 +1,296 @@
+"""The worker daemon: one per machine.
+
+Advertises itself over Bonjour, serves the Worker control plane and the
+standard gRPC health service, and starts, watches and stops runner processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pomona.v1 import worker_pb2, worker_pb2_grpc
+from pomona.worker.advertise import make_zeroconf, service_info
+from pomona.worker.hardware import HardwareInfo, read_hardware
+from pomona.worker.identity import load_node_id
+from pomona.worker.runner import RunnerSpec
+from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
+
+from pomona import rpc
+from pomona.config import PROTOCOL_VERSION, WorkerConfig
+from pomona.models import ModelNotFound, inspect_model, resolve_model
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ring", "jaccl", "mpi", "nccl")
+
+
+def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
+    return worker_pb2.ShardStatus(
+        load_id=info.load_id,
+        state=getattr(worker_pb2, f"SHARD_STATE_{info.state.name}"),
+        model=info.model,
+        start_layer=info.start,
+        end_layer=info.end,
+        rank=info.rank,
+        progress=info.progress,
+        runner_address=info.runner_address,
+        error=info.error,
+        runner_pid=info.pid,
+        weights_bytes=info.weights_bytes,
+        files=list(info.files),
+    )
+
+
+def hardware_to_proto(hw: HardwareInfo) -> worker_pb2.Hardware:
+    return worker_pb2.Hardware(
+        hostname=hw.hostname,
+        os=hw.os,
+        chip=hw.chip or "",
+        machine_model=hw.machine_model or "",
+        cpu_cores=hw.cpu_cores,
+        gpu_cores=hw.gpu_cores or 0,
+        total_memory_bytes=hw.total_memory_bytes,
+        available_memory_bytes=psutil.virtual_memory().available,
+        gpu_memory_limit_bytes=hw.gpu_memory_limit_bytes or 0,
+        rdma=hw.rdma_enabled,
+    )
+
+
+def local_addresses() -> list[str]:
+    """Non-loopback IPv4 addresses of this machine."""
+    out = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                out.append(a.address)
+    return out or ["127.0.0.1"]
+
+
+class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.node_id = load_node_id(config.state_dir)
+        self.hardware = read_hardware()
+        self.runner: RunnerProcess | None = None
+        self._lock = asyncio.Lock()
+        self.addresses = list(config.addresses) or local_addresses()
+
+    # -- Worker service -------------------------------------------------------
+
+    async def Describe(self, request, context):  # noqa: N802
+        hw = self.hardware
+        return worker_pb2.DescribeReply(
+            node_id=self.node_id,
+            name=self.config.name,
+            cluster=self.config.cluster,
+            protocol_version=PROTOCOL_VERSION,
+            hardware=hardware_to_proto(hw),
+            mlx_version=hw.mlx_version or "",
+            backends=list(hw.distributed_backends),
+            interfaces=[
+                worker_pb2.NetworkInterface(
+                    name=i.name,
+                    addresses=list(i.addresses),
+                    kind=i.kind,
+                    is_up=i.is_up,
+                    speed_mbps=i.speed_mbps or 0,
+                )
+                for i in hw.interfaces
+            ],
+            ring_port=self.config.effective_ring_port,
+            shard=shard_to_proto(self.runner.info if self.runner else ShardInfo()),
+        )
+
+    def _resolve(self, name: str) -> Path:
+        return resolve_model(
+            name, self.config.model_dirs, demo_cache=self.config.state_dir / "models"
+        )
+
+    async def InspectModel(self, request, context):  # noqa: N802
+        try:
+            path = await asyncio.to_thread(self._resolve, request.model)
+            shape = await asyncio.to_thread(inspect_model, path)
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except (OSError, ValueError) as e:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {request.model!r}: {e}"
+            )
+        return worker_pb2.ModelInfo(
+            model=request.model,
+            path=str(path),
+            model_type=shape.model_type,
+            num_layers=shape.num_layers,
+            layer_bytes=list(shape.layer_bytes),
+            other_bytes=shape.other_bytes,
+            max_context=shape.max_context,
+            vocab_size=shape.vocab_size,
+        )
+
+    async def Load(self, request, context):  # noqa: N802
+        problem = self._check_load(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            path = await asyncio.to_thread(self._resolve, request.model)
+            shape = await asyncio.to_thread(inspect_model, path)
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if request.end_layer > shape.num_layers:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"layers [{request.start_layer}, {request.end_layer}) are outside "
+                f"{request.model}'s {shape.num_layers} layers",
+            )
+        async with self._lock:
+            if self.runner is not None:
+                await self.runner.stop()
+            own = request.ring_hosts[request.rank].rsplit(":", 1)[0]
+            spec = RunnerSpec(
+                load_id=request.load_id,
+                model_path=str(path),
+                start=request.start_layer,
+                end=request.end_layer,
+                rank=request.rank,
+                world_size=request.world_size,
+                backend=request.backend or "ring",
+                workers=tuple(request.workers),
+                serve_host=self.config.host,
+                advertise_host=own,
+                max_context=request.max_context,
+            )
+            self.runner = RunnerProcess(
+                spec,
+                request.model,
+                tuple(request.ring_hosts),
+                self.config.state_dir / "runs",
+                self.config.load_timeout,
+            )
+            await self.runner.start()
+            return shard_to_proto(self.runner.info)
+
+    def _check_load(self, r: worker_pb2.LoadRequest) -> str:
+        if not r.load_id or len(r.load_id) > 64:
+            return "load_id must be 1 to 64 characters"
+        if not 1 <= r.world_size <= 256:
+            return f"world_size must be 1..256, got {r.world_size}"
+        if not 0 <= r.rank < r.world_size:
+            return f"rank {r.rank} is outside a group of {r.world_size}"
+        if len(r.ring_hosts) != r.world_size or len(r.workers) != r.world_size:
+            return "ring_hosts and workers must list every rank"
+        if not 0 <= r.start_layer < r.end_layer:
+            return f"the layer range [{r.start_layer}, {r.end_layer}) is empty or negative"
+        backend = r.backend or "ring"
+        if backend not in BACKENDS:
+            return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"
+        if backend not in self.hardware.distributed_backends:
+            return f"the {backend} backend is not available on {self.config.name}"
+        return ""
+
+    async def Unload(self, request, context):  # noqa: N802
+        async with self._lock:
+            runner = self.runner
+            if runner is None or (request.load_id and request.load_id != runner.spec.load_id):
+                return shard_to_proto(ShardInfo(request.load_id, State.STOPPED))
+            await runner.stop()
+            return shard_to_proto(runner.info)
+
+    async def WatchShard(self, request, context):  # noqa: N802
+        runner = self.runner
+        if runner is None or runner.spec.load_id != request.load_id:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no shard with load_id {request.load_id!r} here"
+            )
+        seen = None
+        while True:
+            info = await runner.wait_change(seen, timeout=30.0)
+            if info is not seen:
+                yield shard_to_proto(info)
+            if info.state in (State.READY, *TERMINAL):
+                return
+            seen = info
+
+    async def Wake(self, request, context):  # noqa: N802
+        runner = self.runner
+        if runner is None or runner.spec.load_id != request.load_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"no runner for load {request.load_id!r}"
+            )
+        try:
+            await runner.send({"cmd": "wake", "session": request.session})
+        except (RuntimeError, ConnectionError) as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return worker_pb2.WakeReply()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        if self.runner is not None:
+            await self.runner.stop(grace=2.0)
+
+
+async def serve(
+    config: WorkerConfig, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run a worker until ``stop`` is set (or forever)."""
+    daemon = WorkerDaemon(config)
+    server = rpc.aio_server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(daemon, server)
+    health_servicer = (
+        health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    await _set_serving(health_servicer)
+    info = service_info(
+        config.name,
+        daemon.addresses,
+        port,
+        {
+            "node_id": daemon.node_id,
+            "protocol": str(PROTOCOL_VERSION),
+            "cluster": config.cluster,
+            "name": config.name,
+            "grpc_port": str(port),
+            "memory": str(daemon.hardware.total_memory_bytes),
+            "chip": (daemon.hardware.chip or "unknown")[:120],
+        },
+    )
+    zc = make_zeroconf(config.mdns_interfaces)
+    try:
+        await zc.async_register_service(info)
+        log.info(
+            "worker %s (node %s) serving on port %d, cluster %r",
+            config.name,
+            daemon.node_id,
+            port,
+            config.cluster,
+        )
+        if ready is not None:
+            ready.set()
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        with contextlib.suppress(Exception):
+            await zc.async_unregister_service(info)
+        await zc.async_close()
+        await daemon.shutdown()
+        await server.stop(grace=1.0)
+
+
+async def _set_serving(servicer: object) -> None:
+    result = servicer.set("", health_pb2.HealthCheckResponse.SERVING)  # type: ignore[attr-defined]
+    if asyncio.iscoroutine(result):
+        await result
+    result = servicer.set("pomona.v1.Worker", health_pb2.HealthCheckResponse.SERVING)  # type: ignore[attr-defined]
+    if asyncio.iscoroutine(result):
+        await result

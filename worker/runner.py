@@ -1,0 +1,194 @@
+"""The runner: one process per loaded shard, started by the worker daemon.
+
+It loads its layer range, joins the MLX distributed group from the
+environment its daemon gave it (``MLX_RANK``, ``MLX_HOSTFILE`` for the ring),
+and runs lockstep generation. It talks to its daemon through its standard
+streams: JSON events on stdout (loading progress, ready, failed), commands on
+stdin (``wake``, ``stop``). When stdin closes — the daemon is gone — it exits.
+
+Run as ``python -m pomona.worker.runner SPEC_JSON``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pomona.worker.runner")
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    load_id: str
+    model_path: str
+    start: int
+    end: int
+    rank: int
+    world_size: int
+    backend: str
+    # Worker daemon addresses by rank: the head wakes the others through them.
+    workers: tuple[str, ...]
+    # Where the head serves Generate (host to bind; the port is chosen).
+    serve_host: str = "127.0.0.1"
+    advertise_host: str = "127.0.0.1"
+    max_context: int = 0
+    prefill_step: int = 512
+    max_queue: int = 64
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunnerSpec:
+        data = json.loads(text)
+        data["workers"] = tuple(data["workers"])
+        return cls(**data)
+
+
+_emit_lock = threading.Lock()
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line to the daemon."""
+    with _emit_lock:
+        sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+        sys.stdout.flush()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill us if the daemon dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=os.environ.get("POMONA_LOG_LEVEL", "INFO"),
+        format="%(asctime)s runner %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _die_with_parent()
+    spec = RunnerSpec.from_json(argv[1])
+    try:
+        return _run(spec)
+    except Exception as e:  # the daemon reports it; the coordinator re-plans
+        log.exception("runner failed")
+        emit("failed", error=f"{type(e).__name__}: {e}")
+        return 1
+
+
+def _run(spec: RunnerSpec) -> int:
+    import mlx.core as mx
+    from pomona.worker.lockstep import StageEngine
+    from pomona.worker.shard import StageSpec, load_stage
+
+    stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size)
+    emit("state", state="loading", progress=0.0)
+    shard = load_stage(
+        Path(spec.model_path),
+        stage,
+        progress=lambda p: emit("state", state="loading", progress=round(p, 4)),
+    )
+    emit("loaded", files=shard.files, weights_bytes=shard.weights_bytes)
+    if spec.world_size > 1:
+        emit("state", state="connecting")
+        group = mx.distributed.init(backend=spec.backend, strict=True)
+        if (group.rank(), group.size()) != (spec.rank, spec.world_size):
+            raise RuntimeError(
+                f"joined as rank {group.rank()} of {group.size()}, "
+                f"expected {spec.rank} of {spec.world_size}"
+            )
+        mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
+    engine = StageEngine(shard)
+    if spec.rank == 0:
+        return _serve_head(spec, engine, shard.config)
+    emit("ready")
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("cmd") == "wake":
+            engine.follower_session()
+        elif command.get("cmd") == "stop":
+            break
+    return 0
+
+
+def _serve_head(spec: RunnerSpec, engine: Any, config: dict[str, Any]) -> int:
+    import grpc
+    from mlx_lm.utils import load_tokenizer
+    from pomona.v1 import runner_pb2_grpc, worker_pb2, worker_pb2_grpc
+    from pomona.worker.runner_service import RunnerService
+    from pomona.worker.scheduler import Scheduler
+
+    from pomona import rpc
+
+    tokenizer = load_tokenizer(Path(spec.model_path))
+    scheduler = Scheduler(
+        lambda: tokenizer.detokenizer,
+        tokenizer.eos_token_ids,
+        prefill_step=spec.prefill_step,
+        max_queue=spec.max_queue,
+    )
+    model_context = int(config.get("max_position_embeddings") or 0) or (1 << 20)
+    max_context = min(spec.max_context or model_context, model_context)
+    vocab_size = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=rpc.OPTIONS)
+    runner_pb2_grpc.add_RunnerServicer_to_server(
+        RunnerService(scheduler, tokenizer, max_context, vocab_size), server
+    )
+    port = server.add_insecure_port(f"{spec.serve_host}:0")
+    server.start()
+
+    stopping = threading.Event()
+
+    def watch_stdin() -> None:
+        for line in sys.stdin:
+            if json.loads(line).get("cmd") == "stop":
+                break
+        stopping.set()
+        scheduler.wake()
+
+    threading.Thread(target=watch_stdin, daemon=True, name="stdin").start()
+    peers = [worker_pb2_grpc.WorkerStub(rpc.channel(w)) for w in spec.workers[1:]]
+    emit("ready", address=f"{spec.advertise_host}:{port}")
+    session = 0
+    try:
+        while not stopping.is_set():
+            if not scheduler.wait_for_work(timeout=1.0):
+                continue
+            session += 1
+            calls = [
+                p.Wake.future(
+                    worker_pb2.WakeRequest(load_id=spec.load_id, session=session),
+                    timeout=rpc.WAKE_TIMEOUT,
+                )
+                for p in peers
+            ]
+            for rank, call in enumerate(calls, start=1):
+                try:
+                    call.result()
+                except grpc.RpcError as e:
+                    raise RuntimeError(
+                        f"could not wake rank {rank} at {spec.workers[rank]}: {e.details()}"
+                    ) from e
+            engine.head_session(scheduler.next_step, scheduler.on_token)
+    except Exception as e:
+        scheduler.fail_all(f"the pipeline failed: {e}")
+        raise
+    finally:
+        server.stop(grace=1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,229 @@
+"""Starting, watching and stopping a runner subprocess.
+
+The daemon never runs model code: each loaded shard is a runner process, so a
+new MLX group can form after any change of membership. The runner gets its
+own process group (so nothing it starts outlives it), dies with the daemon
+(stdin closes; on Linux also PR_SET_PDEATHSIG), and is killed on Unload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+
+from pomona.worker.runner import RunnerSpec
+
+log = logging.getLogger(__name__)
+
+
+class State(Enum):
+    EMPTY = "empty"
+    STARTING = "starting"
+    LOADING = "loading"
+    CONNECTING = "connecting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+TERMINAL = (State.FAILED, State.STOPPED)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    load_id: str = ""
+    state: State = State.EMPTY
+    model: str = ""
+    start: int = 0
+    end: int = 0
+    rank: int = 0
+    progress: float = 0.0
+    runner_address: str = ""
+    error: str = ""
+    pid: int = 0
+    weights_bytes: int = 0
+    files: tuple[str, ...] = ()
+
+
+@dataclass
+class RunnerProcess:
+    spec: RunnerSpec
+    model: str
+    ring_hosts: tuple[str, ...]
+    log_dir: Path
+    load_timeout: float
+    info: ShardInfo = field(init=False)
+    _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _stopping: bool = field(default=False, init=False)
+    _stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20), init=False)
+
+    def __post_init__(self) -> None:
+        s = self.spec
+        self.info = ShardInfo(s.load_id, State.STARTING, self.model, s.start, s.end, s.rank)
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        hostfile = self.log_dir / f"hosts-{self.spec.load_id}.json"
+        hostfile.write_text(json.dumps([[h] for h in self.ring_hosts]))
+        env = dict(os.environ)
+        env.update(
+            MLX_RANK=str(self.spec.rank),
+            MLX_HOSTFILE=str(hostfile),
+            MLX_WORLD_SIZE=str(self.spec.world_size),
+            PYTHONUNBUFFERED="1",
+        )
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pomona.worker.runner",
+            self.spec.to_json(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        await self._set(pid=self._proc.pid)
+        log.info(
+            "runner %d started for layers [%d, %d) as rank %d/%d",
+            self._proc.pid,
+            self.spec.start,
+            self.spec.end,
+            self.spec.rank,
+            self.spec.world_size,
+        )
+        self._tasks = [
+            asyncio.create_task(self._read_events()),
+            asyncio.create_task(self._read_stderr()),
+            asyncio.create_task(self._watch_exit()),
+            asyncio.create_task(self._watch_load_time()),
+        ]
+
+    async def _set(self, **changes: object) -> None:
+        async with self._changed:
+            if self.info.state in TERMINAL and "state" in changes:
+                return
+            self.info = replace(self.info, **changes)  # type: ignore[arg-type]
+            self._changed.notify_all()
+
+    async def wait_change(self, seen: ShardInfo | None, timeout: float) -> ShardInfo:
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.info is not seen), timeout
+                )
+            return self.info
+
+    async def _read_events(self) -> None:
+        assert self._proc and self._proc.stdout
+        async for raw in self._proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                log.info("runner: %s", raw.decode(errors="replace").rstrip())
+                continue
+            kind = event.get("event")
+            if kind == "state":
+                await self._set(
+                    state=State(event["state"]), progress=float(event.get("progress", 0.0))
+                )
+            elif kind == "loaded":
+                await self._set(
+                    files=tuple(event.get("files", ())),
+                    weights_bytes=int(event.get("weights_bytes", 0)),
+                    progress=1.0,
+                )
+            elif kind == "ready":
+                await self._set(state=State.READY, runner_address=event.get("address", ""))
+            elif kind == "failed":
+                await self._set(state=State.FAILED, error=str(event.get("error", "")))
+
+    async def _read_stderr(self) -> None:
+        assert self._proc and self._proc.stderr
+        path = self.log_dir / f"runner-{self.spec.load_id}.log"
+        with path.open("ab") as f:
+            async for line in self._proc.stderr:
+                f.write(line)
+                f.flush()
+                self._stderr_tail.append(line.decode(errors="replace").rstrip())
+
+    async def _watch_exit(self) -> None:
+        assert self._proc
+        code = await self._proc.wait()
+        if self._stopping:
+            await self._set(state=State.STOPPED)
+        else:
+            tail = " | ".join(list(self._stderr_tail)[-3:])
+            await self._set(
+                state=State.FAILED,
+                error=f"runner exited with code {code}" + (f": {tail}" if tail else ""),
+            )
+        log.info("runner %d exited with code %s", self._proc.pid, code)
+
+    async def _watch_load_time(self) -> None:
+        deadline = time.monotonic() + self.load_timeout
+        info = self.info
+        while info.state not in (State.READY, *TERMINAL):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("runner did not become ready in %.0f s; stopping it", self.load_timeout)
+                await self._set(
+                    state=State.FAILED,
+                    error=f"the runner did not load and join its group within "
+                    f"{self.load_timeout:.0f} s (last state: {info.state.value})",
+                )
+                await self.stop(grace=0.0)
+                return
+            info = await self.wait_change(info, left)
+
+    async def send(self, command: dict[str, object]) -> None:
+        if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
+            raise RuntimeError("no runner is running")
+        self._proc.stdin.write((json.dumps(command) + "\n").encode())
+        await self._proc.stdin.drain()
+
+    async def stop(self, grace: float = 3.0) -> None:
+        """Ask the runner to stop, then kill its process group."""
+        self._stopping = True
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            await self._set(state=State.STOPPED)
+            return
+        with contextlib.suppress(Exception):
+            await self.send({"cmd": "stop"})
+            if proc.stdin:
+                proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except asyncio.TimeoutError:
+            pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if proc.returncode is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                await asyncio.wait_for(proc.wait(), 3.0)
+            except asyncio.TimeoutError:
+                continue
+        others = [t for t in self._tasks if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)
+        await self._set(state=State.STOPPED)
+
+    def kill_now(self) -> None:
+        """Synchronous last resort at interpreter exit."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)

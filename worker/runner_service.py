@@ -1,0 +1,144 @@
+"""The head runner's gRPC service: requests enter the pipeline here.
+
+Thin: validate, tokenize, hand the request to the scheduler, stream its
+events back. Cancelling the call (or the client going away) frees the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from pomona.v1 import common_pb2, runner_pb2_grpc
+from pomona.worker.lockstep import Sampling
+from pomona.worker.scheduler import Delta, Done, Finish, GenRequest, QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 256
+MAX_PROMPT_CHARS = 4 << 20
+
+_FINISH = {
+    Finish.STOP: common_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    Finish.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+class RequestError(ValueError):
+    """A request the runner refuses, with the gRPC status to refuse it with."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
+        super().__init__(message)
+        self.code = code
+
+
+def validate_sampling(s: common_pb2.SamplingParams) -> Sampling:
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise RequestError(f"temperature must be a number >= 0, got {s.temperature}")
+    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
+        raise RequestError(f"top_p must be between 0 and 1, got {s.top_p}")
+    if s.top_k < 0:
+        raise RequestError(f"top_k must be >= 0, got {s.top_k}")
+    if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
+        raise RequestError(f"min_p must be between 0 and 1, got {s.min_p}")
+    seed = s.seed if s.HasField("seed") else random.getrandbits(62)
+    top_p = 0.0 if s.top_p >= 1 else s.top_p
+    return Sampling(s.temperature, top_p, s.top_k, s.min_p, seed & ((1 << 62) - 1))
+
+
+def encode_prompt(
+    tokenizer: Any, request: common_pb2.GenerateRequest, vocab_size: int
+) -> list[int]:
+    if bool(request.prompt) == bool(request.prompt_tokens):
+        raise RequestError("set exactly one of prompt and prompt_tokens")
+    if request.prompt_tokens:
+        tokens = list(request.prompt_tokens)
+        bad = [t for t in tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(
+                f"prompt token {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
+            )
+        return tokens
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"the prompt is over {MAX_PROMPT_CHARS} characters")
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = bos is None or not request.prompt.startswith(bos)
+    return list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
+
+
+class RunnerService(runner_pb2_grpc.RunnerServicer):
+    def __init__(self, scheduler: Scheduler, tokenizer: Any, max_context: int, vocab_size: int):
+        self._scheduler = scheduler
+        self._tokenizer = tokenizer
+        self._max_context = max_context
+        self._vocab_size = vocab_size
+
+    def _build(self, request: common_pb2.GenerateRequest) -> GenRequest:
+        if request.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if len(request.stop) > MAX_STOP_STRINGS or any(
+            len(s) > MAX_STOP_LENGTH for s in request.stop
+        ):
+            raise RequestError(
+                f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters"
+            )
+        sampling = validate_sampling(request.sampling)
+        prompt = encode_prompt(self._tokenizer, request, self._vocab_size)
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        if len(prompt) + request.max_tokens > self._max_context:
+            raise RequestError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"exceeds the model's context of {self._max_context} tokens; "
+                "shorten the prompt or lower max_tokens"
+            )
+        return GenRequest(
+            request_id=request.request_id,
+            prompt=prompt,
+            max_tokens=request.max_tokens,
+            sampling=sampling,
+            stop=tuple(request.stop),
+        )
+
+    def Generate(
+        self, request: common_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.GenerateChunk]:
+        try:
+            req = self._build(request)
+            self._scheduler.submit(req)
+        except RequestError as e:
+            context.abort(e.code, str(e))
+        except QueueFull as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        context.add_callback(req.cancel)
+        rid = request.request_id
+        while True:
+            try:
+                event = req.events.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    req.cancel()
+                    self._scheduler.wake()
+                    return
+                continue
+            if isinstance(event, Delta):
+                yield common_pb2.GenerateChunk(request_id=rid, tokens=event.tokens, text=event.text)
+                continue
+            assert isinstance(event, Done)
+            if event.reason is Finish.ERROR:
+                context.abort(grpc.StatusCode.UNAVAILABLE, event.error)
+            yield common_pb2.GenerateChunk(
+                request_id=rid,
+                finish_reason=_FINISH[event.reason],
+                usage=common_pb2.Usage(
+                    prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
+                ),
+            )
+            return
