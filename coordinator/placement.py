@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pomona.coordinator.planner import split_layers
+from pomona.units import format_bytes
 from pomona.v1 import worker_pb2
-
-GB = 1e9
 
 
 class PlacementError(ValueError):
@@ -71,8 +70,8 @@ def split(
     have = sum(m.usable_bytes for m in nodes)
     if need > have:
         raise PlacementError(
-            f"{model} needs {need / GB:.1f} GB for its weights but the {len(nodes)} workers "
-            f"have {have / GB:.1f} GB usable: add {(need - have) / GB:.1f} GB "
+            f"{model} needs {format_bytes(need)} for its weights but the {len(nodes)} workers "
+            f"have {format_bytes(have)} usable: add {format_bytes(need - have)} "
             "(another machine) or use a smaller or lower-bit model"
         )
     if layers:
@@ -94,7 +93,7 @@ def split(
         if weights > node.usable_bytes:
             raise PlacementError(
                 f"{node.name} would hold layers [{start}, {end}) of {model}: "
-                f"{weights / GB:.1f} GB, but it has {node.usable_bytes / GB:.1f} GB usable"
+                f"{format_bytes(weights)}, but it has {format_bytes(node.usable_bytes)} usable"
             )
         out.append(Assignment(node.node_id, node.name, start, end, weights))
         start = end

@@ -77,9 +77,12 @@ def _run_until_signal(make: object) -> None:
 @click.option("--mdns-interface", "mdns", multiple=True, help="Interface address for Bonjour.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Node id, logs.")
 @click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(path_type=Path))
+@click.option("--max-memory", type=click.FloatRange(min=0), default=0.0,
+              help="GB of memory to offer to models at most [default: all the GPU may use].")  # fmt: skip
 def worker(
     port: int, ring_port: int, host: str, name: str, cluster: str, addresses: tuple[str, ...],
     mdns: tuple[str, ...], state_dir: Path | None, model_dirs: tuple[Path, ...],
+    max_memory: float,
 ) -> None:  # fmt: skip
     """Run the worker daemon of this machine."""
     from pomona.worker.daemon import serve
@@ -94,6 +97,7 @@ def worker(
         mdns_interfaces=mdns,
         state_dir=state_dir or default_state_dir() / "worker",
         model_dirs=model_dirs or default_model_dirs(),
+        max_memory_bytes=int(max_memory * 1e9),
     )
     _run_until_signal(lambda stop: serve(config, stop=stop))
 

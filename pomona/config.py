@@ -41,6 +41,8 @@ class WorkerConfig:
     model_dirs: tuple[Path, ...] = field(default_factory=default_model_dirs)
     # Seconds a runner may take to load and join its group.
     load_timeout: float = 600.0
+    # Cap on the memory this worker offers to models (0: no cap).
+    max_memory_bytes: int = 0
 
     @property
     def effective_ring_port(self) -> int:

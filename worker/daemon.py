@@ -48,7 +48,11 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
     )
 
 
-def hardware_to_proto(hw: HardwareInfo) -> worker_pb2.Hardware:
+def hardware_to_proto(hw: HardwareInfo, cap: int = 0) -> worker_pb2.Hardware:
+    limit = hw.gpu_memory_limit_bytes or hw.total_memory_bytes
+    available = psutil.virtual_memory().available
+    if cap:
+        limit, available = min(limit, cap), min(available, cap)
     return worker_pb2.Hardware(
         hostname=hw.hostname,
         os=hw.os,
@@ -57,8 +61,8 @@ def hardware_to_proto(hw: HardwareInfo) -> worker_pb2.Hardware:
         cpu_cores=hw.cpu_cores,
         gpu_cores=hw.gpu_cores or 0,
         total_memory_bytes=hw.total_memory_bytes,
-        available_memory_bytes=psutil.virtual_memory().available,
-        gpu_memory_limit_bytes=hw.gpu_memory_limit_bytes or 0,
+        available_memory_bytes=available,
+        gpu_memory_limit_bytes=limit,
         rdma=hw.rdma_enabled,
     )
 
@@ -91,7 +95,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             name=self.config.name,
             cluster=self.config.cluster,
             protocol_version=PROTOCOL_VERSION,
-            hardware=hardware_to_proto(hw),
+            hardware=hardware_to_proto(hw, self.config.max_memory_bytes),
             mlx_version=hw.mlx_version or "",
             backends=list(hw.distributed_backends),
             interfaces=[

@@ -1,0 +1,217 @@
+"""Real clusters for tests: worker and coordinator processes on loopback.
+
+Every process is started through the ``pomona`` CLI exactly as a person would
+start it, discovers its peers through real mDNS on 127.0.0.1, and is stopped
+(and its process group killed) when the test ends, failed or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from pomona import rpc
+from pomona.local import free_port_pair
+from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (grpc.RpcError, OSError) as e:
+            last_error = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalCluster:
+    root: Path
+    cluster: str = field(default_factory=lambda: f"test-{secrets.token_hex(4)}")
+    procs: list[Proc] = field(default_factory=list)
+    taken: set[int] = field(default_factory=set)
+
+    def _spawn(self, name: str, args: list[str], port: int) -> Proc:
+        log = self.root / f"{name}.log"
+        with log.open("ab") as f:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "pomona", "-v", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=f,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log, port)
+        self.procs.append(proc)
+        return proc
+
+    def worker(
+        self,
+        name: str,
+        *,
+        cluster: str | None = None,
+        port: int = 0,
+        extra: tuple[str, ...] = (),
+    ) -> Proc:
+        port = port or free_port_pair(self.taken)
+        args = [
+            "worker", "--port", str(port), "--host", LOOPBACK, "--name", name,
+            "--cluster", cluster or self.cluster, "--address", LOOPBACK,
+            "--mdns-interface", LOOPBACK, "--state-dir", str(self.root / f"state-{name}"),
+            "--model-dir", str(self.root), *extra,
+        ]  # fmt: skip
+        return self._spawn(f"worker-{name}", args, port)
+
+    def coordinator(
+        self, model: str, *, min_workers: int = 1, layers: str = "", extra: tuple[str, ...] = ()
+    ) -> Proc:
+        port = free_port_pair(self.taken)
+        args = [
+            "coordinator", "--port", str(port), "--host", LOOPBACK, "--model", model,
+            "--cluster", self.cluster, "--min-workers", str(min_workers),
+            "--mdns-interface", LOOPBACK, *extra,
+        ]  # fmt: skip
+        if layers:
+            args += ["--layers", layers]
+        return self._spawn("coordinator", args, port)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.procs)
+
+
+@contextlib.contextmanager
+def local_cluster(root: Path) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(root)
+    try:
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+
+
+def coordinator_stub(proc: Proc) -> coordinator_pb2_grpc.CoordinatorStub:
+    return coordinator_pb2_grpc.CoordinatorStub(rpc.channel(proc.address))
+
+
+def worker_stub(proc: Proc) -> worker_pb2_grpc.WorkerStub:
+    return worker_pb2_grpc.WorkerStub(rpc.channel(proc.address))
+
+
+def list_nodes(coordinator: Proc) -> coordinator_pb2.ListNodesReply:
+    return coordinator_stub(coordinator).ListNodes(coordinator_pb2.ListNodesRequest(), timeout=5)
+
+
+def wait_serving(coordinator: Proc, timeout: float = 120.0) -> coordinator_pb2.ListNodesReply:
+    def serving() -> coordinator_pb2.ListNodesReply | None:
+        if not coordinator.alive():
+            raise AssertionError(f"the coordinator exited:\n{coordinator.tail()}")
+        reply = list_nodes(coordinator)
+        return reply if reply.serving else None
+
+    return wait_for(serving, timeout, "the cluster to serve")
+
+
+def describe(worker: Proc) -> worker_pb2.DescribeReply:
+    return worker_stub(worker).Describe(worker_pb2.DescribeRequest(), timeout=5)
+
+
+def generate_tokens(
+    coordinator: Proc,
+    prompt: str,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    **kwargs: object,
+) -> tuple[list[int], str, common_pb2.GenerateChunk]:
+    """All tokens and text of one generation, and its final chunk."""
+    request = common_pb2.GenerateRequest(
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling=common_pb2.SamplingParams(temperature=temperature),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    tokens: list[int] = []
+    text = ""
+    last = None
+    for chunk in coordinator_stub(coordinator).Generate(request, timeout=120):
+        tokens.extend(chunk.tokens)
+        text += chunk.text
+        last = chunk
+    assert last is not None
+    return tokens, text, last
+
+
+def reference_tokens(model_path: Path, prompt: str, max_tokens: int) -> list[int]:
+    """Greedy tokens of single-process mlx-lm, up to its end of sequence."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, tokenizer = load(str(model_path))
+    bos = tokenizer.bos_token
+    ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    out = []
+    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+        if token in tokenizer.eos_token_ids:
+            break
+        out.append(int(token))
+    return out
