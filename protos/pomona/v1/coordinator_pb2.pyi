@@ -18,12 +18,14 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_SERVING: _ClassVar[NodeState]
     NODE_STATE_IDLE: _ClassVar[NodeState]
     NODE_STATE_LOST: _ClassVar[NodeState]
+    NODE_STATE_DEGRADED: _ClassVar[NodeState]
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_DISCOVERED: NodeState
 NODE_STATE_LOADING: NodeState
 NODE_STATE_SERVING: NodeState
 NODE_STATE_IDLE: NodeState
 NODE_STATE_LOST: NodeState
+NODE_STATE_DEGRADED: NodeState
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -60,3 +62,87 @@ class ListNodesReply(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     serving: bool
     def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., serving: _Optional[bool] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node", "sample", "heartbeat_rtt_s", "last_seen_s")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_RTT_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    node: Node
+    sample: _worker_pb2.NodeSample
+    heartbeat_rtt_s: float
+    last_seen_s: float
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., sample: _Optional[_Union[_worker_pb2.NodeSample, _Mapping]] = ..., heartbeat_rtt_s: _Optional[float] = ..., last_seen_s: _Optional[float] = ...) -> None: ...
+
+class PlanStage(_message.Message):
+    __slots__ = ("node_id", "name", "start_layer", "end_layer", "weights_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    start_layer: int
+    end_layer: int
+    weights_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weights_bytes: _Optional[int] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("cluster", "model", "serving", "problem", "nodes", "plan", "load_id", "tokens_per_s", "ttft_s", "requests_in_flight", "requests_total", "requests_failed", "timestamp")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    model: str
+    serving: bool
+    problem: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    plan: _containers.RepeatedCompositeFieldContainer[PlanStage]
+    load_id: str
+    tokens_per_s: float
+    ttft_s: float
+    requests_in_flight: int
+    requests_total: int
+    requests_failed: int
+    timestamp: float
+    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., load_id: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., timestamp: _Optional[float] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ("follow", "after")
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    follow: bool
+    after: int
+    def __init__(self, follow: _Optional[bool] = ..., after: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "timestamp", "kind", "node_id", "node_name", "message")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    timestamp: float
+    kind: str
+    node_id: str
+    node_name: str
+    message: str
+    def __init__(self, seq: _Optional[int] = ..., timestamp: _Optional[float] = ..., kind: _Optional[str] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

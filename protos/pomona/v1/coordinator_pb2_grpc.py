@@ -46,6 +46,16 @@ class CoordinatorStub:
                 request_serializer=pomona_dot_v1_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=pomona_dot_v1_dot_coordinator__pb2.ListNodesReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/pomona.v1.Coordinator/Status',
+                request_serializer=pomona_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=pomona_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+                _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/pomona.v1.Coordinator/Events',
+                request_serializer=pomona_dot_v1_dot_coordinator__pb2.EventsRequest.SerializeToString,
+                response_deserializer=pomona_dot_v1_dot_coordinator__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -63,6 +73,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Every node's latest sample and the cluster's figures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Events(self, request, context):
+        """The event log: past events, then (with follow) new ones as they happen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +99,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=pomona_dot_v1_dot_coordinator__pb2.ListNodesRequest.FromString,
                     response_serializer=pomona_dot_v1_dot_coordinator__pb2.ListNodesReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=pomona_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
+                    response_serializer=pomona_dot_v1_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=pomona_dot_v1_dot_coordinator__pb2.EventsRequest.FromString,
+                    response_serializer=pomona_dot_v1_dot_coordinator__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +165,60 @@ class Coordinator:
             '/pomona.v1.Coordinator/ListNodes',
             pomona_dot_v1_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
             pomona_dot_v1_dot_coordinator__pb2.ListNodesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Coordinator/Status',
+            pomona_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
+            pomona_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pomona.v1.Coordinator/Events',
+            pomona_dot_v1_dot_coordinator__pb2.EventsRequest.SerializeToString,
+            pomona_dot_v1_dot_coordinator__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

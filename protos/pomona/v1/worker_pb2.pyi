@@ -194,3 +194,83 @@ class WakeRequest(_message.Message):
 class WakeReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TelemetryRequest(_message.Message):
+    __slots__ = ("interval_s",)
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    interval_s: float
+    def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+
+class InterfaceTraffic(_message.Message):
+    __slots__ = ("name", "bytes_sent", "bytes_received", "sent_bytes_per_s", "received_bytes_per_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bytes_sent: int
+    bytes_received: int
+    sent_bytes_per_s: float
+    received_bytes_per_s: float
+    def __init__(self, name: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., sent_bytes_per_s: _Optional[float] = ..., received_bytes_per_s: _Optional[float] = ...) -> None: ...
+
+class RunnerStats(_message.Message):
+    __slots__ = ("mlx_active_bytes", "mlx_peak_bytes", "mlx_cache_bytes", "tokens_per_s", "requests_in_flight", "requests_waiting", "tokens_total", "requests_total", "ttft_s", "rss_bytes")
+    MLX_ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MLX_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MLX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    mlx_active_bytes: int
+    mlx_peak_bytes: int
+    mlx_cache_bytes: int
+    tokens_per_s: float
+    requests_in_flight: int
+    requests_waiting: int
+    tokens_total: int
+    requests_total: int
+    ttft_s: float
+    rss_bytes: int
+    def __init__(self, mlx_active_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., mlx_cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., ttft_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+
+class NodeSample(_message.Message):
+    __slots__ = ("timestamp", "node_id", "cpu_percent", "memory_total_bytes", "memory_used_bytes", "memory_available_bytes", "memory_pressure", "swap_used_bytes", "gpu_utilization_percent", "gpu_power_watts", "gpu_temperature_c", "cpu_power_watts", "thermal_state", "interfaces", "shard", "runner")
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PRESSURE_FIELD_NUMBER: _ClassVar[int]
+    SWAP_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    GPU_POWER_WATTS_FIELD_NUMBER: _ClassVar[int]
+    GPU_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    CPU_POWER_WATTS_FIELD_NUMBER: _ClassVar[int]
+    THERMAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_FIELD_NUMBER: _ClassVar[int]
+    timestamp: float
+    node_id: str
+    cpu_percent: float
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_available_bytes: int
+    memory_pressure: str
+    swap_used_bytes: int
+    gpu_utilization_percent: float
+    gpu_power_watts: float
+    gpu_temperature_c: float
+    cpu_power_watts: float
+    thermal_state: str
+    interfaces: _containers.RepeatedCompositeFieldContainer[InterfaceTraffic]
+    shard: ShardStatus
+    runner: RunnerStats
+    def __init__(self, timestamp: _Optional[float] = ..., node_id: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_pressure: _Optional[str] = ..., swap_used_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., gpu_power_watts: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., cpu_power_watts: _Optional[float] = ..., thermal_state: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[InterfaceTraffic, _Mapping]]] = ..., shard: _Optional[_Union[ShardStatus, _Mapping]] = ..., runner: _Optional[_Union[RunnerStats, _Mapping]] = ...) -> None: ...

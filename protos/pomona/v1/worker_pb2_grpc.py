@@ -65,6 +65,11 @@ class WorkerStub:
                 request_serializer=pomona_dot_v1_dot_worker__pb2.WakeRequest.SerializeToString,
                 response_deserializer=pomona_dot_v1_dot_worker__pb2.WakeReply.FromString,
                 _registered_method=True)
+        self.Telemetry = channel.unary_stream(
+                '/pomona.v1.Worker/Telemetry',
+                request_serializer=pomona_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
+                response_deserializer=pomona_dot_v1_dot_worker__pb2.NodeSample.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -115,6 +120,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Telemetry(self, request, context):
+        """This machine's health and its runner's state, one sample per interval,
+        until the caller cancels. Doubles as the coordinator's heartbeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +160,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Wake,
                     request_deserializer=pomona_dot_v1_dot_worker__pb2.WakeRequest.FromString,
                     response_serializer=pomona_dot_v1_dot_worker__pb2.WakeReply.SerializeToString,
+            ),
+            'Telemetry': grpc.unary_stream_rpc_method_handler(
+                    servicer.Telemetry,
+                    request_deserializer=pomona_dot_v1_dot_worker__pb2.TelemetryRequest.FromString,
+                    response_serializer=pomona_dot_v1_dot_worker__pb2.NodeSample.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class Worker:
             '/pomona.v1.Worker/Wake',
             pomona_dot_v1_dot_worker__pb2.WakeRequest.SerializeToString,
             pomona_dot_v1_dot_worker__pb2.WakeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Telemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pomona.v1.Worker/Telemetry',
+            pomona_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
+            pomona_dot_v1_dot_worker__pb2.NodeSample.FromString,
             options,
             channel_credentials,
             insecure,
