@@ -1,0 +1,183 @@
+"""Nodes files: hypothetical machines described by chip and memory, to plan before buying.
+
+```yaml
+nodes:                      # or a bare list
+  - name: studio
+    chip: Apple M2 Ultra    # as macOS names it; "M2 Ultra" works too
+    memory_gb: 192          # RAM as Apple sells it (GB = GiB)
+    count: 2                # optional: studio-1, studio-2
+  - {name: mini, chip: "Apple M4 Pro", memory_gb: 64, gpu_cores: 20, rdma: true}
+```
+
+Optional keys: count, id, gpu_cores, gpu_memory_gb (a raised iogpu.wired_limit_mb),
+memory_in_use_gb, bandwidth_gbs (needed for a chip the table does not know), rdma,
+address. JSON files take the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pomona.chips import lookup_chip, suggest_chip
+from pomona.coordinator.planner import NodeSpec
+
+GIB = 2**30
+REQUIRED = ("name", "chip", "memory_gb")
+OPTIONAL = (
+    "count",
+    "id",
+    "gpu_cores",
+    "gpu_memory_gb",
+    "memory_in_use_gb",
+    "bandwidth_gbs",
+    "rdma",
+    "address",
+)
+MAX_COUNT = 256
+
+
+class NodesFileError(ValueError):
+    """A nodes file that cannot describe nodes; the message names the entry and the fix."""
+
+
+def load_nodes_file(path: str | Path) -> list[NodeSpec]:
+    """Read a YAML or JSON nodes file."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise NodesFileError(f"cannot read nodes file {file}: {e.strerror or e}") from e
+    try:
+        data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NodesFileError(f"{file} is not valid {_kind(file)}: {detail}") from e
+    return parse_nodes(data, source=str(file))
+
+
+def _kind(file: Path) -> str:
+    return "JSON" if file.suffix.lower() == ".json" else "YAML"
+
+
+def parse_nodes(data: Any, source: str = "nodes file") -> list[NodeSpec]:
+    """NodeSpecs from parsed YAML/JSON: a list of entries or {"nodes": [...]}."""
+    entries = data.get("nodes") if isinstance(data, Mapping) else data
+    if not isinstance(entries, list) or not entries:
+        raise NodesFileError(
+            f"{source}: expected a list of nodes (or 'nodes:' holding one), e.g. "
+            '- {name: studio, chip: "Apple M2 Ultra", memory_gb: 192}'
+        )
+    nodes: list[NodeSpec] = []
+    for index, entry in enumerate(entries, start=1):
+        nodes.extend(_entry(entry, f"{source}: node {index}"))
+    seen: set[str] = set()
+    for node in nodes:
+        if node.node_id in seen:
+            raise NodesFileError(f"{source}: two nodes are named {node.node_id!r}: rename one")
+        seen.add(node.node_id)
+    return nodes
+
+
+def _entry(entry: Any, where: str) -> list[NodeSpec]:
+    if not isinstance(entry, Mapping):
+        raise NodesFileError(f"{where}: expected a mapping with {', '.join(REQUIRED)}")
+    if isinstance(entry.get("name"), str) and entry["name"].strip():
+        where = f"{where} ({entry['name']})"
+    unknown = sorted(str(k) for k in entry if k not in REQUIRED + OPTIONAL)
+    if unknown:
+        raise NodesFileError(
+            f"{where}: unknown key {', '.join(unknown)}; allowed: {', '.join(REQUIRED + OPTIONAL)}"
+        )
+    missing = [k for k in REQUIRED if entry.get(k) in (None, "")]
+    if missing:
+        raise NodesFileError(f"{where}: missing {', '.join(missing)}")
+    name = _text(entry, "name", where)
+    chip_name = _text(entry, "chip", where)
+    memory = _number(entry, "memory_gb", where)
+    bandwidth = _optional_number(entry, "bandwidth_gbs", where)
+    cores = _optional_integer(entry, "gpu_cores", where)
+    chip = lookup_chip(chip_name)
+    if chip is None and bandwidth is None:
+        hint = suggest_chip(chip_name)
+        raise NodesFileError(
+            f"{where}: unknown chip {chip_name!r}"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+            + "; name a known Apple chip or give bandwidth_gbs"
+        )
+    if chip is not None and cores is not None and cores not in chip.gpu_core_counts:
+        counts = " or ".join(str(c) for c in chip.gpu_core_counts)
+        raise NodesFileError(f"{where}: the {chip.name} has {counts} GPU cores, not {cores}")
+    gpu_memory = _optional_number(entry, "gpu_memory_gb", where)
+    if gpu_memory is not None and gpu_memory > memory:
+        raise NodesFileError(f"{where}: gpu_memory_gb ({gpu_memory:g}) exceeds memory_gb")
+    in_use = _optional_number(entry, "memory_in_use_gb", where, allow_zero=True) or 0.0
+    rdma = entry.get("rdma", False)
+    if not isinstance(rdma, bool):
+        raise NodesFileError(f"{where}: rdma must be true or false, got {rdma!r}")
+    address = entry.get("address")
+    if address is not None and not isinstance(address, str):
+        raise NodesFileError(f"{where}: address must be a string like 10.0.0.2:7700")
+    count = _optional_integer(entry, "count", where) or 1
+    if count > MAX_COUNT:
+        raise NodesFileError(f"{where}: count {count} is over {MAX_COUNT}; describe fewer nodes")
+    if count > 1 and (address is not None or "id" in entry):
+        raise NodesFileError(f"{where}: address and id name one machine; drop count or them")
+    names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
+    ids = [_text(entry, "id", where)] if "id" in entry else names
+    return [
+        NodeSpec(
+            node_id=node_id,
+            name=node_name,
+            chip=f"Apple {chip.name}" if chip else chip_name,
+            total_memory_bytes=round(memory * GIB),
+            gpu_memory_limit_bytes=round(gpu_memory * GIB) if gpu_memory else None,
+            memory_in_use_bytes=round(in_use * GIB),
+            bandwidth_gbs=bandwidth,
+            gpu_cores=cores,
+            rdma=rdma,
+            address=address,
+        )
+        for node_id, node_name in zip(ids, names, strict=True)
+    ]
+
+
+def _text(entry: Mapping[str, Any], key: str, where: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise NodesFileError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _number(entry: Mapping[str, Any], key: str, where: str) -> float:
+    value = _optional_number(entry, key, where)
+    if value is None:
+        raise NodesFileError(f"{where}: missing {key}")
+    return value
+
+
+def _optional_number(
+    entry: Mapping[str, Any], key: str, where: str, allow_zero: bool = False
+) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value >= 0 if allow_zero else value > 0):
+        kind = "a number, 0 or more" if allow_zero else "a positive number"
+        raise NodesFileError(f"{where}: {key} must be {kind}, got {value!r}")
+    return float(value)
+
+
+def _optional_integer(entry: Mapping[str, Any], key: str, where: str) -> int | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise NodesFileError(f"{where}: {key} must be a whole number of 1 or more, got {value!r}")
+    return value

@@ -1,0 +1,231 @@
+"""`pomona plan`: preview where a model's layers would go, before loading anything.
+
+JSON output (`--json`) is the plan as one object:
+
+    model        {name, model_type, precision, num_layers, params, active_params,
+                  weights_bytes, kv_bytes_per_token}
+    context_length, concurrency, objective, prompt_tokens
+    backend      "ring" or "jaccl"
+    stages       [{node_id, name, chip, start_layer, end_layer (exclusive), num_layers,
+                   weights_bytes, kv_bytes, activation_bytes, budget_bytes,
+                   free_after_load_bytes, holds_embedding, holds_head, bandwidth_gbs,
+                   bandwidth_assumed, decode_seconds, share_of_time}]
+    decode_tokens_per_s (per stream), aggregate_tokens_per_s, ttft_s, network_seconds
+    formula, notes
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from pomona.coordinator.model_profile import ModelProfile
+from pomona.coordinator.nodes_file import load_nodes_file
+from pomona.coordinator.planner import OBJECTIVES, NodeSpec, Objective, Plan, plan
+
+GIB = 2**30
+DEFAULT_CONTEXT = 4096
+QUANT_GROUP_SIZE = 64
+
+
+def bundled_config_dirs() -> list[Path]:
+    """Folders of real model configs that MODEL may name (e.g. "llama-3.1-70b")."""
+    return [Path(__file__).resolve().parents[2] / "shared" / "model-configs"]
+
+
+def _bundled_names() -> list[str]:
+    return sorted(p.stem for d in bundled_config_dirs() if d.is_dir() for p in d.glob("*.json"))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.ClickException(f"cannot read {path} as a JSON config: {e}") from e
+    if not isinstance(config, dict):
+        raise click.ClickException(f"{path} is not a config.json object")
+    return config
+
+
+def load_profile(model: str, bits: int | None = None) -> ModelProfile:
+    """MODEL as a model folder, a config.json path, or a bundled config's name."""
+    path = Path(model).expanduser()
+    if path.is_dir() and any(path.glob("model*.safetensors")):
+        if bits is not None:
+            raise click.ClickException(
+                "--bits plans a quantized variant of a config; this folder's weights are "
+                f"already what they are: pass {path / 'config.json'} to plan from the config"
+            )
+        return ModelProfile.from_model_dir(path)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise click.ClickException(f"{model} has neither safetensors nor a config.json")
+    if not path.is_file():
+        found = [d / f"{model}.json" for d in bundled_config_dirs()]
+        path = next((p for p in found if p.is_file()), path)
+    if not path.is_file():
+        known = ", ".join(_bundled_names()) or "none found"
+        raise click.ClickException(
+            f"{model!r} is not a model folder, a config.json, or a known config ({known})"
+        )
+    config = _read_config(path)
+    if bits is not None:
+        config["quantization"] = {"group_size": QUANT_GROUP_SIZE, "bits": bits}
+    name = path.parent.name if path.stem == "config" else path.stem
+    return ModelProfile.from_config(config, name=name if bits is None else f"{name}-{bits}bit")
+
+
+def _load_nodes_from_coordinator(address: str) -> list[NodeSpec]:
+    raise click.ClickException("--coordinator is not supported yet")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def _model_json(profile: ModelProfile) -> dict[str, Any]:
+    return {
+        "name": profile.name,
+        "model_type": profile.model_type,
+        "precision": profile.precision,
+        "num_layers": profile.num_layers,
+        "params": profile.params,
+        "active_params": round(profile.active_params),
+        "weights_bytes": profile.weight_bytes,
+        "kv_bytes_per_token": sum(profile.kv_bytes_per_token_per_layer),
+    }
+
+
+def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
+    table = Table(
+        title=(
+            f"{result.model} · {result.precision} · {_gib(profile.weight_bytes)} GiB · "
+            f"{result.concurrency} x {result.context_length} tokens · {result.objective}"
+        ),
+        caption="memory in GiB; time: predicted share of each decode step",
+        title_justify="left",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("node", "chip", "layers"):
+        table.add_column(column, no_wrap=True)
+    for column in ("weights", "KV", "free after load", "time"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for s in result.stages:
+        chip = (s.chip or "unknown").removeprefix("Apple ")
+        table.add_row(
+            s.name,
+            chip + ("?" if s.bandwidth_assumed else ""),
+            f"{s.start_layer}-{s.end_layer - 1} ({s.num_layers})",
+            _gib(s.weights_bytes),
+            _gib(s.kv_bytes),
+            _gib(s.free_after_load_bytes),
+            f"{s.share_of_time:.0%}",
+        )
+    console.print(table)
+    first, last = result.stages[0], result.stages[-1]
+    holds = (
+        f"{first.name} holds the embedding, {last.name} the final norm and lm_head"
+        if len(result.stages) > 1
+        else f"{first.name} holds the whole model"
+    )
+    aggregate = (
+        f" ({result.aggregate_tokens_per_s:.1f} tok/s over {result.concurrency} streams)"
+        if result.concurrency > 1
+        else ""
+    )
+    lines = [
+        f"backend: {result.backend}; {holds}",
+        f"predicted: decode {result.decode_tokens_per_s:.1f} tok/s per stream{aggregate}, "
+        f"TTFT {result.ttft_s:.2f} s for a {result.prompt_tokens}-token prompt, "
+        f"network {result.network_seconds * 1e3:.1f} ms of each step",
+        f"formula: {result.formula}",
+        *(f"note: {note}" for note in result.notes),
+    ]
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+@click.command("plan")
+@click.argument("model")
+@click.option(
+    "--context",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Context length in tokens [default: {DEFAULT_CONTEXT} or the model's maximum].",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Streams decoded together.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    default="latency",
+    show_default=True,
+    help="latency: fewest, fastest nodes; throughput: every node, balanced.",
+)
+@click.option(
+    "--nodes",
+    "nodes_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or JSON file describing the machines (see docs/planning.md).",
+)
+@click.option("--coordinator", metavar="HOST:PORT", help="Plan on a running cluster's nodes.")
+@click.option(
+    "--bits",
+    type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+    default=None,
+    help="Plan a BITS-bit (group 64) variant of a config.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(
+    model: str,
+    context: int | None,
+    concurrency: int,
+    objective: str,
+    nodes_file: Path | None,
+    coordinator: str | None,
+    bits: str | None,
+    as_json: bool,
+) -> None:
+    """Show which node would hold which layers of MODEL, and how fast it would run.
+
+    MODEL is a model folder (config.json + safetensors), a config.json, or the name
+    of a bundled config such as llama-3.1-70b.
+    """
+    if nodes_file is not None and coordinator is not None:
+        raise click.ClickException("pass --nodes or --coordinator, not both")
+    if nodes_file is None and coordinator is None:
+        raise click.ClickException("pass --nodes FILE describing the machines, or --coordinator")
+    try:
+        nodes = (
+            load_nodes_file(nodes_file)
+            if nodes_file is not None
+            else _load_nodes_from_coordinator(str(coordinator))
+        )
+        profile = load_profile(model, int(bits) if bits else None)
+        length = context or min(DEFAULT_CONTEXT, profile.max_context or DEFAULT_CONTEXT)
+        result = plan(
+            profile,
+            nodes,
+            context_length=length,
+            concurrency=concurrency,
+            objective=cast("Objective", objective),
+        )
+    except ValueError as e:
+        raise click.ClickException(" ".join(str(e).split())) from e
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "model": _model_json(profile)}, indent=2))
+    else:
+        print_plan(result, profile, Console())
