@@ -178,6 +178,9 @@ class Cluster:
                 workers=workers,
                 backend="ring",
                 max_context=max_context,
+                max_batch=self.config.max_batch,
+                max_queue=self.config.max_queue,
+                prefill_step=self.config.prefill_step,
             )
             for rank, a in enumerate(assignments)
         ]

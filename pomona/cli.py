@@ -120,9 +120,15 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option("--min-workers", default=1, show_default=True, help="Workers to wait for.")
 @click.option("--layers", default=None, help="Layers per worker in ring order, e.g. 3,5.")
 @click.option("--mdns-interface", "mdns", multiple=True, help="Interface address for Bonjour.")
+@click.option("--max-batch", type=click.IntRange(1, 64), default=16, show_default=True,
+              help="Requests decoded together.")  # fmt: skip
+@click.option("--max-queue", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="Requests waiting at most; more get 'queue full'.")  # fmt: skip
+@click.option("--prefill-step", type=click.IntRange(16, 65536), default=512, show_default=True,
+              help="Prompt tokens per prefill chunk.")  # fmt: skip
 def coordinator(
     port: int, host: str, model: str, cluster: str, seeds: tuple[str, ...], min_workers: int,
-    layers: str | None, mdns: tuple[str, ...],
+    layers: str | None, mdns: tuple[str, ...], max_batch: int, max_queue: int, prefill_step: int,
 ) -> None:  # fmt: skip
     """Run the coordinator: discover workers, place the model, serve requests."""
     from pomona.coordinator.server import serve
@@ -138,6 +144,9 @@ def coordinator(
         min_workers=max(1, min_workers),
         layers=_parse_layers(layers),
         mdns_interfaces=mdns,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefill_step=prefill_step,
     )
     _run_until_signal(lambda stop: serve(config, stop=stop))
 

@@ -66,3 +66,8 @@ class CoordinatorConfig:
     max_context: int = 0  # 0: the model's own limit
     # Layers per worker, in order; empty means split by memory.
     layers: tuple[int, ...] = ()
+    # Requests decoded together, waiting at most, and prompt tokens per
+    # prefill chunk (smaller chunks stall running streams less).
+    max_batch: int = 16
+    max_queue: int = 64
+    prefill_step: int = 512

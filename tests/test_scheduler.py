@@ -50,13 +50,13 @@ def drain(req: GenRequest) -> list[Delta | Done]:
 
 
 def run(s: Scheduler, replies: list[int]) -> list[Step]:
-    """Drive the schedule, answering each sampling step with the next reply."""
+    """Drive a single request, answering each sampling step with the next reply."""
     steps = []
     replies = list(replies)
     while (step := s.next_step()) is not None:
         steps.append(step)
         if step.sample:
-            s.on_token(replies.pop(0))
+            s.on_tokens([replies.pop(0)])
     return steps
 
 
@@ -66,6 +66,7 @@ def test_prefill_is_chunked_and_the_last_prompt_token_is_fed_alone() -> None:
     s.submit(req)
     steps = run(s, [ord("a"), ord("b")])
     assert [list(st.tokens) for st in steps] == [[1, 2, 3, 4], [5, 6, 7, 8], [9], [10], [97]]
+    assert [st.prefill for st in steps] == [True, True, True, True, False]
     assert [st.sample for st in steps] == [False, False, False, True, True]
     assert [st.new_sequence for st in steps] == [True, False, False, False, False]
     events = drain(req)
@@ -112,10 +113,52 @@ def test_cancelled_request_finishes_and_the_next_one_starts_fresh() -> None:
     first.cancel()
     step = s.next_step()
     assert step is not None and list(step.tokens) == [3] and step.new_sequence
-    s.on_token(ord("z"))
-    assert s.next_step() is None
+    s.on_tokens([ord("z")])
+    step = s.next_step()  # the finished row leaves; nothing else to do
+    assert step is None
     assert drain(first)[-1].reason is Finish.CANCELLED
     assert drain(second)[-1] == Done(Finish.LENGTH, 1, 1)
+
+
+def test_newcomers_join_the_batch_and_prefill_alternates_with_decode() -> None:
+    s = make(prefill_step=2)
+    a = GenRequest("a", [1], max_tokens=3)
+    b = GenRequest("b", [1, 2, 3, 4, 5], max_tokens=2)
+    s.submit(a)
+    st = s.next_step()
+    assert st is not None and st.prefill and st.sample
+    s.on_tokens([ord("a")])
+    s.submit(b)
+    kinds = []
+    for _ in range(6):
+        st = s.next_step()
+        if st is None:
+            break
+        kinds.append(("P" if st.prefill else "D") + str(len(st.tokens)) + "r" + str(len(st.remove)))
+        if st.sample:
+            s.on_tokens([ord("x")] * (1 if st.prefill else len(st.tokens)))
+    # b's prompt (5 tokens) is fed 2, 2, then 1 that samples, each chunk after a
+    # decode step of a; a finishes with its 3rd token and leaves at the next
+    # step; b joins when its first token is sampled and decodes on.
+    assert kinds == ["D1r0", "P2r0", "D1r0", "P2r1", "P1r0", "D1r0"]
+    assert drain(a)[-1] == Done(Finish.LENGTH, 1, 3)
+    assert drain(b)[-1] == Done(Finish.LENGTH, 5, 2)
+
+
+def test_rows_that_finish_leave_by_index_before_the_next_step() -> None:
+    s = make()
+    reqs = [GenRequest(str(i), [1], max_tokens=2 + i) for i in range(3)]
+    for r in reqs:
+        s.submit(r)
+    for _ in range(3):  # admit all three (one prefill step each, decodes between)
+        st = s.next_step()
+        assert st is not None
+        s.on_tokens([ord("x")] * (1 if st.prefill else len(st.tokens)))
+    st = s.next_step()
+    while st is not None and not st.remove:
+        s.on_tokens([ord("y")] * len(st.tokens))
+        st = s.next_step()
+    assert st is not None and st.remove == (0,)
 
 
 def test_full_queue_refuses_with_a_clear_message() -> None:
@@ -143,11 +186,12 @@ def test_failure_ends_running_and_waiting_requests_with_the_reason() -> None:
     [Sampling(), Sampling(0.7, 0.9, 40, 0.05, 2**61 + 12345), Sampling(temperature=1.5, seed=1)],
 )
 def test_control_vector_round_trips(sampling: Sampling) -> None:
-    step = Step([1, 2, 3], sample=True, new_sequence=True, sampling=sampling)
-    op, n, decoded = decode_ctrl(encode_ctrl(step))
-    assert (op, n) == (1, 3)
-    assert decoded is not None and decoded.sample and decoded.new_sequence
+    step = Step([1, 2, 3], prefill=True, sample=True, new_sequence=True, sampling=sampling,
+                remove=(0, 5))  # fmt: skip
+    decoded = decode_ctrl(encode_ctrl(step))
+    assert decoded is not None and decoded.prefill and decoded.sample and decoded.new_sequence
+    assert len(decoded.tokens) == 3 and decoded.remove == (0, 5)
     assert decoded.sampling.seed == sampling.seed
     assert decoded.sampling.top_k == sampling.top_k
     assert decoded.sampling.temperature == pytest.approx(sampling.temperature)
-    assert decode_ctrl(encode_ctrl(None))[2] is None
+    assert decode_ctrl(encode_ctrl(None)) is None

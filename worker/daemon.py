@@ -169,6 +169,9 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 serve_host=self.config.host,
                 advertise_host=own,
                 max_context=request.max_context,
+                max_batch=request.max_batch or RunnerSpec.max_batch,
+                max_queue=request.max_queue or RunnerSpec.max_queue,
+                prefill_step=request.prefill_step or RunnerSpec.prefill_step,
             )
             self.runner = RunnerProcess(
                 spec,
@@ -191,6 +194,10 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return "ring_hosts and workers must list every rank"
         if not 0 <= r.start_layer < r.end_layer:
             return f"the layer range [{r.start_layer}, {r.end_layer}) is empty or negative"
+        if not 0 <= r.max_batch <= 64 or not 0 <= r.max_queue <= 100_000:
+            return "max_batch must be 0..64 and max_queue 0..100000"
+        if not 0 <= r.prefill_step <= 65536:
+            return "prefill_step must be 0..65536"
         backend = r.backend or "ring"
         if backend not in BACKENDS:
             return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"

@@ -42,6 +42,7 @@ class RunnerSpec:
     max_context: int = 0
     prefill_step: int = 512
     max_queue: int = 64
+    max_batch: int = 16
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -138,6 +139,7 @@ def _serve_head(spec: RunnerSpec, engine: Any, config: dict[str, Any]) -> int:
         tokenizer.eos_token_ids,
         prefill_step=spec.prefill_step,
         max_queue=spec.max_queue,
+        max_batch=spec.max_batch,
     )
     model_context = int(config.get("max_position_embeddings") or 0) or (1 << 20)
     max_context = min(spec.max_context or model_context, model_context)
@@ -181,7 +183,7 @@ def _serve_head(spec: RunnerSpec, engine: Any, config: dict[str, Any]) -> int:
                     raise RuntimeError(
                         f"could not wake rank {rank} at {spec.workers[rank]}: {e.details()}"
                     ) from e
-            engine.head_session(scheduler.next_step, scheduler.on_token)
+            engine.head_session(scheduler.next_step, scheduler.on_tokens)
     except Exception as e:
         scheduler.fail_all(f"the pipeline failed: {e}")
         raise

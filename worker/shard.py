@@ -198,31 +198,38 @@ def place_boundaries(model: nn.Module, spec: StageSpec, sent: list[mx.array]) ->
 
 
 def make_stage_cache(model: nn.Module, spec: StageSpec) -> list[Any]:
-    """KV caches for every layer index, real only for the layers held.
-
-    Models build attention masks from the cache of a fixed layer index (the
-    first layer, or the first of each attention kind). For a layer held
-    elsewhere this returns the cache of a held layer of the same kind, so the
-    mask sees the right offset; pass-through layers never touch a cache.
-    """
+    """Fresh KV caches for every layer index, real only for the layers held."""
     if hasattr(model, "make_cache"):
         caches = list(model.make_cache())
     else:
         from mlx_lm.models.cache import KVCache
 
         caches = [KVCache() for _ in layer_list(model)]
+    owned = {i: caches[i] for i in range(spec.start, spec.end)}
+    return alias_caches(owned, [cache_kind(c) for c in caches], spec)
 
-    def kind(c: Any) -> tuple[str, Any]:
-        return type(c).__name__, getattr(c, "max_size", None)
 
-    held = {}
+def cache_kind(cache: Any) -> tuple[str, Any]:
+    """What distinguishes caches for masks: full or sliding, and the window."""
+    return type(cache).__name__.removeprefix("Batch"), getattr(cache, "max_size", None)
+
+
+def alias_caches(owned: dict[int, Any], kinds: list[tuple[str, Any]], spec: StageSpec) -> list[Any]:
+    """A cache for every layer index, built from the caches of the layers held.
+
+    Models build attention masks from the cache of a fixed layer index (the
+    first layer, or the first of each attention kind). For a layer held
+    elsewhere this puts a held cache of the same kind there, so the mask sees
+    the right offset; pass-through layers never touch a cache.
+    """
+    by_kind: dict[tuple[str, Any], Any] = {}
     for i in range(spec.start, spec.end):
-        held.setdefault(kind(caches[i]), caches[i])
-    first_held = caches[spec.start]
-    for i in range(len(caches)):
-        if not spec.start <= i < spec.end:
-            caches[i] = held.get(kind(caches[i]), first_held)
-    return caches
+        by_kind.setdefault(cache_kind(owned[i]), owned[i])
+    first = owned[spec.start]
+    return [
+        owned[i] if spec.start <= i < spec.end else by_kind.get(kind, first)
+        for i, kind in enumerate(kinds)
+    ]
 
 
 def stage_caches(caches: list[Any], spec: StageSpec) -> list[Any]:
