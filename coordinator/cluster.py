@@ -17,11 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
-from pomona.coordinator.placement import Assignment, PlacementError, place
-from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 from pomona import rpc
 from pomona.config import CoordinatorConfig
+from pomona.coordinator.placement import Assignment, PlacementError, place
+from pomona.coordinator.planner import Plan
+from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Cluster:
         self._last_change = time.monotonic()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.loading = False
+        self.plan: Plan | None = None
 
     # -- membership -------------------------------------------------------------
 
@@ -127,7 +129,14 @@ class Cluster:
             info = await self._inspect(members[0])
             if info is None:
                 return
-            assignments = place(info, [m.describe for m in members], self.config.layers)
+            assignments, self.plan = place(
+                info,
+                [m.describe for m in members],
+                layers=self.config.layers,
+                context=self.config.context,
+                concurrency=self.config.concurrency,
+                objective=self.config.objective,
+            )
             await self._load(info, members, assignments)
         except PlacementError as e:
             self.problem = str(e)
@@ -156,13 +165,15 @@ class Cluster:
         load_id = uuid.uuid4().hex[:12]
         ring_hosts = [f"{m.host}:{m.describe.ring_port}" for m in ordered]
         workers = [m.address for m in ordered]
-        max_context = min(self.config.max_context or info.max_context, info.max_context)
+        max_context = min(self.config.context, info.max_context or self.config.context)
         self.problem = f"loading {self.config.model} on {len(ordered)} workers"
         log.info(
             "loading %s (%d layers): %s",
             self.config.model,
             info.num_layers,
-            ", ".join(f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)),
+            ", ".join(
+                f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)
+            ),
         )
         for m in ordered:
             m.state = "loading"
@@ -185,10 +196,13 @@ class Cluster:
             for rank, a in enumerate(assignments)
         ]
         results = await asyncio.gather(
-            *(self._load_one(m, r) for m, r in zip(ordered, requests, strict=True)), return_exceptions=True
+            *(self._load_one(m, r) for m, r in zip(ordered, requests, strict=True)),
+            return_exceptions=True,
         )
         errors = [
-            f"{m.name}: {r}" for m, r in zip(ordered, results, strict=True) if isinstance(r, BaseException)
+            f"{m.name}: {r}"
+            for m, r in zip(ordered, results, strict=True)
+            if isinstance(r, BaseException)
         ]
         if errors:
             self.problem = "loading failed on " + "; ".join(errors)

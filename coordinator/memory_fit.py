@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pomona.chips import lookup_chip
 from pomona.coordinator.model_profile import ModelProfile
+from pomona.units import format_bytes
 
 if TYPE_CHECKING:
     from pomona.coordinator.planner import NodeSpec
@@ -194,7 +195,7 @@ def _fits(nodes: Sequence[NodeBudget], d: Demand) -> bool:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    return format_bytes(n)
 
 
 def _largest_that_fits(lo: int, hi: int, fits: Callable[[int], bool]) -> int | None:

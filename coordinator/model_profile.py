@@ -13,7 +13,7 @@ import math
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -151,6 +151,18 @@ class ModelProfile:
             head_bytes=scale(self.head_bytes),
             quantization=target,
         )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelProfile:
+        """The profile a worker measured (``to_json``), as the coordinator receives it."""
+        data = json.loads(text)
+        data["layers"] = tuple(LayerProfile(**layer) for layer in data["layers"])
+        if data.get("quantization"):
+            data["quantization"] = Quantization(**data["quantization"])
+        return cls(**data)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str | None = None) -> ModelProfile:

@@ -1,8 +1,8 @@
 """Which worker holds which layers: the coordinator's one placement function.
 
-Converts what workers report (protobuf) into plain values, then splits the
-model's layers over the workers in proportion to the memory each may use,
-checking that every range fits.
+Converts what workers report (protobuf) into the planner's plain values and
+asks the planner; an explicit ``--layers`` split skips the planner's choice
+of nodes but is still checked against every node's memory.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pomona.coordinator.planner import split_layers
+from pomona.coordinator.model_profile import ModelProfile
+from pomona.coordinator.planner import NodeSpec, Plan, PlanError, plan
 from pomona.units import format_bytes
 from pomona.v1 import worker_pb2
 
@@ -28,72 +29,82 @@ class Assignment:
     weights_bytes: int
 
 
-@dataclass(frozen=True)
-class NodeMemory:
-    node_id: str
-    name: str
-    usable_bytes: int
-
-
-def node_memory(d: worker_pb2.DescribeReply) -> NodeMemory:
+def node_spec(d: worker_pb2.DescribeReply, address: str | None = None) -> NodeSpec:
+    """The planner's view of a worker, from its Describe reply."""
     hw = d.hardware
-    limit = hw.gpu_memory_limit_bytes or hw.total_memory_bytes
-    return NodeMemory(d.node_id, d.name, min(limit, hw.available_memory_bytes or limit))
+    total = hw.total_memory_bytes
+    in_use = max(0, total - hw.available_memory_bytes) if hw.available_memory_bytes else 0
+    return NodeSpec(
+        node_id=d.node_id,
+        name=d.name or d.node_id,
+        chip=hw.chip or None,
+        total_memory_bytes=total,
+        gpu_memory_limit_bytes=hw.gpu_memory_limit_bytes or None,
+        memory_in_use_bytes=in_use,
+        gpu_cores=hw.gpu_cores or None,
+        rdma=hw.rdma,
+        address=address,
+    )
 
 
 def place(
     info: worker_pb2.ModelInfo,
     nodes: Sequence[worker_pb2.DescribeReply],
+    *,
     layers: Sequence[int] = (),
-) -> list[Assignment]:
-    return split(
-        list(info.layer_bytes),
-        info.other_bytes,
-        [node_memory(d) for d in nodes],
-        info.model,
-        layers,
-    )
-
-
-def split(
-    layer_bytes: list[int],
-    other_bytes: int,
-    nodes: Sequence[NodeMemory],
-    model: str,
-    layers: Sequence[int] = (),
-) -> list[Assignment]:
-    """Contiguous ranges in node order, sized by memory (or by ``layers``)."""
-    n = len(layer_bytes)
-    if not nodes:
-        raise PlacementError("no workers to place the model on")
-    need = sum(layer_bytes) + other_bytes
-    have = sum(m.usable_bytes for m in nodes)
-    if need > have:
-        raise PlacementError(
-            f"{model} needs {format_bytes(need)} for its weights but the {len(nodes)} workers "
-            f"have {format_bytes(have)} usable: add {format_bytes(need - have)} "
-            "(another machine) or use a smaller or lower-bit model"
-        )
+    context: int = 8192,
+    concurrency: int = 1,
+    objective: str = "latency",
+) -> tuple[list[Assignment], Plan | None]:
+    """Ranges in ring order for the model described by ``info``."""
+    profile = ModelProfile.from_json(info.profile_json)
+    specs = [node_spec(d) for d in nodes]
+    context = min(context, profile.max_context or context)
     if layers:
-        if len(layers) != len(nodes) or sum(layers) != n or min(layers) < 1:
-            raise PlacementError(
-                f"--layers {','.join(map(str, layers))} must give each of the {len(nodes)} "
-                f"workers at least one layer and add up to the model's {n} layers"
-            )
-        counts = list(layers)
-    else:
-        if len(nodes) > n:
-            nodes = sorted(nodes, key=lambda m: -m.usable_bytes)[:n]
-        counts = split_layers(n, [m.usable_bytes for m in nodes])
+        return manual_split(profile, specs, layers, info.model), None
+    try:
+        result = plan(
+            profile,
+            specs,
+            context_length=context,
+            concurrency=concurrency,
+            objective=objective,  # type: ignore[arg-type]
+        )
+    except PlanError as e:
+        raise PlacementError(f"{info.model} does not fit: {e}") from e
+    return [
+        Assignment(s.node_id, s.name, s.start_layer, s.end_layer, s.weights_bytes)
+        for s in result.stages
+    ], result
+
+
+def manual_split(
+    profile: ModelProfile, nodes: Sequence[NodeSpec], layers: Sequence[int], model: str
+) -> list[Assignment]:
+    """An operator's split, in node order, checked against memory."""
+    n = profile.num_layers
+    if len(layers) != len(nodes) or sum(layers) != n or min(layers) < 1:
+        raise PlacementError(
+            f"--layers {','.join(map(str, layers))} must give each of the {len(nodes)} "
+            f"workers at least one layer and add up to {model}'s {n} layers"
+        )
     out = []
     start = 0
-    for i, (node, count) in enumerate(zip(nodes, counts, strict=True)):
+    per_layer = profile.layer_weight_bytes
+    for i, (node, count) in enumerate(zip(nodes, layers, strict=True)):
         end = start + count
-        weights = sum(layer_bytes[start:end]) + (other_bytes if i in (0, len(nodes) - 1) else 0)
-        if weights > node.usable_bytes:
+        weights = sum(per_layer[start:end])
+        if i == 0:
+            weights += profile.embedding_bytes
+        if i == len(nodes) - 1:
+            weights += profile.head_bytes + (
+                profile.embedding_bytes if profile.tied_embeddings and i else 0
+            )
+        usable = node.gpu_memory_limit_bytes or node.total_memory_bytes
+        if weights > usable:
             raise PlacementError(
                 f"{node.name} would hold layers [{start}, {end}) of {model}: "
-                f"{format_bytes(weights)}, but it has {format_bytes(node.usable_bytes)} usable"
+                f"{format_bytes(weights)}, but it has {format_bytes(usable)} usable"
             )
         out.append(Assignment(node.node_id, node.name, start, end, weights))
         start = end

@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import logging
 
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from pomona.coordinator.cluster import Cluster
-from pomona.coordinator.discovery import Browser
-from pomona.coordinator.service import CoordinatorService
-from pomona.v1 import coordinator_pb2_grpc
 
 from pomona import rpc
 from pomona.config import CoordinatorConfig
+from pomona.coordinator.cluster import Cluster
+from pomona.coordinator.discovery import Browser
+from pomona.coordinator.openai_api import create_app
+from pomona.coordinator.router import Router
+from pomona.coordinator.service import CoordinatorService
+from pomona.v1 import coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +25,11 @@ SEED_RETRY_SECONDS = 5.0
 
 async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> None:
     cluster = Cluster(config)
+    router = Router(cluster)
     server = rpc.aio_server()
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(cluster), server)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorService(cluster, router), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -44,6 +50,7 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
             if pending:
                 await asyncio.sleep(SEED_RETRY_SECONDS)
 
+    http = await start_http(config, router)
     log.info("coordinator for cluster %r on port %d, model %s", config.cluster, port, config.model)
     tasks = [asyncio.create_task(cluster.run()), asyncio.create_task(seeds())]
     try:
@@ -54,5 +61,29 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
+        if http is not None:
+            await http.cleanup()
+        await router.close()
         await cluster.shutdown()
         await server.stop(grace=1.0)
+
+
+async def start_http(config: CoordinatorConfig, router: Router) -> web.AppRunner | None:
+    """The OpenAI-compatible API on config.http_port (0: none)."""
+    if not config.http_port:
+        return None
+    app = create_app(
+        generate=router.generate,
+        model_name=router.model_name,
+        api_key=config.api_key or None,
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.http_port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise OSError(f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror}") from e
+    log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
+    return runner

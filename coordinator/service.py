@@ -1,27 +1,19 @@
 """The Coordinator gRPC service: the cluster's public entry point.
 
-Thin: a request is checked against the cluster's state and relayed to the
-head runner; its chunks stream back as they come. Errors keep their gRPC
-status and message from wherever they arose.
+Thin: requests go through the Router (the same path the HTTP API takes);
+errors keep their gRPC status and message from wherever they arose.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from pomona.coordinator.cluster import Cluster
-from pomona.v1 import (
-    common_pb2,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    runner_pb2_grpc,
-    worker_pb2,
-)
 
-from pomona import rpc
+from pomona.coordinator.cluster import Cluster
+from pomona.coordinator.router import GenerateError, Router
+from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -35,42 +27,21 @@ _NODE_STATES = {
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: Cluster, router: Router):
         self.cluster = cluster
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _head(self) -> runner_pb2_grpc.RunnerStub | None:
-        serving = self.cluster.serving
-        if serving is None:
-            return None
-        address = serving.head_address
-        if address not in self._channels:
-            self._channels[address] = rpc.aio_channel(address)
-        return runner_pb2_grpc.RunnerStub(self._channels[address])
+        self.router = router
 
     async def Generate(  # noqa: N802
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateChunk]:
-        head = self._head()
-        if head is None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the cluster is not serving {self.cluster.config.model}: {self.cluster.problem}",
-            )
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        elif len(request.request_id) > 128:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "request_id is over 128 characters"
-            )
-        call = head.Generate(request, timeout=rpc.GENERATE_TIMEOUT)
+        chunks = self.router.generate(request)
         try:
-            async for chunk in call:
+            async for chunk in chunks:
                 yield chunk
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, GenerateError) as e:
             await context.abort(e.code(), e.details() or "the head runner failed")
         finally:
-            call.cancel()
+            await chunks.aclose()
 
     async def ListNodes(  # noqa: N802
         self, request: coordinator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext

@@ -17,6 +17,7 @@ from pomona import rpc
 from pomona.config import (
     DEFAULT_CLUSTER,
     DEFAULT_COORDINATOR_PORT,
+    DEFAULT_HTTP_PORT,
     DEFAULT_MODEL,
     DEFAULT_WORKER_PORT,
     CoordinatorConfig,
@@ -77,13 +78,24 @@ def _run_until_signal(make: object) -> None:
 @click.option("--mdns-interface", "mdns", multiple=True, help="Interface address for Bonjour.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Node id, logs.")
 @click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(path_type=Path))
-@click.option("--max-memory", type=click.FloatRange(min=0), default=0.0,
-              help="GB of memory to offer to models at most [default: all the GPU may use].")  # fmt: skip
+@click.option(
+    "--max-memory",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="GB of memory to offer to models at most [default: all the GPU may use].",
+)
 def worker(
-    port: int, ring_port: int, host: str, name: str, cluster: str, addresses: tuple[str, ...],
-    mdns: tuple[str, ...], state_dir: Path | None, model_dirs: tuple[Path, ...],
+    port: int,
+    ring_port: int,
+    host: str,
+    name: str,
+    cluster: str,
+    addresses: tuple[str, ...],
+    mdns: tuple[str, ...],
+    state_dir: Path | None,
+    model_dirs: tuple[Path, ...],
     max_memory: float,
-) -> None:  # fmt: skip
+) -> None:
     """Run the worker daemon of this machine."""
     from pomona.worker.daemon import serve
 
@@ -120,21 +132,92 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option("--min-workers", default=1, show_default=True, help="Workers to wait for.")
 @click.option("--layers", default=None, help="Layers per worker in ring order, e.g. 3,5.")
 @click.option("--mdns-interface", "mdns", multiple=True, help="Interface address for Bonjour.")
-@click.option("--max-batch", type=click.IntRange(1, 64), default=16, show_default=True,
-              help="Requests decoded together.")  # fmt: skip
-@click.option("--max-queue", type=click.IntRange(1, 100_000), default=64, show_default=True,
-              help="Requests waiting at most; more get 'queue full'.")  # fmt: skip
-@click.option("--prefill-step", type=click.IntRange(16, 65536), default=512, show_default=True,
-              help="Prompt tokens per prefill chunk.")  # fmt: skip
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 64),
+    default=16,
+    show_default=True,
+    help="Requests decoded together.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1, 100_000),
+    default=64,
+    show_default=True,
+    help="Requests waiting at most; more get 'queue full'.",
+)
+@click.option(
+    "--prefill-step",
+    type=click.IntRange(16, 65536),
+    default=512,
+    show_default=True,
+    help="Prompt tokens per prefill chunk.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["latency", "throughput"]),
+    default="latency",
+    show_default=True,
+    help="latency: fewest, fastest workers that fit; throughput: every worker.",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(16, 1 << 22),
+    default=8192,
+    show_default=True,
+    help="Longest prompt + output, in tokens (capped by the model's).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=4,
+    show_default=True,
+    help="Sequences of --context tokens the plan reserves KV cache for.",
+)
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_HTTP_PORT,
+    show_default=True,
+    help="Port of the OpenAI-compatible HTTP API (0: off).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="File holding the HTTP API's Bearer key (or set POMONA_API_KEY).",
+)
 def coordinator(
-    port: int, host: str, model: str, cluster: str, seeds: tuple[str, ...], min_workers: int,
-    layers: str | None, mdns: tuple[str, ...], max_batch: int, max_queue: int, prefill_step: int,
-) -> None:  # fmt: skip
+    port: int,
+    host: str,
+    model: str,
+    cluster: str,
+    seeds: tuple[str, ...],
+    min_workers: int,
+    layers: str | None,
+    mdns: tuple[str, ...],
+    max_batch: int,
+    max_queue: int,
+    prefill_step: int,
+    objective: str,
+    context: int,
+    concurrency: int,
+    http_port: int,
+    api_key_file: Path | None,
+) -> None:
     """Run the coordinator: discover workers, place the model, serve requests."""
     from pomona.coordinator.server import serve
 
     for seed in seeds:
         _check_address(seed, "--worker")
+    api_key = os.environ.get("POMONA_API_KEY", "")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text().strip()
+        except OSError as e:
+            raise click.ClickException(f"cannot read --api-key-file: {e.strerror}") from None
+        if not api_key:
+            raise click.ClickException(f"{api_key_file} is empty")
     config = CoordinatorConfig(
         cluster=cluster,
         host=host,
@@ -147,6 +230,11 @@ def coordinator(
         max_batch=max_batch,
         max_queue=max_queue,
         prefill_step=prefill_step,
+        objective=objective,
+        context=context,
+        concurrency=concurrency,
+        http_port=http_port,
+        api_key=api_key,
     )
     _run_until_signal(lambda stop: serve(config, stop=stop))
 
@@ -187,9 +275,14 @@ def nodes(coordinator: str, as_json: bool) -> None:
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @COORDINATOR_OPTION
 def generate(
-    prompt: str, max_tokens: int, temperature: float, top_p: float, seed: int | None,
-    stop: tuple[str, ...], coordinator: str,
-) -> None:  # fmt: skip
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stop: tuple[str, ...],
+    coordinator: str,
+) -> None:
     """Generate text from PROMPT, streamed as it is produced."""
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p)
     if seed is not None:
@@ -210,31 +303,48 @@ def generate(
 
 
 @main.command()
-@click.option("--local", "count", type=click.IntRange(1, 16), required=True,
-              help="Start this many workers on this machine.")  # fmt: skip
+@click.option(
+    "--local",
+    "count",
+    type=click.IntRange(1, 16),
+    required=True,
+    help="Start this many workers on this machine.",
+)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to serve.")
-@click.option("--port", default=DEFAULT_COORDINATOR_PORT, show_default=True,
-              help="Coordinator gRPC port.")  # fmt: skip
+@click.option(
+    "--port", default=DEFAULT_COORDINATOR_PORT, show_default=True, help="Coordinator gRPC port."
+)
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_HTTP_PORT,
+    show_default=True,
+    help="Port of the OpenAI-compatible HTTP API (0: off).",
+)
 @click.option("--layers", default=None, help="Layers per worker, e.g. 3,5.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
-def up(count: int, model: str, port: int, layers: str | None, timeout: float) -> None:
+def up(
+    count: int, model: str, port: int, http_port: int, layers: str | None, timeout: float
+) -> None:
     """Start a cluster of local workers and a coordinator on this machine."""
     from pomona.local import LocalCluster
 
     _parse_layers(layers)
-    cluster = LocalCluster(count, model, port, layers, state_dir=default_state_dir() / "local")
+    cluster = LocalCluster(
+        count, model, port, layers, state_dir=default_state_dir() / "local", http_port=http_port
+    )
     sys.exit(cluster.run(timeout))
 
 
-def _register_optional() -> None:
-    try:
-        from pomona.coordinator.plan_cli import plan_command
-    except ImportError:
-        return
+def _register_commands() -> None:
+    from pomona.chat import chat_command
+    from pomona.coordinator.plan_cli import plan_command
+
     main.add_command(plan_command, "plan")
+    main.add_command(chat_command, "chat")
 
 
-_register_optional()
+_register_commands()
 
 
 if __name__ == "__main__":

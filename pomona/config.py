@@ -10,6 +10,7 @@ SERVICE_TYPE = "_pomona._tcp.local."
 PROTOCOL_VERSION = 1
 DEFAULT_CLUSTER = "default"
 DEFAULT_COORDINATOR_PORT = 50150
+DEFAULT_HTTP_PORT = 8080
 DEFAULT_WORKER_PORT = 50151
 DEFAULT_MODEL = "pomona-demo"
 
@@ -54,6 +55,10 @@ class CoordinatorConfig:
     cluster: str = DEFAULT_CLUSTER
     host: str = "0.0.0.0"
     port: int = DEFAULT_COORDINATOR_PORT
+    # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off.
+    http_port: int = DEFAULT_HTTP_PORT
+    # Bearer key the HTTP API requires; empty means none.
+    api_key: str = ""
     model: str = DEFAULT_MODEL
     # Static "host:port" workers, for networks where multicast is blocked.
     seeds: tuple[str, ...] = ()
@@ -63,7 +68,6 @@ class CoordinatorConfig:
     settle_seconds: float = 1.0
     mdns_interfaces: tuple[str, ...] = ()
     load_timeout: float = 600.0
-    max_context: int = 0  # 0: the model's own limit
     # Layers per worker, in order; empty means split by memory.
     layers: tuple[int, ...] = ()
     # Requests decoded together, waiting at most, and prompt tokens per
@@ -71,3 +75,9 @@ class CoordinatorConfig:
     max_batch: int = 16
     max_queue: int = 64
     prefill_step: int = 512
+    # The planner: "latency" uses the fewest, fastest nodes that fit;
+    # "throughput" uses every node that fits. KV cache is reserved for
+    # ``concurrency`` sequences of ``context`` tokens.
+    objective: str = "latency"
+    context: int = 8192
+    concurrency: int = 4

@@ -9,9 +9,8 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from pomona.units import format_bytes
 from pomona.v1 import coordinator_pb2, worker_pb2
-
-GB = 1e9
 
 
 def node_state(value: int) -> str:
@@ -48,13 +47,12 @@ def print_nodes(reply: coordinator_pb2.ListNodesReply, as_json: bool = False) ->
             node_state(n.state),
             n.address,
             n.hardware.chip or "n/a",
-            f"{n.hardware.total_memory_bytes / GB:.0f} GB",
+            format_bytes(n.hardware.total_memory_bytes),
             layers,
         )
     console.print(table)
     if reply.serving:
-        console.print(
-            f"serving {reply.model} on {sum(1 for n in reply.nodes if n.state == coordinator_pb2.NODE_STATE_SERVING)} nodes"
-        )
+        serving = sum(1 for n in reply.nodes if n.state == coordinator_pb2.NODE_STATE_SERVING)
+        console.print(f"serving {reply.model} on {serving} nodes")
     else:
         console.print(f"not serving: {reply.problem}")

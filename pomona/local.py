@@ -58,8 +58,17 @@ def _die_with_parent() -> None:
 
 
 class LocalCluster:
-    def __init__(self, count: int, model: str, port: int, layers: str | None, state_dir: Path):
+    def __init__(
+        self,
+        count: int,
+        model: str,
+        port: int,
+        layers: str | None,
+        state_dir: Path,
+        http_port: int = 0,
+    ):
         self.count = count
+        self.http_port = http_port
         self.model = model
         self.port = port
         self.layers = layers
@@ -88,7 +97,11 @@ class LocalCluster:
     def start(self) -> None:
         if not _port_free(self.port):
             raise RuntimeError(f"port {self.port} is in use: pass --port with a free port")
-        taken = {self.port}
+        if self.http_port and not _port_free(self.http_port):
+            raise RuntimeError(
+                f"port {self.http_port} is in use: pass --http-port with a free port (0: no HTTP)"
+            )
+        taken = {self.port, self.http_port}
         for i in range(self.count):
             port = free_port_pair(taken)
             self._spawn(
@@ -102,7 +115,8 @@ class LocalCluster:
         args = [
             "coordinator", "--port", str(self.port), "--host", LOOPBACK, "--model", self.model,
             "--cluster", self.cluster, "--min-workers", str(self.count),
-            "--mdns-interface", LOOPBACK,
+            "--mdns-interface", LOOPBACK, "--objective", "throughput",
+            "--http-port", str(self.http_port),
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]
@@ -165,9 +179,11 @@ class LocalCluster:
             reply = self.wait_ready(timeout)
             if self._stop:
                 return 130
+            http = f", OpenAI API http://{LOOPBACK}:{self.http_port}/v1" if self.http_port else ""
             print(
-                f"Pomona is up: coordinator {LOOPBACK}:{self.port}, {len(reply.nodes)} workers, "
-                f'model {reply.model} (try: pomona generate "Once upon a time"; Ctrl-C stops)',
+                f"Pomona is up: coordinator {LOOPBACK}:{self.port}{http}, {len(reply.nodes)} "
+                f'workers, model {reply.model} (try: pomona generate "Once upon a time"; '
+                "Ctrl-C stops)",
                 flush=True,
             )
             while not self._stop:

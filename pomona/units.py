@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+GIB = 2**30
+
 
 def format_bytes(n: float) -> str:
-    """1.5 GB, 820 MB, 12 KB: decimal units, as Apple and disk makers count."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    """1.5 GiB, 820 MiB, 12 KiB: binary units, as RAM is sized (a "64 GB" Mac has 64 GiB)."""
+    for unit, size in (("TiB", 2**40), ("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.1f} {unit}" if abs(n) < 10 * size else f"{n / size:.0f} {unit}"
+            return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"

@@ -117,13 +117,20 @@ class LocalCluster:
         return self._spawn(f"worker-{name}", args, port)
 
     def coordinator(
-        self, model: str, *, min_workers: int = 1, layers: str = "", extra: tuple[str, ...] = ()
+        self,
+        model: str,
+        *,
+        min_workers: int = 1,
+        layers: str = "",
+        extra: tuple[str, ...] = (),
+        http_port: int = 0,
     ) -> Proc:
         port = free_port_pair(self.taken)
         args = [
             "coordinator", "--port", str(port), "--host", LOOPBACK, "--model", model,
             "--cluster", self.cluster, "--min-workers", str(min_workers),
-            "--mdns-interface", LOOPBACK, *extra,
+            "--mdns-interface", LOOPBACK, "--objective", "throughput",
+            "--http-port", str(http_port), *extra,
         ]  # fmt: skip
         if layers:
             args += ["--layers", layers]

@@ -168,11 +168,12 @@ def test_model_larger_than_the_cluster_is_refused_with_the_shortfall(tmp_path: P
         c.worker("w1", extra=("--max-memory", "0.0002"))
         coord = c.coordinator(str(model), min_workers=2)
         reply = wait_for(
-            lambda: "usable" in (r := list_nodes(coord)).problem and r, 60, "a placement error"
+            lambda: "does not fit" in (r := list_nodes(coord)).problem and r, 60, "a refusal"
         )
-        assert "needs" in reply.problem and "add" in reply.problem
+        # The refusal says by how much and what would make it fit.
+        assert "short" in reply.problem and "would fit with" in reply.problem
         with pytest.raises(grpc.RpcError) as info:
             generate_tokens(coord, PROMPT)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "KB usable" in info.value.details()
+        assert "MiB short" in info.value.details()
         assert all(n.state != coordinator_pb2.NODE_STATE_SERVING for n in reply.nodes)

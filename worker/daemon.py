@@ -15,16 +15,17 @@ from pathlib import Path
 import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pomona import rpc
+from pomona.config import PROTOCOL_VERSION, WorkerConfig
+from pomona.coordinator.model_profile import ModelProfile
+from pomona.models import ModelNotFound, resolve_model
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import make_zeroconf, service_info
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
-
-from pomona import rpc
-from pomona.config import PROTOCOL_VERSION, WorkerConfig
-from pomona.models import ModelNotFound, inspect_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,14 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
         runner_pid=info.pid,
         weights_bytes=info.weights_bytes,
         files=list(info.files),
+        active_bytes=info.active_bytes,
     )
 
 
 def hardware_to_proto(hw: HardwareInfo, cap: int = 0) -> worker_pb2.Hardware:
     limit = hw.gpu_memory_limit_bytes or hw.total_memory_bytes
-    available = psutil.virtual_memory().available
     if cap:
-        limit, available = min(limit, cap), min(available, cap)
+        limit = min(limit, cap)
     return worker_pb2.Hardware(
         hostname=hw.hostname,
         os=hw.os,
@@ -61,7 +62,7 @@ def hardware_to_proto(hw: HardwareInfo, cap: int = 0) -> worker_pb2.Hardware:
         cpu_cores=hw.cpu_cores,
         gpu_cores=hw.gpu_cores or 0,
         total_memory_bytes=hw.total_memory_bytes,
-        available_memory_bytes=available,
+        available_memory_bytes=psutil.virtual_memory().available,
         gpu_memory_limit_bytes=limit,
         rdma=hw.rdma_enabled,
     )
@@ -120,7 +121,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
     async def InspectModel(self, request, context):  # noqa: N802
         try:
             path = await asyncio.to_thread(self._resolve, request.model)
-            shape = await asyncio.to_thread(inspect_model, path)
+            profile = await asyncio.to_thread(ModelProfile.from_model_dir, path)
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except (OSError, ValueError) as e:
@@ -130,12 +131,13 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.ModelInfo(
             model=request.model,
             path=str(path),
-            model_type=shape.model_type,
-            num_layers=shape.num_layers,
-            layer_bytes=list(shape.layer_bytes),
-            other_bytes=shape.other_bytes,
-            max_context=shape.max_context,
-            vocab_size=shape.vocab_size,
+            model_type=profile.model_type,
+            num_layers=profile.num_layers,
+            layer_bytes=list(profile.layer_weight_bytes),
+            other_bytes=profile.embedding_bytes + profile.head_bytes,
+            max_context=profile.max_context or 0,
+            vocab_size=profile.vocab_size,
+            profile_json=profile.to_json(),
         )
 
     async def Load(self, request, context):  # noqa: N802
@@ -144,14 +146,18 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             path = await asyncio.to_thread(self._resolve, request.model)
-            shape = await asyncio.to_thread(inspect_model, path)
+            profile = await asyncio.to_thread(ModelProfile.from_model_dir, path)
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        if request.end_layer > shape.num_layers:
+        except (OSError, ValueError) as e:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {request.model!r}: {e}"
+            )
+        if request.end_layer > profile.num_layers:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"layers [{request.start_layer}, {request.end_layer}) are outside "
-                f"{request.model}'s {shape.num_layers} layers",
+                f"{request.model}'s {profile.num_layers} layers",
             )
         async with self._lock:
             if self.runner is not None:

@@ -91,6 +91,7 @@ def main(argv: list[str]) -> int:
 
 def _run(spec: RunnerSpec) -> int:
     import mlx.core as mx
+
     from pomona.worker.lockstep import StageEngine
     from pomona.worker.shard import StageSpec, load_stage
 
@@ -101,7 +102,12 @@ def _run(spec: RunnerSpec) -> int:
         stage,
         progress=lambda p: emit("state", state="loading", progress=round(p, 4)),
     )
-    emit("loaded", files=shard.files, weights_bytes=shard.weights_bytes)
+    emit(
+        "loaded",
+        files=shard.files,
+        weights_bytes=shard.weights_bytes,
+        active_bytes=mx.get_active_memory(),
+    )
     if spec.world_size > 1:
         emit("state", state="connecting")
         group = mx.distributed.init(backend=spec.backend, strict=True)
@@ -127,11 +133,11 @@ def _run(spec: RunnerSpec) -> int:
 def _serve_head(spec: RunnerSpec, engine: Any, config: dict[str, Any]) -> int:
     import grpc
     from mlx_lm.utils import load_tokenizer
+
+    from pomona import rpc
     from pomona.v1 import runner_pb2_grpc, worker_pb2, worker_pb2_grpc
     from pomona.worker.runner_service import RunnerService
     from pomona.worker.scheduler import Scheduler
-
-    from pomona import rpc
 
     tokenizer = load_tokenizer(Path(spec.model_path))
     scheduler = Scheduler(

@@ -53,6 +53,7 @@ class ShardInfo:
     pid: int = 0
     weights_bytes: int = 0
     files: tuple[str, ...] = ()
+    active_bytes: int = 0
 
 
 @dataclass
@@ -143,6 +144,7 @@ class RunnerProcess:
                 await self._set(
                     files=tuple(event.get("files", ())),
                     weights_bytes=int(event.get("weights_bytes", 0)),
+                    active_bytes=int(event.get("active_bytes", 0)),
                     progress=1.0,
                 )
             elif kind == "ready":

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+
 from pomona.v1 import common_pb2, runner_pb2_grpc
 from pomona.worker.lockstep import Sampling
 from pomona.worker.scheduler import Delta, Done, Finish, GenRequest, QueueFull, Scheduler
@@ -53,11 +54,14 @@ def validate_sampling(s: common_pb2.SamplingParams) -> Sampling:
     return Sampling(s.temperature, top_p, s.top_k, s.min_p, seed & ((1 << 62) - 1))
 
 
-def encode_prompt(
-    tokenizer: Any, request: common_pb2.GenerateRequest, vocab_size: int
-) -> list[int]:
-    if bool(request.prompt) == bool(request.prompt_tokens):
-        raise RequestError("set exactly one of prompt and prompt_tokens")
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+MAX_MESSAGES = 1024
+
+
+def encode_prompt(tokenizer: Any, request: common_pb2.GenerateRequest, vocab_size: int) -> list[int]:
+    given = [bool(request.prompt), bool(request.prompt_tokens), bool(request.messages)]
+    if sum(given) != 1:
+        raise RequestError("set exactly one of prompt, prompt_tokens and messages")
     if request.prompt_tokens:
         tokens = list(request.prompt_tokens)
         bad = [t for t in tokens if not 0 <= t < vocab_size]
@@ -66,11 +70,34 @@ def encode_prompt(
                 f"prompt token {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
             )
         return tokens
+    if request.messages:
+        return _encode_chat(tokenizer, request.messages)
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise RequestError(f"the prompt is over {MAX_PROMPT_CHARS} characters")
     bos = getattr(tokenizer, "bos_token", None)
     add_special = bos is None or not request.prompt.startswith(bos)
     return list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
+
+
+def _encode_chat(tokenizer: Any, messages: Any) -> list[int]:
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"at most {MAX_MESSAGES} messages")
+    chat = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise RequestError(f"message {i} has role {m.role!r}; use one of {sorted(ROLES)}")
+        chat.append({"role": m.role, "content": m.content})
+    if sum(len(m["content"]) for m in chat) > MAX_PROMPT_CHARS:
+        raise RequestError(f"the messages are over {MAX_PROMPT_CHARS} characters")
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this model has no chat template: send a plain prompt instead")
+    try:
+        tokens = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # a template may raise on a conversation it does not accept
+        raise RequestError(f"the model's chat template refused these messages: {e}") from e
+    if isinstance(tokens, dict):  # some tokenizers return a BatchEncoding
+        tokens = tokens["input_ids"]
+    return [int(t) for t in tokens]
 
 
 class RunnerService(runner_pb2_grpc.RunnerServicer):
@@ -93,16 +120,24 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
         prompt = encode_prompt(self._tokenizer, request, self._vocab_size)
         if not prompt:
             raise RequestError("the prompt is empty")
-        if len(prompt) + request.max_tokens > self._max_context:
+        max_tokens = request.max_tokens
+        if request.fit_max_tokens:
+            max_tokens = min(max_tokens, self._max_context - len(prompt))
+            if max_tokens <= 0:
+                raise RequestError(
+                    f"the prompt ({len(prompt)} tokens) fills the model's context of "
+                    f"{self._max_context} tokens; shorten it"
+                )
+        if len(prompt) + max_tokens > self._max_context:
             raise RequestError(
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
                 f"exceeds the model's context of {self._max_context} tokens; "
                 "shorten the prompt or lower max_tokens"
             )
         return GenRequest(
             request_id=request.request_id,
             prompt=prompt,
-            max_tokens=request.max_tokens,
+            max_tokens=max_tokens,
             sampling=sampling,
             stop=tuple(request.stop),
         )

@@ -100,7 +100,7 @@ class InspectModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "path", "model_type", "num_layers", "layer_bytes", "other_bytes", "max_context", "vocab_size")
+    __slots__ = ("model", "path", "model_type", "num_layers", "layer_bytes", "other_bytes", "max_context", "vocab_size", "profile_json")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class ModelInfo(_message.Message):
     OTHER_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     model_type: str
@@ -117,7 +118,8 @@ class ModelInfo(_message.Message):
     other_bytes: int
     max_context: int
     vocab_size: int
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    profile_json: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step")
@@ -162,7 +164,7 @@ class WatchShardRequest(_message.Message):
     def __init__(self, load_id: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("load_id", "state", "model", "start_layer", "end_layer", "rank", "progress", "runner_address", "error", "runner_pid", "weights_bytes", "files")
+    __slots__ = ("load_id", "state", "model", "start_layer", "end_layer", "rank", "progress", "runner_address", "error", "runner_pid", "weights_bytes", "files", "active_bytes")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +177,7 @@ class ShardStatus(_message.Message):
     RUNNER_PID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     state: ShardState
     model: str
@@ -187,7 +190,8 @@ class ShardStatus(_message.Message):
     runner_pid: int
     weights_bytes: int
     files: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, load_id: _Optional[str] = ..., state: _Optional[_Union[ShardState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., progress: _Optional[float] = ..., runner_address: _Optional[str] = ..., error: _Optional[str] = ..., runner_pid: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+    active_bytes: int
+    def __init__(self, load_id: _Optional[str] = ..., state: _Optional[_Union[ShardState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., progress: _Optional[float] = ..., runner_address: _Optional[str] = ..., error: _Optional[str] = ..., runner_pid: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., active_bytes: _Optional[int] = ...) -> None: ...
 
 class WakeRequest(_message.Message):
     __slots__ = ("load_id", "session")

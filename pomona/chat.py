@@ -1,0 +1,197 @@
+"""``pomona chat``: an interactive chat with the cluster's model over gRPC.
+
+The conversation lives here and is sent whole with every turn; the head
+runner applies the model's chat template. On a terminal: a prompt, Ctrl-C
+stops the reply being written (and cancels it in the cluster), Ctrl-D quits.
+With piped input: one user message per line, each reply on its own line, and
+the first failure ends the command with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import click
+import grpc
+
+from pomona import rpc
+from pomona.config import DEFAULT_COORDINATOR_PORT
+from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HELP = "/reset starts over, /exit quits (or Ctrl-D); Ctrl-C stops a reply."
+PROMPT = ">>> "
+
+
+@dataclass
+class Conversation:
+    """The messages so far: an optional system message, then user and assistant turns."""
+
+    system: str | None = None
+    turns: list[common_pb2.ChatMessage] = field(default_factory=list)
+
+    def ask(self, text: str) -> list[common_pb2.ChatMessage]:
+        """The messages to send for a new user turn (not kept until answered)."""
+        head = [common_pb2.ChatMessage(role="system", content=self.system)] if self.system else []
+        return [*head, *self.turns, common_pb2.ChatMessage(role="user", content=text)]
+
+    def answered(self, question: str, answer: str) -> None:
+        self.turns.append(common_pb2.ChatMessage(role="user", content=question))
+        self.turns.append(common_pb2.ChatMessage(role="assistant", content=answer))
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+
+class TurnFailed(Exception):
+    """A reply that could not be had, with one line for the user."""
+
+
+class Chat:
+    def __init__(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorStub,
+        address: str,
+        conversation: Conversation,
+        max_tokens: int,
+        temperature: float,
+    ) -> None:
+        self.stub = stub
+        self.address = address
+        self.conversation = conversation
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+
+    def reply(self, text: str) -> str | None:
+        """Stream the reply to ``text`` to stdout; None when the user stopped it."""
+        request = common_pb2.GenerateRequest(
+            messages=self.conversation.ask(text),
+            max_tokens=self.max_tokens,
+            sampling=common_pb2.SamplingParams(temperature=self.temperature),
+        )
+        call = None
+        parts: list[str] = []
+        finish: int = common_pb2.FINISH_REASON_UNSPECIFIED
+        try:
+            call = self.stub.Generate(request, timeout=rpc.GENERATE_TIMEOUT)
+            for chunk in call:
+                if chunk.text:
+                    parts.append(chunk.text)
+                    click.echo(chunk.text, nl=False)
+                    sys.stdout.flush()
+                finish = chunk.finish_reason or finish
+        except KeyboardInterrupt:
+            if call is not None:
+                call.cancel()
+            _end_line(parts)
+            click.echo("(stopped)", err=True)
+            return None
+        except grpc.RpcError as e:
+            _end_line(parts)
+            raise TurnFailed(rpc.describe_error(e, self.address)) from None
+        click.echo()
+        if finish == common_pb2.FINISH_REASON_LENGTH:
+            click.echo(f"(cut at {self.max_tokens} tokens: --max-tokens)", err=True)
+        return "".join(parts)
+
+    def run(self, interactive: bool) -> None:
+        while (line := _read_line(interactive)) is not None:
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if text in ("/exit", "/quit", "/bye"):
+                    return
+                if text == "/reset":
+                    self.conversation.reset()
+                    if interactive:
+                        click.echo("(conversation cleared)", err=True)
+                else:
+                    click.echo(HELP, err=True)
+                continue
+            try:
+                answer = self.reply(text)
+            except TurnFailed as e:
+                if not interactive:
+                    raise click.ClickException(str(e)) from None
+                click.echo(f"Error: {e}", err=True)
+                continue
+            if answer is not None:
+                self.conversation.answered(text, answer)
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line of input; None at the end (Ctrl-D, closed pipe)."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n") if line else None
+    while True:
+        try:
+            return input(PROMPT)
+        except EOFError:
+            click.echo(err=True)
+            return None
+        except KeyboardInterrupt:
+            click.echo(f"\n{HELP}", err=True)
+
+
+def _end_line(parts: list[str]) -> None:
+    if parts:
+        click.echo()
+
+
+def _greet(stub: coordinator_pb2_grpc.CoordinatorStub, address: str) -> str:
+    """Check the coordinator answers; the model it serves, and a warning if it does not yet."""
+    try:
+        reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+            return "the cluster's model"
+        raise click.ClickException(rpc.describe_error(e, address)) from None
+    if not reply.serving:
+        problem = f": {reply.problem}" if reply.problem else ""
+        click.echo(f"Warning: the cluster is not serving {reply.model} yet{problem}", err=True)
+    return reply.model or "the cluster's model"
+
+
+@click.command("chat")
+@click.option(
+    "--coordinator",
+    envvar="POMONA_COORDINATOR",
+    default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}",
+    show_default=True,
+    help="HOST:PORT of the coordinator (or set POMONA_COORDINATOR).",
+)
+@click.option("--system", default=None, help="A system message that opens the conversation.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Most tokens in one reply.")  # fmt: skip
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True,
+              help="0 for greedy replies.")  # fmt: skip
+def chat_command(coordinator: str, system: str | None, max_tokens: int, temperature: float) -> None:
+    """Chat with the cluster's model; the conversation is kept until /reset."""
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{coordinator!r} is not HOST:PORT", param_hint="--coordinator")
+    interactive = sys.stdin.isatty()
+    channel = rpc.channel(coordinator)
+    try:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        model = _greet(stub, coordinator)
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401 - line editing and history for input()
+            click.echo(f"Chatting with {model} at {coordinator}. {HELP}", err=True)
+        chat = Chat(stub, coordinator, Conversation(system), max_tokens, temperature)
+        chat.run(interactive)
+    except KeyboardInterrupt:
+        raise click.Abort() from None
+    finally:
+        channel.close()
+
+
+if __name__ == "__main__":
+    chat_command(prog_name="pomona chat")
