@@ -48,6 +48,8 @@ class Serving:
     head_address: str
     assignments: tuple[Assignment, ...]
     max_context: int
+    # What each runner reported once ready, by node id.
+    shards: dict[str, worker_pb2.ShardStatus] = field(default_factory=dict)
 
 
 class Cluster:
@@ -213,7 +215,14 @@ class Cluster:
             return
         head = results[0]
         assert isinstance(head, worker_pb2.ShardStatus)
-        self.serving = Serving(load_id, head.runner_address, tuple(assignments), max_context)
+        shards = {
+            m.node_id: r
+            for m, r in zip(ordered, results, strict=True)
+            if isinstance(r, worker_pb2.ShardStatus)
+        }
+        self.serving = Serving(
+            load_id, head.runner_address, tuple(assignments), max_context, shards
+        )
         for m in self.members.values():
             m.state = "serving" if m in ordered else "idle"
         self.problem = ""

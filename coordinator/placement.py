@@ -29,14 +29,15 @@ class Assignment:
     weights_bytes: int
 
 
-def node_spec(d: worker_pb2.DescribeReply, address: str | None = None) -> NodeSpec:
-    """The planner's view of a worker, from its Describe reply."""
-    hw = d.hardware
+def node_spec(
+    node_id: str, name: str, hw: worker_pb2.Hardware, address: str | None = None
+) -> NodeSpec:
+    """The planner's view of a worker, from the hardware it describes."""
     total = hw.total_memory_bytes
     in_use = max(0, total - hw.available_memory_bytes) if hw.available_memory_bytes else 0
     return NodeSpec(
-        node_id=d.node_id,
-        name=d.name or d.node_id,
+        node_id=node_id,
+        name=name or node_id,
         chip=hw.chip or None,
         total_memory_bytes=total,
         gpu_memory_limit_bytes=hw.gpu_memory_limit_bytes or None,
@@ -58,7 +59,7 @@ def place(
 ) -> tuple[list[Assignment], Plan | None]:
     """Ranges in ring order for the model described by ``info``."""
     profile = ModelProfile.from_json(info.profile_json)
-    specs = [node_spec(d) for d in nodes]
+    specs = [node_spec(d.node_id, d.name, d.hardware) for d in nodes]
     context = min(context, profile.max_context or context)
     if layers:
         return manual_split(profile, specs, layers, info.model), None

@@ -83,7 +83,26 @@ def load_profile(model: str, bits: int | None = None) -> ModelProfile:
 
 
 def _load_nodes_from_coordinator(address: str) -> list[NodeSpec]:
-    raise click.ClickException("--coordinator is not supported yet")
+    """The workers a running coordinator knows, as the planner sees them."""
+    import grpc
+
+    from pomona import rpc
+    from pomona.coordinator.placement import node_spec
+    from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address))
+    try:
+        reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
+    except grpc.RpcError as e:
+        raise click.ClickException(rpc.describe_error(e, address)) from None
+    nodes = [
+        node_spec(n.node_id, n.name, n.hardware, n.address)
+        for n in reply.nodes
+        if n.state != coordinator_pb2.NODE_STATE_LOST
+    ]
+    if not nodes:
+        raise click.ClickException(f"the coordinator at {address} knows no workers yet")
+    return nodes
 
 
 def _gib(n: float) -> str:

@@ -50,17 +50,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         nodes = []
         for m in sorted(cluster.members.values(), key=lambda m: m.name):
             shard = m.describe.shard if m.describe.HasField("shard") else worker_pb2.ShardStatus()
-            if cluster.serving is not None:
-                for a in cluster.serving.assignments:
-                    if a.node_id == m.node_id:
-                        shard = worker_pb2.ShardStatus(
-                            load_id=cluster.serving.load_id,
-                            state=worker_pb2.SHARD_STATE_READY,
-                            model=cluster.config.model,
-                            start_layer=a.start,
-                            end_layer=a.end,
-                            weights_bytes=a.weights_bytes,
-                        )
+            if cluster.serving is not None and m.node_id in cluster.serving.shards:
+                shard = cluster.serving.shards[m.node_id]
             nodes.append(
                 coordinator_pb2.Node(
                     node_id=m.node_id,
