@@ -1,10 +1,12 @@
-"""Membership, planning and loading: the coordinator's view of the cluster.
+"""Membership, planning, loading and re-forming: the coordinator's view of the cluster.
 
 Workers found by Bonjour or given as seeds are described and kept by node
 id (a worker that comes back at a new address keeps its id). Once enough are
-known and membership has been quiet for a moment, the model's layers are
-split over them, every worker loads its range, and the head runner's address
-becomes the entry point for requests.
+known and membership has been quiet for a moment, the planner places the
+model's layers, every worker loads its range, and the head runner's address
+becomes the entry point for requests. When a node or a runner of the
+pipeline fails, the group is torn down and the model placed again on the
+nodes that remain.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import grpc
 
 from pomona import rpc
 from pomona.config import CoordinatorConfig
+from pomona.coordinator import events as ev
+from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
 from pomona.v1 import worker_pb2, worker_pb2_grpc
@@ -51,24 +55,33 @@ class Serving:
     # What each runner reported once ready, by node id.
     shards: dict[str, worker_pb2.ShardStatus] = field(default_factory=dict)
 
+    def holds(self, node_id: str) -> bool:
+        return any(a.node_id == node_id for a in self.assignments)
+
 
 class Cluster:
-    def __init__(self, config: CoordinatorConfig):
+    def __init__(self, config: CoordinatorConfig, monitor: Monitor | None = None):
         self.config = config
+        self.monitor = monitor or Monitor()
         self.members: dict[str, Member] = {}
         self.serving: Serving | None = None
         self.problem = "waiting for workers"
+        self.plan: Plan | None = None
+        self.loading = False
+        # Why the pipeline last broke, for the requests it cut off; while it
+        # re-forms, new requests wait for it instead of failing.
+        self.failure = ""
+        self.reforming = False
         self._changed = asyncio.Event()
         self._last_change = time.monotonic()
+        self._serving_changed = asyncio.Condition()
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self.loading = False
-        self.plan: Plan | None = None
 
     # -- membership -------------------------------------------------------------
 
     async def add_address(self, address: str, props: dict[str, str] | None = None) -> Member | None:
         """Describe the worker at ``address`` and keep it if it belongs here."""
-        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+        stub = worker_pb2_grpc.WorkerStub(self.channel(address))
         try:
             reply = await stub.Describe(worker_pb2.DescribeRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
         except grpc.aio.AioRpcError as e:
@@ -83,20 +96,33 @@ class Cluster:
             return known
         member = Member(reply.node_id, reply.name, address, reply, stub)
         if known is not None:
-            log.info("worker %s (%s) moved to %s", reply.name, reply.node_id, address)
+            log.info("worker %s (%s) is now at %s", reply.name, reply.node_id, address)
             member.state = known.state
         else:
             log.info("worker %s (node %s) joined at %s", reply.name, reply.node_id, address)
         self.members[reply.node_id] = member
-        self._note_change()
+        self.monitor.add_node(reply.node_id, reply.name, address)
+        self.note_change()
         return member
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def usable(self) -> list[Member]:
+        return sorted(
+            (m for m in self.members.values() if m.state != "lost"), key=lambda m: m.node_id
+        )
+
+    def returned(self, member: Member) -> None:
+        """A lost member answers again: it is taken back in at the next plan."""
+        if member.state == "lost":
+            log.info("worker %s (%s) is back", member.name, member.node_id)
+            member.state = "idle"
+            self.note_change()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             self._channels[address] = rpc.aio_channel(address)
         return self._channels[address]
 
-    def _note_change(self) -> None:
+    def note_change(self) -> None:
         self._last_change = time.monotonic()
         self._changed.set()
 
@@ -112,9 +138,12 @@ class Cluster:
                     if m.state == "discovered":
                         m.state = "idle"
                 continue
-            if len(self.members) < self.config.min_workers:
+            usable = self.usable()
+            if len(usable) < self.config.min_workers:
+                self.reforming = False
                 self.problem = (
-                    f"waiting for workers: {len(self.members)} of {self.config.min_workers} found"
+                    f"waiting for workers: {len(usable)} of {self.config.min_workers} available"
+                    + (f" ({self.failure})" if self.failure else "")
                 )
                 continue
             quiet = self.config.settle_seconds - (time.monotonic() - self._last_change)
@@ -125,7 +154,7 @@ class Cluster:
             await self.plan_and_load()
 
     async def plan_and_load(self) -> None:
-        members = sorted(self.members.values(), key=lambda m: m.node_id)
+        members = self.usable()
         self.loading = True
         try:
             info = await self._inspect(members[0])
@@ -141,7 +170,9 @@ class Cluster:
             )
             await self._load(info, members, assignments)
         except PlacementError as e:
+            self.reforming = False
             self.problem = str(e)
+            self.monitor.events.record(ev.LOAD_FAILED, message=str(e))
             log.error("cannot place %s: %s", self.config.model, e)
         finally:
             self.loading = False
@@ -152,15 +183,14 @@ class Cluster:
                 worker_pb2.InspectModelRequest(model=self.config.model), timeout=rpc.CONTROL_TIMEOUT
             )
         except grpc.aio.AioRpcError as e:
+            self.reforming = False
             self.problem = e.details() or str(e.code())
+            self.monitor.events.record(ev.LOAD_FAILED, member.node_id, member.name, self.problem)
             log.error("%s", self.problem)
             return None
 
     async def _load(
-        self,
-        info: worker_pb2.ModelInfo,
-        members: list[Member],
-        assignments: list[Assignment],
+        self, info: worker_pb2.ModelInfo, members: list[Member], assignments: list[Assignment]
     ) -> None:
         by_id = {m.node_id: m for m in members}
         ordered = [by_id[a.node_id] for a in assignments]
@@ -168,15 +198,13 @@ class Cluster:
         ring_hosts = [f"{m.host}:{m.describe.ring_port}" for m in ordered]
         workers = [m.address for m in ordered]
         max_context = min(self.config.context, info.max_context or self.config.context)
-        self.problem = f"loading {self.config.model} on {len(ordered)} workers"
-        log.info(
-            "loading %s (%d layers): %s",
-            self.config.model,
-            info.num_layers,
-            ", ".join(
-                f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)
-            ),
+        layout = ", ".join(
+            f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)
         )
+        self.problem = f"loading {self.config.model} on {len(ordered)} workers"
+        self.monitor.events.record(ev.PLAN_CHANGED, message=f"{self.config.model}: {layout}")
+        self.monitor.events.record(ev.LOAD_STARTED, message=f"load {load_id}")
+        log.info("loading %s (%d layers): %s", self.config.model, info.num_layers, layout)
         for m in ordered:
             m.state = "loading"
         requests = [
@@ -197,6 +225,7 @@ class Cluster:
             )
             for rank, a in enumerate(assignments)
         ]
+        started = time.monotonic()
         results = await asyncio.gather(
             *(self._load_one(m, r) for m, r in zip(ordered, requests, strict=True)),
             return_exceptions=True,
@@ -206,26 +235,32 @@ class Cluster:
             for m, r in zip(ordered, results, strict=True)
             if isinstance(r, BaseException)
         ]
-        if errors:
-            self.problem = "loading failed on " + "; ".join(errors)
+        if errors or any(m.state == "lost" for m in ordered):
+            self.reforming = False
+            self.problem = "loading failed on " + ("; ".join(errors) or "a lost worker")
+            self.monitor.events.record(ev.LOAD_FAILED, message=self.problem)
             log.error("%s", self.problem)
             await self._unload(ordered, load_id)
             for m in ordered:
-                m.state = "idle"
+                if m.state != "lost":
+                    m.state = "idle"
             return
-        head = results[0]
-        assert isinstance(head, worker_pb2.ShardStatus)
         shards = {
             m.node_id: r
             for m, r in zip(ordered, results, strict=True)
             if isinstance(r, worker_pb2.ShardStatus)
         }
-        self.serving = Serving(
-            load_id, head.runner_address, tuple(assignments), max_context, shards
-        )
+        head = shards[ordered[0].node_id]
         for m in self.members.values():
-            m.state = "serving" if m in ordered else "idle"
+            if m.state != "lost":
+                m.state = "serving" if m in ordered else "idle"
         self.problem = ""
+        await self._set_serving(
+            Serving(load_id, head.runner_address, tuple(assignments), max_context, shards)
+        )
+        self.monitor.events.record(
+            ev.LOAD_FINISHED, message=f"load {load_id} in {time.monotonic() - started:.1f} s"
+        )
         log.info("serving %s; requests enter at %s", self.config.model, head.runner_address)
 
     async def _load_one(
@@ -254,11 +289,55 @@ class Cluster:
                     worker_pb2.UnloadRequest(load_id=load_id), timeout=rpc.CONTROL_TIMEOUT
                 )
 
-        await asyncio.gather(*(one(m) for m in members))
+        await asyncio.gather(*(one(m) for m in members if m.state != "lost"))
+
+    # -- failure ----------------------------------------------------------------------
+
+    async def lose(self, member: Member, reason: str, *, node_lost: bool) -> None:
+        """A member's node (``node_lost``) or its runner failed: re-form without it."""
+        if node_lost and member.state != "lost":
+            member.state = "lost"
+            self.monitor.mark_lost(member.node_id, reason)
+            log.error("worker %s (%s) lost: %s", member.name, member.node_id, reason)
+        serving = self.serving
+        if serving is None or not serving.holds(member.node_id):
+            self.note_change()
+            return
+        self.failure = f"{member.name} ({member.node_id}) {reason}"
+        self.problem = f"re-forming the pipeline: {self.failure}"
+        self.reforming = True
+        self.monitor.events.record(ev.PIPELINE_FAILED, member.node_id, member.name, reason)
+        await self._set_serving(None)
+        plan_members = [self.members[a.node_id] for a in serving.assignments]
+        # Unloading kills every runner of the group, also those blocked in a
+        # collective on the lost peer.
+        await self._unload(plan_members, serving.load_id)
+        for m in plan_members:
+            if m.state != "lost":
+                m.state = "idle"
+        self.note_change()
+
+    async def _set_serving(self, serving: Serving | None) -> None:
+        async with self._serving_changed:
+            self.serving = serving
+            if serving is not None:
+                self.reforming = False
+            self._serving_changed.notify_all()
+
+    async def wait_serving(self, not_load_id: str, timeout: float) -> Serving | None:
+        """The pipeline once it serves with a load other than ``not_load_id``."""
+
+        def ready() -> bool:
+            return self.serving is not None and self.serving.load_id != not_load_id
+
+        async with self._serving_changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._serving_changed.wait_for(ready), timeout)
+            return self.serving if ready() else None
 
     async def shutdown(self) -> None:
         if self.serving is not None:
-            members = [m for m in self.members.values() if m.state == "serving"]
+            members = [self.members[a.node_id] for a in self.serving.assignments]
             await self._unload(members, self.serving.load_id)
             self.serving = None
         for ch in self._channels.values():

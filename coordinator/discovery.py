@@ -13,11 +13,11 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from pomona.worker.advertise import make_zeroconf
 from zeroconf import ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
 
 from pomona.config import PROTOCOL_VERSION, SERVICE_TYPE
+from pomona.worker.advertise import make_zeroconf
 
 log = logging.getLogger(__name__)
 

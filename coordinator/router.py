@@ -8,16 +8,24 @@ request came in through.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from pomona import rpc
+from pomona.coordinator import events as ev
 from pomona.coordinator.cluster import Cluster
 from pomona.v1 import common_pb2, runner_pb2_grpc
 
 MAX_REQUEST_ID = 128
+# How a head runner's call ends when the pipeline under it broke.
+_PIPELINE_FAILURES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+     grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
+)  # fmt: skip
 
 
 class GenerateError(Exception):
@@ -58,7 +66,12 @@ class Router:
     async def generate(
         self, request: common_pb2.GenerateRequest
     ) -> AsyncIterator[common_pb2.GenerateChunk]:
-        """Stream the chunks of one generation; closing the iterator cancels it."""
+        """Stream the chunks of one generation; closing the iterator cancels it.
+
+        When the pipeline breaks before any token was sent, the request waits
+        for the pipeline to re-form and runs again; after a token was sent it
+        ends with an error that says why (never a silent, normal-looking end).
+        """
         if len(request.request_id) > MAX_REQUEST_ID:
             raise GenerateError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -66,12 +79,59 @@ class Router:
             )
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        call = self._head().Generate(request, timeout=rpc.GENERATE_TIMEOUT)
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        config = self.cluster.config
+        deadline = time.monotonic() + config.retry_timeout
+        sent = 0
+        while True:
+            if self.cluster.serving is None and self.cluster.reforming:
+                await self.cluster.wait_serving("", max(0.0, deadline - time.monotonic()))
+            serving = self.cluster.serving
+            load_id = serving.load_id if serving is not None else ""
+            call = self._head().Generate(request, timeout=rpc.GENERATE_TIMEOUT)
+            try:
+                async for chunk in call:
+                    sent += len(chunk.tokens) or 1
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _PIPELINE_FAILURES:
+                    raise
+                error = e
+            finally:
+                call.cancel()
+            why = await self._why_broken(load_id)
+            if sent:
+                self._record(
+                    ev.REQUEST_FAILED, request, f"after {sent} tokens: {why or error.details()}"
+                )
+                raise GenerateError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the generation was cut off after {sent} tokens because the pipeline broke: "
+                    f"{why or error.details()}; send the request again",
+                )
+            left = deadline - time.monotonic()
+            if left <= 0 or await self.cluster.wait_serving(load_id, left) is None:
+                self._record(ev.REQUEST_FAILED, request, f"not retried: {why or error.details()}")
+                raise GenerateError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the pipeline broke ({why or error.details()}) and did not re-form within "
+                    f"{config.retry_timeout:.0f} s: {self.cluster.problem}",
+                )
+            self._record(ev.REQUEST_RETRIED, request, why or error.details() or "")
+
+    async def _why_broken(self, load_id: str) -> str:
+        """What broke the pipeline of ``load_id``, once the coordinator knows."""
+        wait = self.cluster.config.heartbeat_timeout + 3.0
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            serving = self.cluster.serving
+            if serving is None or serving.load_id != load_id:
+                return self.cluster.failure
+            await asyncio.sleep(0.1)
+        return ""
+
+    def _record(self, kind: str, request: common_pb2.GenerateRequest, message: str) -> None:
+        self.cluster.monitor.events.record(kind, message=f"request {request.request_id}: {message}")
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -13,6 +13,10 @@ from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator.cluster import Cluster
 from pomona.coordinator.discovery import Browser
+from pomona.coordinator.events import EventLog
+from pomona.coordinator.health import HealthWatcher
+from pomona.coordinator.metrics import metrics_route
+from pomona.coordinator.monitor import Monitor, Thresholds
 from pomona.coordinator.openai_api import create_app
 from pomona.coordinator.router import Router
 from pomona.coordinator.service import CoordinatorService
@@ -24,12 +28,16 @@ SEED_RETRY_SECONDS = 5.0
 
 
 async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> None:
-    cluster = Cluster(config)
-    router = Router(cluster)
-    server = rpc.aio_server()
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-        CoordinatorService(cluster, router), server
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = Thresholds(
+        late_after_s=config.heartbeat_timeout / 2, lost_after_s=config.heartbeat_timeout
     )
+    monitor = Monitor(EventLog(config.state_dir / "events.jsonl"), thresholds)
+    cluster = Cluster(config, monitor)
+    router = Router(cluster)
+    service = CoordinatorService(cluster, router)
+    server = rpc.aio_server()
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -50,9 +58,15 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
             if pending:
                 await asyncio.sleep(SEED_RETRY_SECONDS)
 
-    http = await start_http(config, router)
+    metrics = metrics_route(service.status_reply, monitor.events.counts)
+    http = await start_http(config, router, [metrics])
     log.info("coordinator for cluster %r on port %d, model %s", config.cluster, port, config.model)
-    tasks = [asyncio.create_task(cluster.run()), asyncio.create_task(seeds())]
+    watcher = HealthWatcher(cluster, config.heartbeat_timeout)
+    tasks = [
+        asyncio.create_task(cluster.run()),
+        asyncio.create_task(seeds()),
+        asyncio.create_task(watcher.run()),
+    ]
     try:
         async with Browser(config.cluster, config.mdns_interfaces, found):
             await (stop.wait() if stop is not None else asyncio.Event().wait())
@@ -66,16 +80,20 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
         await router.close()
         await cluster.shutdown()
         await server.stop(grace=1.0)
+        monitor.events.close()
 
 
-async def start_http(config: CoordinatorConfig, router: Router) -> web.AppRunner | None:
-    """The OpenAI-compatible API on config.http_port (0: none)."""
+async def start_http(
+    config: CoordinatorConfig, router: Router, extra_routes: list[web.RouteDef]
+) -> web.AppRunner | None:
+    """The OpenAI-compatible API and /metrics on config.http_port (0: none)."""
     if not config.http_port:
         return None
     app = create_app(
         generate=router.generate,
         model_name=router.model_name,
         api_key=config.api_key or None,
+        extra_routes=extra_routes,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

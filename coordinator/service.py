@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pomona.coordinator.cluster import Cluster
+from pomona.coordinator.monitor import NodeInfo, to_status_reply
 from pomona.coordinator.router import GenerateError, Router
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
@@ -42,6 +43,37 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(e.code(), e.details() or "the head runner failed")
         finally:
             await chunks.aclose()
+
+    def status_reply(self) -> coordinator_pb2.StatusReply:
+        cluster = self.cluster
+        serving = cluster.serving
+        nodes = [
+            NodeInfo(
+                m.node_id, m.name, m.address, m.state, m.describe.hardware, m.describe.mlx_version
+            )
+            for m in cluster.members.values()
+        ]
+        return to_status_reply(
+            cluster.monitor,
+            cluster=cluster.config.cluster,
+            model=cluster.config.model,
+            serving=serving is not None,
+            problem=cluster.problem,
+            nodes=nodes,
+            plan=serving.assignments if serving is not None else (),
+            load_id=serving.load_id if serving is not None else "",
+        )
+
+    async def Status(  # noqa: N802
+        self, request: coordinator_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.StatusReply:
+        return self.status_reply()
+
+    async def Events(  # noqa: N802
+        self, request: coordinator_pb2.EventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.Event]:
+        async for event in self.cluster.monitor.events.stream(request.after, request.follow):
+            yield event
 
     async def ListNodes(  # noqa: N802
         self, request: coordinator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext

@@ -187,6 +187,23 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
     default=None,
     help="File holding the HTTP API's Bearer key (or set POMONA_API_KEY).",
 )
+@click.option(
+    "--heartbeat-timeout",
+    type=click.FloatRange(0.5, 600),
+    default=5.0,
+    show_default=True,
+    help="Seconds without heartbeats before a worker is probed and, if silent, lost.",
+)
+@click.option(
+    "--retry-timeout",
+    type=click.FloatRange(0, 3600),
+    default=120.0,
+    show_default=True,
+    help="Seconds a request with no token yet waits for a broken pipeline to re-form.",
+)
+@click.option(
+    "--state-dir", type=click.Path(path_type=Path), default=None, help="Event log directory."
+)
 def coordinator(
     port: int,
     host: str,
@@ -204,6 +221,9 @@ def coordinator(
     concurrency: int,
     http_port: int,
     api_key_file: Path | None,
+    heartbeat_timeout: float,
+    retry_timeout: float,
+    state_dir: Path | None,
 ) -> None:
     """Run the coordinator: discover workers, place the model, serve requests."""
     from pomona.coordinator.server import serve
@@ -235,6 +255,9 @@ def coordinator(
         concurrency=concurrency,
         http_port=http_port,
         api_key=api_key,
+        heartbeat_timeout=heartbeat_timeout,
+        retry_timeout=retry_timeout,
+        state_dir=state_dir or default_state_dir() / "coordinator",
     )
     _run_until_signal(lambda stop: serve(config, stop=stop))
 
@@ -339,9 +362,12 @@ def up(
 def _register_commands() -> None:
     from pomona.chat import chat_command
     from pomona.coordinator.plan_cli import plan_command
+    from pomona.status_cmd import events_command, status_command
 
     main.add_command(plan_command, "plan")
     main.add_command(chat_command, "chat")
+    main.add_command(status_command, "status")
+    main.add_command(events_command, "events")
 
 
 _register_commands()

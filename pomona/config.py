@@ -81,3 +81,11 @@ class CoordinatorConfig:
     objective: str = "latency"
     context: int = 8192
     concurrency: int = 4
+    # A node whose heartbeats stop for this long (and that then fails a
+    # direct probe) is lost.
+    heartbeat_timeout: float = 5.0
+    # A request that had no token yet when the pipeline broke waits this long
+    # for the pipeline to re-form, then is retried; otherwise it fails.
+    retry_timeout: float = 120.0
+    # The event log (events.jsonl) lives here.
+    state_dir: Path = field(default_factory=lambda: default_state_dir() / "coordinator")

@@ -117,6 +117,7 @@ class LocalCluster:
             "--cluster", self.cluster, "--min-workers", str(self.count),
             "--mdns-interface", LOOPBACK, "--objective", "throughput",
             "--http-port", str(self.http_port),
+            "--state-dir", str(self.state_dir / "coordinator"),
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]

@@ -130,7 +130,7 @@ class LocalCluster:
             "coordinator", "--port", str(port), "--host", LOOPBACK, "--model", model,
             "--cluster", self.cluster, "--min-workers", str(min_workers),
             "--mdns-interface", LOOPBACK, "--objective", "throughput",
-            "--http-port", str(http_port), *extra,
+            "--http-port", str(http_port), "--state-dir", str(self.root / "coordinator"), *extra,
         ]  # fmt: skip
         if layers:
             args += ["--layers", layers]

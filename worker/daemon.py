@@ -26,6 +26,8 @@ from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
+from pomona.worker.sampler import Sampler
+from pomona.worker.telemetry import effective_interval, telemetry_stream
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +247,18 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         except (RuntimeError, ConnectionError) as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return worker_pb2.WakeReply()
+
+    async def Telemetry(self, request, context):  # noqa: N802
+        interval = effective_interval(request.interval_s)
+        async for sample in telemetry_stream(Sampler, self._runner_state, self.node_id, interval):
+            yield sample
+
+    def _runner_state(self) -> tuple[worker_pb2.ShardStatus | None, dict[str, object]]:
+        runner = self.runner
+        if runner is None:
+            return None, {}
+        stats = runner.stats if runner.info.state not in TERMINAL else {}
+        return shard_to_proto(runner.info), stats
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +167,9 @@ class StageEngine:
     batch_caches: list[Any] | None = field(default=None, init=False)
     rows: list[_Row] = field(default_factory=list, init=False)
     pending: _Row | None = field(default=None, init=False)
+    # When the step in progress began (monotonic), None outside a session:
+    # the runner's watchdog reads it from another thread.
+    busy_since: float | None = field(default=None, init=False)
     _batch_rows: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +191,7 @@ class StageEngine:
         """Run steps chosen by ``next_step`` until it returns None."""
         while True:
             step = next_step()
+            self.busy_since = time.monotonic()
             if self.spec.world_size > 1:
                 ctrl = mx.array(encode_ctrl(step), dtype=mx.int32)
                 mx.async_eval(mx.distributed.send(ctrl, 1))
@@ -195,6 +200,7 @@ class StageEngine:
                 self.reset()
                 return
             tokens = self.run_step(step, list(step.tokens))
+            self.busy_since = None
             if tokens is not None:
                 on_tokens(tokens)
 
@@ -202,6 +208,7 @@ class StageEngine:
         """Follow the head's steps until it says leave."""
         rank = self.spec.rank
         while True:
+            self.busy_since = time.monotonic()
             ctrl = mx.distributed.recv_like(self._ctrl_template, rank - 1)
             mx.eval(ctrl)
             if not self.spec.is_last:
@@ -215,6 +222,7 @@ class StageEngine:
 
     def reset(self) -> None:
         """Forget every sequence (a session ended)."""
+        self.busy_since = None
         self.batch_caches = None
         self.rows = []
         self.pending = None

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ class RunnerSpec:
     prefill_step: int = 512
     max_queue: int = 64
     max_batch: int = 16
+    # A rank stuck this long inside one step has lost a peer that froze (a
+    # dead peer raises at once); the runner exits so the group is re-formed.
+    step_timeout: float = 120.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -118,8 +122,10 @@ def _run(spec: RunnerSpec) -> int:
             )
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
     engine = StageEngine(shard)
-    if spec.rank == 0:
-        return _serve_head(spec, engine, shard.config)
+    scheduler = _make_scheduler(spec) if spec.rank == 0 else None
+    _start_monitor(spec, engine, scheduler)
+    if scheduler is not None:
+        return _serve_head(spec, engine, scheduler, shard.config)
     emit("ready")
     for line in sys.stdin:
         command = json.loads(line)
@@ -130,13 +136,9 @@ def _run(spec: RunnerSpec) -> int:
     return 0
 
 
-def _serve_head(spec: RunnerSpec, engine: Any, config: dict[str, Any]) -> int:
-    import grpc
+def _make_scheduler(spec: RunnerSpec) -> Any:
     from mlx_lm.utils import load_tokenizer
 
-    from pomona import rpc
-    from pomona.v1 import runner_pb2_grpc, worker_pb2, worker_pb2_grpc
-    from pomona.worker.runner_service import RunnerService
     from pomona.worker.scheduler import Scheduler
 
     tokenizer = load_tokenizer(Path(spec.model_path))
@@ -147,6 +149,62 @@ def _serve_head(spec: RunnerSpec, engine: Any, config: dict[str, Any]) -> int:
         max_queue=spec.max_queue,
         max_batch=spec.max_batch,
     )
+    scheduler.tokenizer = tokenizer
+    return scheduler
+
+
+def _start_monitor(spec: RunnerSpec, engine: Any, scheduler: Any) -> None:
+    """Once a second: report stats to the daemon, and exit if a step hangs."""
+    import mlx.core as mx
+    import psutil
+
+    process = psutil.Process()
+
+    def loop() -> None:
+        last_tokens, last_time = 0, time.monotonic()
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            since = engine.busy_since
+            if since is not None and now - since > spec.step_timeout:
+                message = (
+                    f"rank {spec.rank} waited {now - since:.0f} s inside one pipeline step: "
+                    "a peer stopped answering"
+                )
+                log.error("%s; exiting so the group can be re-formed", message)
+                emit("failed", error=message)
+                os._exit(3)
+            stats: dict[str, Any] = {
+                "mlx_active_bytes": mx.get_active_memory(),
+                "mlx_peak_bytes": mx.get_peak_memory(),
+                "mlx_cache_bytes": mx.get_cache_memory(),
+                "rss_bytes": process.memory_info().rss,
+            }
+            if scheduler is not None:
+                tokens = scheduler.tokens_total
+                ttfts = list(scheduler.ttfts)
+                stats.update(
+                    tokens_per_s=(tokens - last_tokens) / (now - last_time),
+                    tokens_total=tokens,
+                    requests_total=scheduler.requests_total,
+                    requests_in_flight=scheduler.in_flight,
+                    requests_waiting=scheduler.waiting,
+                    ttft_s=sum(ttfts) / len(ttfts) if ttfts else None,
+                )
+                last_tokens, last_time = tokens, now
+            emit("stats", **stats)
+
+    threading.Thread(target=loop, daemon=True, name="monitor").start()
+
+
+def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str, Any]) -> int:
+    import grpc
+
+    from pomona import rpc
+    from pomona.v1 import runner_pb2_grpc, worker_pb2, worker_pb2_grpc
+    from pomona.worker.runner_service import RunnerService
+
+    tokenizer = scheduler.tokenizer
     model_context = int(config.get("max_position_embeddings") or 0) or (1 << 20)
     max_context = min(spec.max_context or model_context, model_context)
     vocab_size = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))

@@ -69,6 +69,8 @@ class RunnerProcess:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _stopping: bool = field(default=False, init=False)
     _stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20), init=False)
+    # The runner's latest once-a-second report (RunnerStats field names).
+    stats: dict[str, object] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         s = self.spec
@@ -151,6 +153,9 @@ class RunnerProcess:
                 await self._set(state=State.READY, runner_address=event.get("address", ""))
             elif kind == "failed":
                 await self._set(state=State.FAILED, error=str(event.get("error", "")))
+            elif kind == "stats":
+                event.pop("event")
+                self.stats = event
 
     async def _read_stderr(self) -> None:
         assert self._proc and self._proc.stderr

@@ -58,7 +58,9 @@ ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MAX_MESSAGES = 1024
 
 
-def encode_prompt(tokenizer: Any, request: common_pb2.GenerateRequest, vocab_size: int) -> list[int]:
+def encode_prompt(
+    tokenizer: Any, request: common_pb2.GenerateRequest, vocab_size: int
+) -> list[int]:
     given = [bool(request.prompt), bool(request.prompt_tokens), bool(request.messages)]
     if sum(given) != 1:
         raise RequestError("set exactly one of prompt, prompt_tokens and messages")

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 import psutil
+
 from pomona.worker.hardware import CommandRunner, SubprocessRunner
 from pomona.worker.power_sources import (
     THERMAL_STATES,
