@@ -1,12 +1,28 @@
-"""gRPC channel and server options and deadlines, defined once."""
+"""gRPC channels and servers, made once: options, deadlines, cluster credentials, TLS.
+
+Given an ``Auth`` (``pomona.security``), every channel signs each call with the cluster
+secret and every server refuses calls that do not carry a valid signature, with
+``UNAUTHENTICATED`` and a one-line reason; with TLS, both sides also present
+certificates of the cluster's CA.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from concurrent import futures
+from typing import Any, NamedTuple
+
 import grpc
+
+from pomona.security import AUTH_METADATA_KEY, Auth, ClusterSecrets, Verifier, sign
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 << 20
 
-OPTIONS: list[tuple[str, int]] = [
+OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
@@ -23,24 +39,238 @@ WAKE_TIMEOUT = 5.0
 GENERATE_TIMEOUT = 3600.0
 
 
-def aio_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=OPTIONS)
+def aio_channel(address: str, auth: Auth | None = None) -> grpc.aio.Channel:
+    if auth is None or auth.secrets is None:
+        return grpc.aio.insecure_channel(address, options=OPTIONS)
+    interceptors = aio_client_interceptors(auth.secrets)
+    creds = auth.channel_credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=interceptors)
+    options = OPTIONS + auth.channel_options()
+    return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=OPTIONS)
+def channel(address: str, auth: Auth | None = None) -> grpc.Channel:
+    if auth is None or auth.secrets is None:
+        return grpc.insecure_channel(address, options=OPTIONS)
+    creds = auth.channel_credentials()
+    if creds is None:
+        plain = grpc.insecure_channel(address, options=OPTIONS)
+    else:
+        plain = grpc.secure_channel(address, creds, options=OPTIONS + auth.channel_options())
+    return grpc.intercept_channel(plain, ClientAuthInterceptor(auth.secrets))
 
 
-def aio_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=OPTIONS)
+def aio_server(auth: Auth | None = None) -> grpc.aio.Server:
+    verifier = auth.verifier() if auth else None
+    interceptors = [AioServerAuthInterceptor(verifier)] if verifier is not None else None
+    return grpc.aio.server(options=OPTIONS, interceptors=interceptors)
+
+
+def server(executor: futures.ThreadPoolExecutor, auth: Auth | None = None) -> grpc.Server:
+    """A sync server (the head runner's), checking credentials when ``auth`` is given."""
+    verifier = auth.verifier() if auth else None
+    interceptors = [ServerAuthInterceptor(verifier)] if verifier is not None else None
+    return grpc.server(executor, options=OPTIONS, interceptors=interceptors)
+
+
+def add_port(server: grpc.Server | grpc.aio.Server, address: str, auth: Auth | None = None) -> int:
+    """Listen on ``address`` ("host:port"), with mutual TLS when ``auth`` has it."""
+    creds = auth.server_credentials() if auth else None
+    if creds is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, creds)
 
 
 def describe_error(err: grpc.RpcError, address: str) -> str:
     """One line for a user: what failed and where."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+    details = " ".join((details or "").split())
+    lowered = details.lower()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{address} refused this machine's cluster credentials: {details}"
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        word in lowered for word in ("ssl", "handshake", "certificate", "tls")
+    ):
+        return (
+            f"TLS with {address} failed: both machines need certificates from the same "
+            f"`pomona init --tls` ({details})"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in lowered:
         return f"cannot reach {address}: is it running? ({details})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{address} did not answer in time"
     return details or f"{address} failed with {code}"
+
+
+# --- Client side: sign every call -----------------------------------------------------
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _SyncCallDetails(_CallDetails, grpc.ClientCallDetails):
+    pass
+
+
+def _method_name(method: str | bytes) -> str:
+    return method.decode() if isinstance(method, bytes) else method
+
+
+class ClientAuthInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``x-pomona-auth`` to every call of a sync channel."""
+
+    def __init__(self, secrets: ClusterSecrets) -> None:
+        self.secrets = secrets
+
+    def _details(self, d: Any) -> grpc.ClientCallDetails:
+        method = _method_name(d.method)
+        metadata = [*(d.metadata or ()), (AUTH_METADATA_KEY, sign(self.secrets, method))]
+        return _SyncCallDetails(method, d.timeout, metadata, d.credentials,
+                                getattr(d, "wait_for_ready", None),
+                                getattr(d, "compression", None))  # fmt: skip
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _AioClientAuth:
+    def __init__(self, secrets: ClusterSecrets) -> None:
+        self.secrets = secrets
+
+    def _details(self, d: Any) -> grpc.aio.ClientCallDetails:
+        token = sign(self.secrets, _method_name(d.method))
+        metadata = grpc.aio.Metadata(*(d.metadata or ()), (AUTH_METADATA_KEY, token))
+        return grpc.aio.ClientCallDetails(
+            d.method, d.timeout, metadata, d.credentials, d.wait_for_ready
+        )
+
+
+# grpc.aio sorts interceptors by kind with isinstance/elif: one class per kind.
+class _AioUnaryUnary(_AioClientAuth, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _AioUnaryStream(_AioClientAuth, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _AioStreamUnary(_AioClientAuth, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _AioStreamStream(_AioClientAuth, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def aio_client_interceptors(secrets: ClusterSecrets) -> list[grpc.aio.ClientInterceptor]:
+    kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    return [kind(secrets) for kind in kinds]
+
+
+# --- Server side: refuse calls without proof ------------------------------------------
+
+
+class _RefusalLog:
+    """Logs refusals at WARNING, at most once per peer host and reason every 10 s."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, method: str, peer: str, why: str) -> None:
+        host = peer.rsplit(":", 1)[0]
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get((host, why), -1e9) < 10.0:
+                return
+            if len(self._last) > 1024:
+                self._last.clear()
+            self._last[(host, why)] = now
+        log.warning("refused %s from %s: %s", method, peer, why)
+
+
+def _same_kind(handler: grpc.RpcMethodHandler, behavior: Any) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s streaming kind that runs ``behavior``.
+
+    It never parses the request: a caller without credentials gets no protobuf parser.
+    """
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make: Any = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(  # type: ignore[no-any-return]
+        behavior, request_deserializer=None, response_serializer=handler.response_serializer
+    )
+
+
+class ServerAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses calls to a sync ``grpc.server`` without valid proof of the secret."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self._log = _RefusalLog()
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        why = self.verifier.check(details.method, details.invocation_metadata)
+        handler = continuation(details)
+        if why is None or handler is None:
+            return handler
+
+        def refuse(_request: Any, context: grpc.ServicerContext) -> None:
+            self._log(details.method, context.peer(), why)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+        return _same_kind(handler, refuse)
+
+
+class AioServerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls to a ``grpc.aio`` server without valid proof of the secret.
+
+    The refusal runs as the method's handler (same streaming kind and serializers), so
+    the caller gets ``UNAUTHENTICATED`` with the reason rather than a generic error.
+    """
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self._log = _RefusalLog()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        why = self.verifier.check(details.method, details.invocation_metadata)
+        handler = await continuation(details)
+        if why is None or handler is None:
+            return handler
+
+        async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            self._log(details.method, context.peer(), why)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+        return _same_kind(handler, refuse)
