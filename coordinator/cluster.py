@@ -119,7 +119,7 @@ class Cluster:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = rpc.aio_channel(address)
+            self._channels[address] = rpc.aio_channel(address, self.config.auth)
         return self._channels[address]
 
     def note_change(self) -> None:

@@ -28,6 +28,7 @@ from rich.table import Table
 from pomona.coordinator.model_profile import ModelProfile
 from pomona.coordinator.nodes_file import load_nodes_file
 from pomona.coordinator.planner import OBJECTIVES, NodeSpec, Objective, Plan, plan
+from pomona.credentials import CONFIG_OPTION
 
 GIB = 2**30
 DEFAULT_CONTEXT = 4096
@@ -82,15 +83,16 @@ def load_profile(model: str, bits: int | None = None) -> ModelProfile:
     return ModelProfile.from_config(config, name=name if bits is None else f"{name}-{bits}bit")
 
 
-def _load_nodes_from_coordinator(address: str) -> list[NodeSpec]:
+def _load_nodes_from_coordinator(address: str, config_path: Path | None = None) -> list[NodeSpec]:
     """The workers a running coordinator knows, as the planner sees them."""
     import grpc
 
     from pomona import rpc
     from pomona.coordinator.placement import node_spec
+    from pomona.credentials import client_auth
     from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-    stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address))
+    stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address, client_auth(config_path)))
     try:
         reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
     except grpc.RpcError as e:
@@ -208,6 +210,7 @@ def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
     help="Plan a BITS-bit (group 64) variant of a config.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@CONFIG_OPTION
 def plan_command(
     model: str,
     context: int | None,
@@ -217,6 +220,7 @@ def plan_command(
     coordinator: str | None,
     bits: str | None,
     as_json: bool,
+    config_path: Path | None,
 ) -> None:
     """Show which node would hold which layers of MODEL, and how fast it would run.
 
@@ -231,7 +235,7 @@ def plan_command(
         nodes = (
             load_nodes_file(nodes_file)
             if nodes_file is not None
-            else _load_nodes_from_coordinator(str(coordinator))
+            else _load_nodes_from_coordinator(str(coordinator), config_path)
         )
         profile = load_profile(model, int(bits) if bits else None)
         length = context or min(DEFAULT_CONTEXT, profile.max_context or DEFAULT_CONTEXT)

@@ -60,7 +60,7 @@ class Router:
             )
         address = serving.head_address
         if address not in self._channels:
-            self._channels[address] = rpc.aio_channel(address)
+            self._channels[address] = rpc.aio_channel(address, self.cluster.config.auth)
         return runner_pb2_grpc.RunnerStub(self._channels[address])
 
     async def generate(

@@ -36,11 +36,11 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
     cluster = Cluster(config, monitor)
     router = Router(cluster)
     service = CoordinatorService(cluster, router)
-    server = rpc.aio_server()
+    server = rpc.aio_server(config.auth)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = rpc.add_port(server, f"{config.host}:{config.port}", config.auth)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()

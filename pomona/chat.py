@@ -13,12 +13,13 @@ import contextlib
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 import grpc
 
 from pomona import rpc
-from pomona.config import DEFAULT_COORDINATOR_PORT
+from pomona.client import coordinator_channel, coordinator_options
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -159,25 +160,22 @@ def _greet(stub: coordinator_pb2_grpc.CoordinatorStub, address: str) -> str:
 
 
 @click.command("chat")
-@click.option(
-    "--coordinator",
-    envvar="POMONA_COORDINATOR",
-    default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}",
-    show_default=True,
-    help="HOST:PORT of the coordinator (or set POMONA_COORDINATOR).",
-)
+@coordinator_options
 @click.option("--system", default=None, help="A system message that opens the conversation.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Most tokens in one reply.")  # fmt: skip
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True,
               help="0 for greedy replies.")  # fmt: skip
-def chat_command(coordinator: str, system: str | None, max_tokens: int, temperature: float) -> None:
+def chat_command(
+    coordinator: str,
+    config_path: Path | None,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+) -> None:
     """Chat with the cluster's model; the conversation is kept until /reset."""
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{coordinator!r} is not HOST:PORT", param_hint="--coordinator")
     interactive = sys.stdin.isatty()
-    channel = rpc.channel(coordinator)
+    channel = coordinator_channel(coordinator, config_path)
     try:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         model = _greet(stub, coordinator)

@@ -14,6 +14,7 @@ import click
 import grpc
 
 from pomona import rpc
+from pomona.client import check_address, coordinator_options, coordinator_stub
 from pomona.config import (
     DEFAULT_CLUSTER,
     DEFAULT_COORDINATOR_PORT,
@@ -25,15 +26,9 @@ from pomona.config import (
     default_model_dirs,
     default_state_dir,
 )
-from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-
-COORDINATOR_OPTION = click.option(
-    "--coordinator",
-    envvar="POMONA_COORDINATOR",
-    default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}",
-    show_default=True,
-    help="HOST:PORT of the coordinator (or set POMONA_COORDINATOR).",
-)
+from pomona.credentials import CONFIG_OPTION, config_for_daemon
+from pomona.security import Auth, ClusterConfig
+from pomona.v1 import common_pb2, coordinator_pb2
 
 
 @click.group()
@@ -66,6 +61,13 @@ def _run_until_signal(make: object) -> None:
         raise click.ClickException(str(e)) from e
 
 
+INSECURE_OPTION = click.option(
+    "--insecure",
+    is_flag=True,
+    help="Run without the cluster secret: anyone on the network can control this daemon.",
+)
+
+
 @main.command()
 @click.option("--port", default=DEFAULT_WORKER_PORT, show_default=True, help="gRPC port.")
 @click.option("--ring-port", default=0, help="MLX ring port [default: PORT+1].")
@@ -73,7 +75,7 @@ def _run_until_signal(make: object) -> None:
 @click.option(
     "--name", default=socket.gethostname().split(".")[0], help="Name shown in the cluster."
 )
-@click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="Cluster to join.")
+@click.option("--cluster", default=None, help="Cluster to join [default: the configuration's].")
 @click.option("--address", "addresses", multiple=True, help="Address to advertise (repeatable).")
 @click.option("--mdns-interface", "mdns", multiple=True, help="Interface address for Bonjour.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Node id, logs.")
@@ -84,34 +86,61 @@ def _run_until_signal(make: object) -> None:
     default=0.0,
     help="GB of memory to offer to models at most [default: all the GPU may use].",
 )
+@CONFIG_OPTION
+@INSECURE_OPTION
+@click.option(
+    "--allow-remote-code",
+    is_flag=True,
+    help="Let models run Python code they ship (auto_map / model_file). Off by default.",
+)
 def worker(
     port: int,
     ring_port: int,
     host: str,
     name: str,
-    cluster: str,
+    cluster: str | None,
     addresses: tuple[str, ...],
     mdns: tuple[str, ...],
     state_dir: Path | None,
     model_dirs: tuple[Path, ...],
     max_memory: float,
+    config_path: Path | None,
+    insecure: bool,
+    allow_remote_code: bool,
 ) -> None:
     """Run the worker daemon of this machine."""
     from pomona.worker.daemon import serve
 
+    cluster_config, config_file = config_for_daemon(config_path, insecure)
     config = WorkerConfig(
         name=name,
-        cluster=cluster,
+        cluster=_cluster_name(cluster, cluster_config),
+        auth=Auth(cluster_config.secrets if cluster_config else None),
+        cluster_config=config_file,
+        allow_remote_code=allow_remote_code,
         host=host,
         port=port,
         ring_port=ring_port,
         addresses=addresses,
         mdns_interfaces=mdns,
         state_dir=state_dir or default_state_dir() / "worker",
-        model_dirs=model_dirs or default_model_dirs(),
+        model_dirs=model_dirs
+        or (cluster_config.model_dirs if cluster_config else ())
+        or default_model_dirs(),
         max_memory_bytes=int(max_memory * 1e9),
     )
     _run_until_signal(lambda stop: serve(config, stop=stop))
+
+
+def _cluster_name(given: str | None, config: ClusterConfig | None) -> str:
+    if config is None:
+        return given or DEFAULT_CLUSTER
+    if given and given != config.cluster:
+        raise click.BadParameter(
+            f"the configuration is for cluster {config.cluster!r}, not {given!r}",
+            param_hint="--cluster",
+        )
+    return config.cluster
 
 
 def _parse_layers(value: str | None) -> tuple[int, ...]:
@@ -127,7 +156,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option("--port", default=DEFAULT_COORDINATOR_PORT, show_default=True, help="gRPC port.")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to serve.")
-@click.option("--cluster", default=DEFAULT_CLUSTER, show_default=True, help="Cluster to manage.")
+@click.option("--cluster", default=None, help="Cluster to manage [default: the configuration's].")
 @click.option("--worker", "seeds", multiple=True, help="HOST:PORT of a worker (repeatable).")
 @click.option("--min-workers", default=1, show_default=True, help="Workers to wait for.")
 @click.option("--layers", default=None, help="Layers per worker in ring order, e.g. 3,5.")
@@ -204,6 +233,8 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--state-dir", type=click.Path(path_type=Path), default=None, help="Event log directory."
 )
+@CONFIG_OPTION
+@INSECURE_OPTION
 def coordinator(
     port: int,
     host: str,
@@ -224,13 +255,19 @@ def coordinator(
     heartbeat_timeout: float,
     retry_timeout: float,
     state_dir: Path | None,
+    config_path: Path | None,
+    insecure: bool,
 ) -> None:
     """Run the coordinator: discover workers, place the model, serve requests."""
     from pomona.coordinator.server import serve
 
     for seed in seeds:
-        _check_address(seed, "--worker")
-    api_key = os.environ.get("POMONA_API_KEY", "")
+        check_address(seed, "--worker")
+    split = _parse_layers(layers)
+    cluster_config, _ = config_for_daemon(config_path, insecure)
+    api_key = os.environ.get("POMONA_API_KEY", "") or (
+        cluster_config.api_key if cluster_config and cluster_config.api_key else ""
+    )
     if api_key_file is not None:
         try:
             api_key = api_key_file.read_text().strip()
@@ -239,13 +276,14 @@ def coordinator(
         if not api_key:
             raise click.ClickException(f"{api_key_file} is empty")
     config = CoordinatorConfig(
-        cluster=cluster,
+        cluster=_cluster_name(cluster, cluster_config),
+        auth=Auth(cluster_config.secrets if cluster_config else None),
         host=host,
         port=port,
         model=model,
         seeds=seeds,
         min_workers=max(1, min_workers),
-        layers=_parse_layers(layers),
+        layers=split,
         mdns_interfaces=mdns,
         max_batch=max_batch,
         max_queue=max_queue,
@@ -262,26 +300,15 @@ def coordinator(
     _run_until_signal(lambda stop: serve(config, stop=stop))
 
 
-def _check_address(address: str, what: str) -> None:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{address!r} is not HOST:PORT", param_hint=what)
-
-
-def _stub(address: str) -> coordinator_pb2_grpc.CoordinatorStub:
-    _check_address(address, "--coordinator")
-    return coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address))
-
-
 @main.command()
-@COORDINATOR_OPTION
+@coordinator_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def nodes(coordinator: str, as_json: bool) -> None:
+def nodes(coordinator: str, config_path: Path | None, as_json: bool) -> None:
     """List the cluster's workers and what each holds."""
     from pomona.display import print_nodes
 
     try:
-        reply = _stub(coordinator).ListNodes(
+        reply = coordinator_stub(coordinator, config_path).ListNodes(
             coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT
         )
     except grpc.RpcError as e:
@@ -296,7 +323,7 @@ def nodes(coordinator: str, as_json: bool) -> None:
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
-@COORDINATOR_OPTION
+@coordinator_options
 def generate(
     prompt: str,
     max_tokens: int,
@@ -305,6 +332,7 @@ def generate(
     seed: int | None,
     stop: tuple[str, ...],
     coordinator: str,
+    config_path: Path | None,
 ) -> None:
     """Generate text from PROMPT, streamed as it is produced."""
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p)
@@ -314,7 +342,9 @@ def generate(
         prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=list(stop)
     )
     try:
-        for chunk in _stub(coordinator).Generate(request, timeout=rpc.GENERATE_TIMEOUT):
+        for chunk in coordinator_stub(coordinator, config_path).Generate(
+            request, timeout=rpc.GENERATE_TIMEOUT
+        ):
             if chunk.text:
                 click.echo(chunk.text, nl=False)
                 sys.stdout.flush()
@@ -362,8 +392,10 @@ def up(
 def _register_commands() -> None:
     from pomona.chat import chat_command
     from pomona.coordinator.plan_cli import plan_command
+    from pomona.init_cmd import init_command
     from pomona.status_cmd import events_command, status_command
 
+    main.add_command(init_command, "init")
     main.add_command(plan_command, "plan")
     main.add_command(chat_command, "chat")
     main.add_command(status_command, "status")

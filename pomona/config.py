@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pomona.security import Auth
 
 SERVICE_TYPE = "_pomona._tcp.local."
 PROTOCOL_VERSION = 1
@@ -29,6 +33,12 @@ def default_model_dirs() -> tuple[Path, ...]:
 class WorkerConfig:
     name: str
     cluster: str = DEFAULT_CLUSTER
+    # Proof of the cluster secret (None: no checks, --insecure), and the
+    # configuration file it came from, which runners read themselves.
+    auth: Auth | None = None
+    cluster_config: Path | None = None
+    # Models may run code they ship only when the operator allows it.
+    allow_remote_code: bool = False
     host: str = "0.0.0.0"
     port: int = DEFAULT_WORKER_PORT
     # The port of this machine's MLX ring listener; 0 means port + 1.
@@ -53,6 +63,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class CoordinatorConfig:
     cluster: str = DEFAULT_CLUSTER
+    auth: Auth | None = None
     host: str = "0.0.0.0"
     port: int = DEFAULT_COORDINATOR_PORT
     # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off.

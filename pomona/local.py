@@ -22,7 +22,9 @@ import grpc
 from rich.console import Console
 
 from pomona import rpc
+from pomona.credentials import local_config_path
 from pomona.display import shard_state
+from pomona.security import Auth, write_local_config
 from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
@@ -77,6 +79,7 @@ class LocalCluster:
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         self.console = Console(stderr=True)
         self._stop = False
+        self.config: Path | None = None
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log_dir = self.state_dir / "logs"
@@ -95,6 +98,7 @@ class LocalCluster:
         self.children.append((name, proc, log_path))
 
     def start(self) -> None:
+        self.config = write_local_config(local_config_path().parent, self.cluster)
         if not _port_free(self.port):
             raise RuntimeError(f"port {self.port} is in use: pass --port with a free port")
         if self.http_port and not _port_free(self.http_port):
@@ -110,6 +114,7 @@ class LocalCluster:
                     "worker", "--port", str(port), "--host", LOOPBACK, "--name", f"local-{i + 1}",
                     "--cluster", self.cluster, "--address", LOOPBACK, "--mdns-interface", LOOPBACK,
                     "--state-dir", str(self.state_dir / f"worker-{i + 1}"),
+                    "--config", str(self.config), *self._model_dir_args(),
                 ],
             )  # fmt: skip
         args = [
@@ -118,10 +123,18 @@ class LocalCluster:
             "--mdns-interface", LOOPBACK, "--objective", "throughput",
             "--http-port", str(self.http_port),
             "--state-dir", str(self.state_dir / "coordinator"),
+            "--config", str(self.config),
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]
         self._spawn("coordinator", args)
+
+    def _model_dir_args(self) -> list[str]:
+        """A model given as a folder is found in its parent folder."""
+        path = Path(self.model).expanduser()
+        if path.is_dir():
+            return ["--model-dir", str(path.resolve().parent)]
+        return []
 
     def _dead_child(self) -> str:
         for name, proc, log_path in self.children:
@@ -132,7 +145,7 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float) -> coordinator_pb2.ListNodesReply:
         address = f"{LOOPBACK}:{self.port}"
-        stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address))
+        stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address, Auth.load(self.config)))
         deadline = time.monotonic() + timeout
         with self.console.status("starting workers and coordinator") as status:
             while time.monotonic() < deadline and not self._stop:
@@ -198,3 +211,5 @@ class LocalCluster:
             return 1
         finally:
             self.stop()
+            if self.config is not None:
+                self.config.unlink(missing_ok=True)

@@ -7,13 +7,14 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import click
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from pomona import rpc
-from pomona.config import DEFAULT_COORDINATOR_PORT
+from pomona.client import coordinator_options, coordinator_stub
 from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 __all__ = ["EVENT_SCHEMA", "event_json", "event_line", "events_command", "status_command"]
@@ -23,20 +24,12 @@ EVENT_SCHEMA = "pomona.event/v1"
 FOLLOW_TIMEOUT = 3600.0
 RECONNECT_S = 1.0
 
-_coordinator_option = click.option(
-    "--coordinator",
-    envvar="POMONA_COORDINATOR",
-    default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}",
-    show_default=True,
-    help="HOST:PORT of the coordinator (or set POMONA_COORDINATOR).",
-)
 
-
-def _stub(address: str) -> coordinator_pb2_grpc.CoordinatorStub:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.ClickException(f"--coordinator: {address!r} is not HOST:PORT")
-    return coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address))
+def _stub(address: str, config_path: Path | None) -> coordinator_pb2_grpc.CoordinatorStub:
+    try:
+        return coordinator_stub(address, config_path)
+    except click.BadParameter as e:
+        raise click.ClickException(f"--coordinator: {address!r} is not HOST:PORT") from e
 
 
 def _fail(err: grpc.RpcError, address: str) -> click.ClickException:
@@ -53,15 +46,17 @@ def _fail(err: grpc.RpcError, address: str) -> click.ClickException:
     show_default=True,
     help="Seconds between refreshes with --watch.",
 )
-@_coordinator_option
-def status_command(watch: bool, as_json: bool, interval: float, coordinator: str) -> None:
+@coordinator_options
+def status_command(
+    watch: bool, as_json: bool, interval: float, coordinator: str, config_path: Path | None
+) -> None:
     """Every node's state and health, and the cluster's figures.
 
     With --watch --json, one JSON document per line at each refresh.
     """
     from pomona.status_view import print_status, run_live, status_json
 
-    stub = _stub(coordinator)
+    stub = _stub(coordinator, config_path)
 
     def fetch() -> coordinator_pb2.StatusReply:
         return stub.Status(coordinator_pb2.StatusRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
@@ -140,10 +135,12 @@ def _events(
 @click.option("--follow", "-f", is_flag=True, help="Keep printing events as they happen.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (schema pomona.event/v1).")
 @click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after SEQ.")
-@_coordinator_option
-def events_command(follow: bool, as_json: bool, after: int, coordinator: str) -> None:
+@coordinator_options
+def events_command(
+    follow: bool, as_json: bool, after: int, coordinator: str, config_path: Path | None
+) -> None:
     """The cluster's event log: nodes joined, lost and returned, plans, loads, failures."""
-    stub = _stub(coordinator)
+    stub = _stub(coordinator, config_path)
     last, connected = after, False
     try:
         while True:

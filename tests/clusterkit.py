@@ -23,6 +23,7 @@ import grpc
 
 from pomona import rpc
 from pomona.local import free_port_pair
+from pomona.security import Auth, write_local_config
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
@@ -44,12 +45,25 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
 
 
+def cluster_config(root: Path, cluster: str) -> Path:
+    """The configuration (secret) of ``cluster`` for processes under ``root``."""
+    path = root / "configs" / cluster / "cluster.json"
+    if not path.exists():
+        write_local_config(path.parent, cluster)
+    return path
+
+
 @dataclass
 class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
     port: int
+    config: Path | None = None
+
+    @property
+    def auth(self) -> Auth:
+        return Auth.load(self.config) if self.config is not None else Auth.none()
 
     @property
     def address(self) -> str:
@@ -85,17 +99,17 @@ class LocalCluster:
     procs: list[Proc] = field(default_factory=list)
     taken: set[int] = field(default_factory=set)
 
-    def _spawn(self, name: str, args: list[str], port: int) -> Proc:
+    def _spawn(self, name: str, args: list[str], port: int, config: Path) -> Proc:
         log = self.root / f"{name}.log"
         with log.open("ab") as f:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "pomona", "-v", *args],
+                [sys.executable, "-m", "pomona", "-v", *args, "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=f,
                 stderr=f,
                 start_new_session=True,
             )
-        proc = Proc(name, popen, log, port)
+        proc = Proc(name, popen, log, port, config)
         self.procs.append(proc)
         return proc
 
@@ -114,7 +128,8 @@ class LocalCluster:
             "--mdns-interface", LOOPBACK, "--state-dir", str(self.root / f"state-{name}"),
             "--model-dir", str(self.root), *extra,
         ]  # fmt: skip
-        return self._spawn(f"worker-{name}", args, port)
+        cluster = cluster or self.cluster
+        return self._spawn(f"worker-{name}", args, port, cluster_config(self.root, cluster))
 
     def coordinator(
         self,
@@ -134,7 +149,7 @@ class LocalCluster:
         ]  # fmt: skip
         if layers:
             args += ["--layers", layers]
-        return self._spawn("coordinator", args, port)
+        return self._spawn("coordinator", args, port, cluster_config(self.root, self.cluster))
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -157,11 +172,11 @@ def local_cluster(root: Path) -> Iterator[LocalCluster]:
 
 
 def coordinator_stub(proc: Proc) -> coordinator_pb2_grpc.CoordinatorStub:
-    return coordinator_pb2_grpc.CoordinatorStub(rpc.channel(proc.address))
+    return coordinator_pb2_grpc.CoordinatorStub(rpc.channel(proc.address, proc.auth))
 
 
 def worker_stub(proc: Proc) -> worker_pb2_grpc.WorkerStub:
-    return worker_pb2_grpc.WorkerStub(rpc.channel(proc.address))
+    return worker_pb2_grpc.WorkerStub(rpc.channel(proc.address, proc.auth))
 
 
 def list_nodes(coordinator: Proc) -> coordinator_pb2.ListNodesReply:

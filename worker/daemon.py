@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pomona import rpc
 from pomona.config import PROTOCOL_VERSION, WorkerConfig
 from pomona.coordinator.model_profile import ModelProfile
-from pomona.models import ModelNotFound, resolve_model
+from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import make_zeroconf, service_info
 from pomona.worker.hardware import HardwareInfo, read_hardware
@@ -117,13 +117,18 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     def _resolve(self, name: str) -> Path:
         return resolve_model(
-            name, self.config.model_dirs, demo_cache=self.config.state_dir / "models"
+            name,
+            self.config.model_dirs,
+            demo_cache=self.config.state_dir / "models",
+            allow_remote_code=self.config.allow_remote_code,
         )
 
     async def InspectModel(self, request, context):  # noqa: N802
         try:
             path = await asyncio.to_thread(self._resolve, request.model)
             profile = await asyncio.to_thread(ModelProfile.from_model_dir, path)
+        except ModelRefused as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except (OSError, ValueError) as e:
@@ -149,6 +154,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         try:
             path = await asyncio.to_thread(self._resolve, request.model)
             profile = await asyncio.to_thread(ModelProfile.from_model_dir, path)
+        except ModelRefused as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except (OSError, ValueError) as e:
@@ -177,6 +184,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 serve_host=self.config.host,
                 advertise_host=own,
                 max_context=request.max_context,
+                cluster_config=str(self.config.cluster_config or ""),
+                allow_remote_code=self.config.allow_remote_code,
                 max_batch=request.max_batch or RunnerSpec.max_batch,
                 max_queue=request.max_queue or RunnerSpec.max_queue,
                 prefill_step=request.prefill_step or RunnerSpec.prefill_step,
@@ -272,13 +281,13 @@ async def serve(
 ) -> None:
     """Run a worker until ``stop`` is set (or forever)."""
     daemon = WorkerDaemon(config)
-    server = rpc.aio_server()
+    server = rpc.aio_server(config.auth)
     worker_pb2_grpc.add_WorkerServicer_to_server(daemon, server)
     health_servicer = (
         health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = rpc.add_port(server, f"{config.host}:{config.port}", config.auth)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()

@@ -44,6 +44,10 @@ class RunnerSpec:
     prefill_step: int = 512
     max_queue: int = 64
     max_batch: int = 16
+    # The cluster configuration file (never the secret itself: the spec is
+    # on the command line), for the head's server and its calls to peers.
+    cluster_config: str = ""
+    allow_remote_code: bool = False
     # A rank stuck this long inside one step has lost a peer that froze (a
     # dead peer raises at once); the runner exits so the group is re-formed.
     step_timeout: float = 120.0
@@ -105,6 +109,7 @@ def _run(spec: RunnerSpec) -> int:
         Path(spec.model_path),
         stage,
         progress=lambda p: emit("state", state="loading", progress=round(p, 4)),
+        trust_remote_code=spec.allow_remote_code,
     )
     emit(
         "loaded",
@@ -208,11 +213,14 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
     model_context = int(config.get("max_position_embeddings") or 0) or (1 << 20)
     max_context = min(spec.max_context or model_context, model_context)
     vocab_size = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=rpc.OPTIONS)
+    from pomona.security import Auth
+
+    auth = Auth.load(Path(spec.cluster_config)) if spec.cluster_config else Auth.none()
+    server = rpc.server(futures.ThreadPoolExecutor(max_workers=256), auth)
     runner_pb2_grpc.add_RunnerServicer_to_server(
         RunnerService(scheduler, tokenizer, max_context, vocab_size), server
     )
-    port = server.add_insecure_port(f"{spec.serve_host}:0")
+    port = rpc.add_port(server, f"{spec.serve_host}:0", auth)
     server.start()
 
     stopping = threading.Event()
@@ -225,7 +233,7 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
         scheduler.wake()
 
     threading.Thread(target=watch_stdin, daemon=True, name="stdin").start()
-    peers = [worker_pb2_grpc.WorkerStub(rpc.channel(w)) for w in spec.workers[1:]]
+    peers = [worker_pb2_grpc.WorkerStub(rpc.channel(w, auth)) for w in spec.workers[1:]]
     emit("ready", address=f"{spec.advertise_host}:{port}")
     session = 0
     try:
