@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
+	bash .ci/netns-deps.sh
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -72,6 +72,7 @@ class Cluster:
         # re-forms, new requests wait for it instead of failing.
         self.failure = ""
         self.reforming = False
+        self.ever_served = False
         self._changed = asyncio.Event()
         self._last_change = time.monotonic()
         self._serving_changed = asyncio.Condition()
@@ -139,10 +140,13 @@ class Cluster:
                         m.state = "idle"
                 continue
             usable = self.usable()
-            if len(usable) < self.config.min_workers:
+            # min_workers holds back the first plan only: after a failure the
+            # model is placed on whatever remains, if it fits.
+            needed = 1 if self.ever_served else self.config.min_workers
+            if len(usable) < needed:
                 self.reforming = False
                 self.problem = (
-                    f"waiting for workers: {len(usable)} of {self.config.min_workers} available"
+                    f"waiting for workers: {len(usable)} of {needed} available"
                     + (f" ({self.failure})" if self.failure else "")
                 )
                 continue
@@ -322,6 +326,7 @@ class Cluster:
             self.serving = serving
             if serving is not None:
                 self.reforming = False
+                self.ever_served = True
             self._serving_changed.notify_all()
 
     async def wait_serving(self, not_load_id: str, timeout: float) -> Serving | None:
