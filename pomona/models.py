@@ -1,4 +1,4 @@
-"""Finding a model by name, and reading its shape without loading it.
+"""Finding a model by name, safely.
 
 A model is a local folder in mlx-lm / Hugging Face layout (config.json,
 safetensors with an index, tokenizer files), the name of such a folder inside
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pomona.config import DEFAULT_MODEL
@@ -236,61 +235,3 @@ def _json_or_empty(file: Path) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    model_type: str
-    num_layers: int
-    layer_bytes: tuple[int, ...]
-    other_bytes: int
-    max_context: int
-    vocab_size: int
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.layer_bytes) + self.other_bytes
-
-
-def inspect_model(path: Path) -> ModelShape:
-    """Layer sizes from the safetensors headers; no tensor is read."""
-    from pomona.worker.shard import layer_index
-
-    config = json.loads((path / "config.json").read_text())
-    text = config.get("text_config", {})
-    num_layers = int(config.get("num_hidden_layers") or text.get("num_hidden_layers") or 0)
-    per_layer = [0] * num_layers
-    other = 0
-    for file in sorted(path.glob("*.safetensors")):
-        for name, nbytes in _tensor_sizes(file):
-            idx = layer_index(name)
-            if idx is not None and idx < num_layers:
-                per_layer[idx] += nbytes
-            else:
-                other += nbytes
-    max_context = int(
-        config.get("max_position_embeddings") or text.get("max_position_embeddings") or 0
-    )
-    return ModelShape(
-        model_type=str(config.get("model_type", "")),
-        num_layers=num_layers,
-        layer_bytes=tuple(per_layer),
-        other_bytes=other,
-        max_context=max_context,
-        vocab_size=int(config.get("vocab_size") or text.get("vocab_size") or 0),
-    )
-
-
-def _tensor_sizes(file: Path) -> list[tuple[str, int]]:
-    with file.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if size > 100 << 20:
-            raise ValueError(f"{file} has an implausible safetensors header")
-        header = json.loads(f.read(size))
-    out = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        out.append((name, int(end) - int(start)))
-    return out
