@@ -145,9 +145,8 @@ class Cluster:
             needed = 1 if self.ever_served else self.config.min_workers
             if len(usable) < needed:
                 self.reforming = False
-                self.problem = (
-                    f"waiting for workers: {len(usable)} of {needed} available"
-                    + (f" ({self.failure})" if self.failure else "")
+                self.problem = f"waiting for workers: {len(usable)} of {needed} available" + (
+                    f" ({self.failure})" if self.failure else ""
                 )
                 continue
             quiet = self.config.settle_seconds - (time.monotonic() - self._last_change)
@@ -159,6 +158,8 @@ class Cluster:
 
     async def plan_and_load(self) -> None:
         members = self.usable()
+        if await self._adopt(members):
+            return
         self.loading = True
         try:
             info = await self._inspect(members[0])
@@ -180,6 +181,54 @@ class Cluster:
             log.error("cannot place %s: %s", self.config.model, e)
         finally:
             self.loading = False
+
+    async def _adopt(self, members: list[Member]) -> bool:
+        """Serve a pipeline that is already loaded (a restarted coordinator).
+
+        Adopts it when the workers' shards are all ready, of one load of this
+        model, and cover every layer in rank order from a head that answers.
+        """
+        shards = [(m, m.describe.shard) for m in members]
+        ready = [
+            (m, s)
+            for m, s in shards
+            if s.state == worker_pb2.SHARD_STATE_READY and s.model == self.config.model
+        ]
+        if not ready or len({s.load_id for _, s in ready}) != 1:
+            return False
+        ready.sort(key=lambda ms: ms[1].rank)
+        ends = [0] + [s.end_layer for _, s in ready]
+        if [s.rank for _, s in ready] != list(range(len(ready))) or any(
+            s.start_layer != ends[i] for i, (_, s) in enumerate(ready)
+        ):
+            return False
+        head = ready[0][1]
+        if not head.runner_address:
+            return False
+        assignments = tuple(
+            Assignment(m.node_id, m.name, s.start_layer, s.end_layer, s.weights_bytes)
+            for m, s in ready
+        )
+        shards_by_node = {m.node_id: s for m, s in ready}
+        for m in self.members.values():
+            if m.state != "lost":
+                m.state = "serving" if m.node_id in shards_by_node else "idle"
+        self.problem = ""
+        await self._set_serving(
+            Serving(
+                head.load_id, head.runner_address, assignments, self.config.context, shards_by_node
+            )
+        )
+        self.monitor.events.record(
+            ev.PLAN_CHANGED,
+            message=f"adopted the running load {head.load_id} of {self.config.model}",
+        )
+        log.info(
+            "adopted the running pipeline %s; requests enter at %s",
+            head.load_id,
+            head.runner_address,
+        )
+        return True
 
     async def _inspect(self, member: Member) -> worker_pb2.ModelInfo | None:
         try:

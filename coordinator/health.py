@@ -26,6 +26,11 @@ from pomona.v1 import worker_pb2
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 1.0
+# A runner that failed because a peer vanished is a symptom: the cause (a
+# runner killed, a node lost) is usually reported within a second. Wait this
+# long for it before blaming the runner that saw the peer go.
+SYMPTOM_GRACE_S = 2.0
+PEER_LOST = "connection to a peer was lost"
 PROBE_TIMEOUT_S = 2.0
 RECONNECT_S = 1.0
 
@@ -87,6 +92,10 @@ class HealthWatcher:
             and shard.state in (worker_pb2.SHARD_STATE_FAILED, worker_pb2.SHARD_STATE_STOPPED)
         ):
             why = shard.error or "it stopped"
+            if PEER_LOST in why:
+                await asyncio.sleep(SYMPTOM_GRACE_S)
+                if self.cluster.serving is not serving:
+                    return  # the cause was found meanwhile
             await self.cluster.lose(member, f"runner failed: {why}", node_lost=False)
 
     async def _check(self, probe_rtt: bool) -> None:

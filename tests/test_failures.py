@@ -63,7 +63,9 @@ class Cluster:
         return list(stub.Events(coordinator_pb2.EventsRequest(after=after), timeout=10))
 
     def serving_hosts(self) -> list[int]:
-        """Bed host indices of the plan's stages, head first."""
+        """Bed host indices of the plan's stages, head first, once it serves."""
+        assert self.coord is not None
+        wait_serving(self.coord, timeout=RECOVERY_TIMEOUT)
         plan = self.status().plan
         by_name = {f"w{i}": i for i in self.workers}
         return [by_name[s.name] for s in plan]
@@ -288,6 +290,36 @@ def test_link_throttled(cluster: Cluster, bed: TestBed) -> None:
         )
     finally:
         bed.unthrottle(victim)
+
+
+def test_restarted_coordinator_rediscovers_the_running_cluster(
+    cluster: Cluster, bed: TestBed
+) -> None:
+    assert cluster.coord is not None
+    cluster.serving_hosts()
+    before = cluster.status()
+    bed.kill(cluster.coord, signal.SIGKILL)
+    killed = time.monotonic()
+    cluster.coord = bed.start_coordinator(
+        3,
+        cluster.model,
+        cluster.name,
+        min_workers=1,
+        extra=(
+            "--objective", "throughput", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT),
+            "--http-port", "0", "--state-dir", str(cluster.root / "coordinator"),
+        ),
+    )  # fmt: skip
+    reply = wait_serving(cluster.coord, timeout=RECOVERY_TIMEOUT)
+    # It found the workers over mDNS and adopted their loaded pipeline.
+    assert cluster.status().load_id == before.load_id
+    assert len(reply.nodes) == 3
+    assert generate_tokens(cluster.coord, PROMPT, 8)[0] == reference_tokens(
+        cluster.model, PROMPT, 8
+    )
+    FIGURES.append({"fault": "coordinator killed and restarted", "detect_s": "-",
+                    "serve_again_s": round(time.monotonic() - killed, 1), "errors": 0,
+                    "retried": 0, "silent": 0})  # fmt: skip
 
 
 def test_figures_table(cluster: Cluster) -> None:

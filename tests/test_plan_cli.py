@@ -168,11 +168,11 @@ def test_a_bad_nodes_file_is_one_clear_line(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--coordinator", "10.0.0.1:7700"], "--coordinator is not supported yet"),
+        (["--coordinator", "127.0.0.1:1"], "cannot reach 127.0.0.1:1"),
         ([], "pass --nodes FILE"),
     ],
 )
-def test_nodes_must_come_from_a_file_for_now(
+def test_nodes_come_from_a_file_or_a_reachable_coordinator(
     llama_70b: Path, args: list[str], message: str
 ) -> None:
     result = run(str(llama_70b), *args)
