@@ -29,9 +29,10 @@ SEED_RETRY_SECONDS = 5.0
 
 async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    thresholds = Thresholds(
-        late_after_s=config.heartbeat_timeout / 2, lost_after_s=config.heartbeat_timeout
-    )
+    # A sample is due every second: late (degraded) after 2.5 s, lost at the
+    # heartbeat timeout.
+    late = min(max(2.5, config.heartbeat_timeout / 2), 0.9 * config.heartbeat_timeout)
+    thresholds = Thresholds(late_after_s=late, lost_after_s=config.heartbeat_timeout)
     monitor = Monitor(EventLog(config.state_dir / "events.jsonl"), thresholds)
     cluster = Cluster(config, monitor)
     router = Router(cluster)
