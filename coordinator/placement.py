@@ -43,6 +43,7 @@ def node_spec(
         gpu_memory_limit_bytes=hw.gpu_memory_limit_bytes or None,
         memory_in_use_bytes=in_use,
         gpu_cores=hw.gpu_cores or None,
+        bandwidth_gbs=hw.measured_bandwidth_gbs if hw.HasField("measured_bandwidth_gbs") else None,
         rdma=hw.rdma,
         address=address,
     )

@@ -17,13 +17,15 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
+from pomona.chips import lookup_chip
 from pomona.config import PROTOCOL_VERSION, WorkerConfig
 from pomona.coordinator.model_profile import ModelProfile
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import make_zeroconf, service_info
+from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
-from pomona.worker.identity import load_node_id
+from pomona.worker.identity import load_node_id, machine_fingerprint
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
 from pomona.worker.sampler import Sampler
@@ -52,7 +54,9 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
     )
 
 
-def hardware_to_proto(hw: HardwareInfo, cap: int = 0) -> worker_pb2.Hardware:
+def hardware_to_proto(
+    hw: HardwareInfo, cap: int = 0, bandwidth_gbs: float | None = None
+) -> worker_pb2.Hardware:
     limit = hw.gpu_memory_limit_bytes or hw.total_memory_bytes
     if cap:
         limit = min(limit, cap)
@@ -67,6 +71,7 @@ def hardware_to_proto(hw: HardwareInfo, cap: int = 0) -> worker_pb2.Hardware:
         available_memory_bytes=psutil.virtual_memory().available,
         gpu_memory_limit_bytes=limit,
         rdma=hw.rdma_enabled,
+        measured_bandwidth_gbs=bandwidth_gbs,
     )
 
 
@@ -88,6 +93,16 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self.runner: RunnerProcess | None = None
         self._lock = asyncio.Lock()
         self.addresses = list(config.addresses) or local_addresses()
+        # Measured (once per machine, in the background) only where Apple's
+        # table does not know the chip.
+        self.bandwidth_gbs: float | None = None
+
+    async def measure_bandwidth(self) -> None:
+        if lookup_chip(self.hardware.chip or "") is not None:
+            return
+        self.bandwidth_gbs = await asyncio.to_thread(
+            cached_bandwidth_gbs, self.config.state_dir, machine_fingerprint()
+        )
 
     # -- Worker service -------------------------------------------------------
 
@@ -98,7 +113,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             name=self.config.name,
             cluster=self.config.cluster,
             protocol_version=PROTOCOL_VERSION,
-            hardware=hardware_to_proto(hw, self.config.max_memory_bytes),
+            hardware=hardware_to_proto(hw, self.config.max_memory_bytes, self.bandwidth_gbs),
             mlx_version=hw.mlx_version or "",
             backends=list(hw.distributed_backends),
             interfaces=[
@@ -292,6 +307,7 @@ async def serve(
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     await _set_serving(health_servicer)
+    measuring = asyncio.create_task(daemon.measure_bandwidth())
     info = service_info(
         config.name,
         daemon.addresses,
@@ -323,6 +339,7 @@ async def serve(
         with contextlib.suppress(Exception):
             await zc.async_unregister_service(info)
         await zc.async_close()
+        measuring.cancel()
         await daemon.shutdown()
         await server.stop(grace=1.0)
 

@@ -46,7 +46,7 @@ class NetworkInterface(_message.Message):
     def __init__(self, name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., is_up: _Optional[bool] = ..., speed_mbps: _Optional[int] = ...) -> None: ...
 
 class Hardware(_message.Message):
-    __slots__ = ("hostname", "os", "chip", "machine_model", "cpu_cores", "gpu_cores", "total_memory_bytes", "available_memory_bytes", "gpu_memory_limit_bytes", "rdma")
+    __slots__ = ("hostname", "os", "chip", "machine_model", "cpu_cores", "gpu_cores", "total_memory_bytes", "available_memory_bytes", "gpu_memory_limit_bytes", "rdma", "measured_bandwidth_gbs")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class Hardware(_message.Message):
     AVAILABLE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RDMA_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_BANDWIDTH_GBS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     os: str
     chip: str
@@ -67,7 +68,8 @@ class Hardware(_message.Message):
     available_memory_bytes: int
     gpu_memory_limit_bytes: int
     rdma: bool
-    def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., chip: _Optional[str] = ..., machine_model: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., gpu_memory_limit_bytes: _Optional[int] = ..., rdma: _Optional[bool] = ...) -> None: ...
+    measured_bandwidth_gbs: float
+    def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., chip: _Optional[str] = ..., machine_model: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., gpu_memory_limit_bytes: _Optional[int] = ..., rdma: _Optional[bool] = ..., measured_bandwidth_gbs: _Optional[float] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
     __slots__ = ("node_id", "name", "cluster", "protocol_version", "hardware", "mlx_version", "backends", "interfaces", "ring_port", "shard")
