@@ -20,6 +20,14 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+)
 
 from pomona import rpc
 from pomona.credentials import local_config_path
@@ -28,6 +36,8 @@ from pomona.security import Auth, write_local_config
 from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
+# Problems the cluster does not get over by waiting.
+FATAL = ("unknown model", "loading failed", "cannot", "the checkpoint")
 
 
 def _port_free(port: int) -> bool:
@@ -143,29 +153,48 @@ class LocalCluster:
                 return f"{name} exited with code {proc.returncode}: " + " | ".join(tail)
         return ""
 
-    def wait_ready(self, timeout: float) -> coordinator_pb2.ListNodesReply:
+    def wait_ready(self, timeout: float) -> coordinator_pb2.StatusReply:
+        """Wait for the cluster to serve, with a progress bar per worker."""
+        assert self.config is not None
         address = f"{LOOPBACK}:{self.port}"
         stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address, Auth.load(self.config)))
         deadline = time.monotonic() + timeout
-        with self.console.status("starting workers and coordinator") as status:
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            console=self.console,
+            transient=True,
+        )
+        bars: dict[str, TaskID] = {}
+        overall = progress.add_task("starting workers and coordinator", total=None)
+        with progress:
             while time.monotonic() < deadline and not self._stop:
                 if dead := self._dead_child():
                     raise RuntimeError(dead)
                 try:
-                    reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=2.0)
+                    reply = stub.Status(coordinator_pb2.StatusRequest(), timeout=2.0)
                 except grpc.RpcError:
                     time.sleep(0.2)
                     continue
                 if reply.serving:
                     return reply
-                loading = [
-                    f"{n.name} {shard_state(n.shard.state)} {n.shard.progress:.0%}"
-                    for n in reply.nodes
-                    if n.shard.load_id
-                ]
-                status.update(f"{reply.problem} " + " · ".join(loading))
-                if reply.problem.startswith(("unknown model", "loading failed", "cannot")):
+                if reply.problem.startswith(FATAL) or "does not fit" in reply.problem:
                     raise RuntimeError(reply.problem)
+                progress.update(overall, description=reply.problem or "planning")
+                for n in reply.nodes:
+                    shard = n.sample.shard
+                    if not shard.load_id:
+                        continue
+                    if n.node.name not in bars:
+                        bars[n.node.name] = progress.add_task("", total=1.0)
+                    progress.update(
+                        bars[n.node.name],
+                        completed=shard.progress,
+                        description=f"{n.node.name} layers {shard.start_layer}-"
+                        f"{shard.end_layer - 1} {shard_state(shard.state)}",
+                    )
                 time.sleep(0.2)
         raise RuntimeError(f"the cluster was not ready within {timeout:.0f} s")
 

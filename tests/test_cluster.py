@@ -35,6 +35,9 @@ PROMPT = "The lab has four machines and"
         ("gemma3", 8, 2, "5,3"),
         ("qwen3_moe", 4, 2, "1,3"),
         ("phi3", 4, 3, "2,1,1"),
+        ("mistral", 4, 2, "1,3"),
+        ("qwen2", 4, 2, ""),
+        ("gemma2", 6, 2, "4,2"),
     ],
 )
 def test_greedy_tokens_match_single_process(
