@@ -61,6 +61,14 @@ def _run_until_signal(make: object) -> None:
         raise click.ClickException(str(e)) from e
 
 
+HTTP_PORT_OPTION = click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_HTTP_PORT,
+    show_default=True,
+    help="Port of the OpenAI-compatible HTTP API and /metrics (0: off).",
+)
+
 INSECURE_OPTION = click.option(
     "--insecure",
     is_flag=True,
@@ -203,13 +211,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
     show_default=True,
     help="Sequences of --context tokens the plan reserves KV cache for.",
 )
-@click.option(
-    "--http-port",
-    type=click.IntRange(0, 65535),
-    default=DEFAULT_HTTP_PORT,
-    show_default=True,
-    help="Port of the OpenAI-compatible HTTP API (0: off).",
-)
+@HTTP_PORT_OPTION
 @click.option(
     "--api-key-file",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -367,13 +369,7 @@ def generate(
 @click.option(
     "--port", default=DEFAULT_COORDINATOR_PORT, show_default=True, help="Coordinator gRPC port."
 )
-@click.option(
-    "--http-port",
-    type=click.IntRange(0, 65535),
-    default=DEFAULT_HTTP_PORT,
-    show_default=True,
-    help="Port of the OpenAI-compatible HTTP API (0: off).",
-)
+@HTTP_PORT_OPTION
 @click.option("--layers", default=None, help="Layers per worker, e.g. 3,5.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
 def up(

@@ -138,18 +138,25 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             allow_remote_code=self.config.allow_remote_code,
         )
 
-    async def InspectModel(self, request, context):  # noqa: N802
+    async def _model(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> tuple[Path, ModelProfile]:
+        """The model's folder and profile, or the call aborted with why not."""
         try:
-            path = await asyncio.to_thread(self._resolve, request.model)
-            profile = await asyncio.to_thread(ModelProfile.from_model_dir, path)
+            path = await asyncio.to_thread(self._resolve, name)
+            return path, await asyncio.to_thread(ModelProfile.from_model_dir, path)
         except ModelRefused as e:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except (OSError, ValueError) as e:
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {request.model!r}: {e}"
+                grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {name!r}: {e}"
             )
+        raise AssertionError("abort raises")
+
+    async def InspectModel(self, request, context):  # noqa: N802
+        path, profile = await self._model(request.model, context)
         return worker_pb2.ModelInfo(
             model=request.model,
             path=str(path),
@@ -166,17 +173,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         problem = self._check_load(request)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        try:
-            path = await asyncio.to_thread(self._resolve, request.model)
-            profile = await asyncio.to_thread(ModelProfile.from_model_dir, path)
-        except ModelRefused as e:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
-        except ModelNotFound as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except (OSError, ValueError) as e:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {request.model!r}: {e}"
-            )
+        path, profile = await self._model(request.model, context)
         if request.end_layer > profile.num_layers:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
