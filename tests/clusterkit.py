@@ -120,6 +120,7 @@ class LocalCluster:
         cluster: str | None = None,
         port: int = 0,
         extra: tuple[str, ...] = (),
+        config: Path | None = None,
     ) -> Proc:
         port = port or free_port_pair(self.taken)
         args = [
@@ -128,8 +129,8 @@ class LocalCluster:
             "--mdns-interface", LOOPBACK, "--state-dir", str(self.root / f"state-{name}"),
             "--model-dir", str(self.root), *extra,
         ]  # fmt: skip
-        cluster = cluster or self.cluster
-        return self._spawn(f"worker-{name}", args, port, cluster_config(self.root, cluster))
+        config = config or cluster_config(self.root, cluster or self.cluster)
+        return self._spawn(f"worker-{name}", args, port, config)
 
     def coordinator(
         self,
@@ -139,6 +140,7 @@ class LocalCluster:
         layers: str = "",
         extra: tuple[str, ...] = (),
         http_port: int = 0,
+        config: Path | None = None,
     ) -> Proc:
         port = free_port_pair(self.taken)
         args = [
@@ -149,7 +151,8 @@ class LocalCluster:
         ]  # fmt: skip
         if layers:
             args += ["--layers", layers]
-        return self._spawn("coordinator", args, port, cluster_config(self.root, self.cluster))
+        config = config or cluster_config(self.root, self.cluster)
+        return self._spawn("coordinator", args, port, config)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -160,8 +163,8 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(root: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(root)
+def local_cluster(root: Path, name: str = "") -> Iterator[LocalCluster]:
+    cluster = LocalCluster(root, name) if name else LocalCluster(root)
     try:
         yield cluster
     except BaseException:
