@@ -1,0 +1,50 @@
+"""`pomona up --local 2` then `pomona generate`, as the README has a new user do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pomona.local import free_port_pair
+
+pytestmark = pytest.mark.cluster
+
+
+def test_up_then_generate_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+    port, http = free_port_pair(set()), free_port_pair(set())
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), HOME=str(tmp_path))
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pomona", "up", "--local", "2", "--port", str(port),
+         "--http-port", str(http)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        line = up.stdout.readline()
+        assert line.startswith(f"Pomona is up: coordinator 127.0.0.1:{port}"), line + (
+            up.stderr.read() if up.poll() is not None and up.stderr else ""
+        )
+        assert "2 workers" in line and "pomona-demo" in line
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 5  # 2 workers, 2 runners, the coordinator
+        result = subprocess.run(
+            [sys.executable, "-m", "pomona", "generate", "The lab has", "--max-tokens", "24"],
+            capture_output=True, text=True, timeout=120,
+            env=dict(env, POMONA_COORDINATOR=f"127.0.0.1:{port}"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        words = result.stdout.split()
+        assert len(words) >= 5 and all(w.isprintable() for w in words)
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(60)
+    assert up.returncode == 0
+    psutil.wait_procs(children, timeout=30)
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
