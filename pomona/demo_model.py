@@ -75,6 +75,14 @@ def plan_shards(names: Iterable[str], num_layers: int, num_shards: int) -> dict[
     return dict(sorted(plan.items()))
 
 
+def load_safetensors(path: Path) -> dict[str, mx.array]:
+    """The tensors of one ``.safetensors`` file, by name."""
+    tensors = mx.load(str(path))
+    if not isinstance(tensors, dict):
+        raise DemoModelError(f"{path} is not a safetensors file of named tensors")
+    return tensors
+
+
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     """Return a folder holding the demo model in mlx-lm layout, writing it if needed.
 
@@ -90,13 +98,14 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _write_model(staging)
+        if _is_complete(target):  # another process finished first; its copy is as good
+            return target
         if target.exists():
             logger.warning("replacing incomplete demo model at %s", target)
             shutil.rmtree(target)
         try:
             os.rename(staging, target)
         except OSError:
-            # Another process finished first; its copy is as good as ours.
             if not _is_complete(target):
                 raise
     finally:
@@ -114,7 +123,7 @@ def _write_model(out: Path) -> None:
             raise DemoModelError(f"{source} is missing: reinstall pomona")
         shutil.copyfile(source, out / name)
     num_layers = json.loads((SHIPPED_DIR / "config.json").read_text())["num_hidden_layers"]
-    weights = mx.load(str(weights_path))
+    weights = load_safetensors(weights_path)
     weight_map = plan_shards(weights, num_layers, NUM_SHARDS)
     for shard in sorted(set(weight_map.values())):
         tensors = {k: weights[k] for k, v in weight_map.items() if v == shard}

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -351,16 +352,23 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(docs, trainer)
-    bos_id = tokenizer.token_to_id(BOS)
+    bos_id = token_id(tokenizer, BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
     return tokenizer
 
 
+def token_id(tokenizer: Tokenizer, token: str) -> int:
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise ValueError(f"the tokenizer has no {token!r} token")
+    return found
+
+
 def encode_corpus(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
     """One stream of ``<s> doc </s>`` documents, as int32 token ids."""
-    eos_id = tokenizer.token_to_id(EOS)
+    eos_id = token_id(tokenizer, EOS)
     ids: list[int] = []
     for encoding in tokenizer.encode_batch(docs):
         ids.extend(encoding.ids)
@@ -404,8 +412,8 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> dict[str, object]:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": True,
-        "bos_token_id": tokenizer.token_to_id(BOS),
-        "eos_token_id": tokenizer.token_to_id(EOS),
+        "bos_token_id": token_id(tokenizer, BOS),
+        "eos_token_id": token_id(tokenizer, EOS),
         "torch_dtype": "float16",
     }
 
@@ -433,6 +441,10 @@ def batches(
 
 def loss_fn(model: Model, inputs: mx.array, targets: mx.array) -> mx.array:
     return nn.losses.cross_entropy(model(inputs), targets, reduction="mean")
+
+
+def parameters(model: Model) -> dict[str, mx.array]:
+    return dict(cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())))
 
 
 def train(model: Model, tokens: np.ndarray, bos_id: int, cfg: TrainConfig) -> float:
@@ -464,7 +476,7 @@ def train(model: Model, tokens: np.ndarray, bos_id: int, cfg: TrainConfig) -> fl
     ):
         loss = step(inputs, targets)
         mx.eval(state, loss)
-        recent = (recent + [loss.item()])[-20:]
+        recent = (recent + [cast(float, loss.item())])[-20:]
         if i % 100 == 0 or i == cfg.steps - 1:
             elapsed = time.perf_counter() - start
             logger.info(
@@ -478,7 +490,7 @@ def train(model: Model, tokens: np.ndarray, bos_id: int, cfg: TrainConfig) -> fl
 def evaluate(model: Model, tokens: np.ndarray, bos_id: int, cfg: TrainConfig) -> float:
     """Mean loss on 8 batches of held-out documents."""
     losses = [
-        loss_fn(model, x, y).item()
+        cast(float, loss_fn(model, x, y).item())
         for _, (x, y) in zip(range(8), batches(tokens, bos_id, cfg, 0), strict=False)
     ]
     return sum(losses) / len(losses)
@@ -490,7 +502,7 @@ def evaluate(model: Model, tokens: np.ndarray, bos_id: int, cfg: TrainConfig) ->
 def save(model: Model, tokenizer: Tokenizer, cfg: TrainConfig, out_dir: Path) -> str:
     """Write the mlx-lm layout into ``out_dir``; return the weights' SHA-256."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+    weights = {k: v.astype(mx.float16) for k, v in parameters(model).items()}
     weights_path = out_dir / "model.safetensors"
     mx.save_safetensors(str(weights_path), weights, metadata={"format": "mlx"})
     (out_dir / "config.json").write_text(json.dumps(model_config(cfg, tokenizer), indent=2) + "\n")
@@ -504,7 +516,7 @@ def save(model: Model, tokenizer: Tokenizer, cfg: TrainConfig, out_dir: Path) ->
 def print_samples(out_dir: Path) -> None:
     from mlx_lm import generate, load
 
-    model, tokenizer = load(str(out_dir))
+    model, tokenizer = load(str(out_dir))[:2]
     prompts = ["The lab has", "One morning, Mia", "A banana is", "When it is rainy,"]
     for prompt in prompts:
         print(f"--- {prompt!r}\n{generate(model, tokenizer, prompt, max_tokens=60)}")
@@ -519,7 +531,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = TrainConfig(steps=args.steps)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2")
+    # Short trial runs warm up for a tenth of their steps; the default run for 100.
+    warmup = min(TrainConfig.warmup_steps, max(1, args.steps // 10))
+    cfg = TrainConfig(steps=args.steps, warmup_steps=warmup)
 
     mx.random.seed(SEED)  # the initial weights; the corpus and batches have their own RNGs
     docs = build_corpus(SEED, cfg.corpus_bytes)
@@ -527,14 +543,14 @@ def main() -> None:
     logger.info("corpus: %d documents, %d bytes, %d words", len(docs),
                 sum(map(len, docs)), len(corpus_words(docs)))  # fmt: skip
     tokenizer = train_tokenizer(docs, cfg.vocab_size)
-    bos_id = tokenizer.token_to_id(BOS)
+    bos_id = token_id(tokenizer, BOS)
     tokens = encode_corpus(tokenizer, docs)
     logger.info("tokenizer: %d tokens in the vocabulary, %d in the corpus",
                 tokenizer.get_vocab_size(), len(tokens))  # fmt: skip
 
     model = Model(ModelArgs.from_dict(model_config(cfg, tokenizer)))
     mx.eval(model.parameters())
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_params = sum(v.size for v in parameters(model).values())
     logger.info("model: %.2fM parameters", n_params / 1e6)
     start = time.perf_counter()
     train_loss = train(model, tokens, bos_id, cfg)
