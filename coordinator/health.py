@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -102,7 +104,7 @@ class HealthWatcher:
         """Derive states; a member silent for the heartbeat timeout is probed, then lost."""
         cluster = self.cluster
         healths = cluster.monitor.refresh({m.node_id: m.state for m in cluster.members.values()})
-        probes = []
+        probes: list[Coroutine[Any, Any, object]] = []
         for node_id, health in healths.items():
             member = cluster.members[node_id]
             silent = cluster.monitor.seen_ago(node_id) >= self.heartbeat_timeout

@@ -36,8 +36,11 @@ def main() -> int:
             return 1
         print(line.rstrip(), flush=True)
         env = dict(os.environ, POMONA_COORDINATOR=f"127.0.0.1:{PORT}")
-        for cmd in ([pomona, "nodes"], *([pomona, "generate", p, "--max-tokens", "48"] for p in PROMPTS)):
-            print("\n$ " + " ".join(c if " " not in c else repr(c) for c in ["pomona", *cmd[1:]]), flush=True)
+        commands = [[pomona, "nodes"]]
+        commands += [[pomona, "generate", p, "--max-tokens", "48"] for p in PROMPTS]
+        for cmd in commands:
+            shown = " ".join(c if " " not in c else repr(c) for c in ["pomona", *cmd[1:]])
+            print("\n$ " + shown, flush=True)
             start = time.monotonic()
             if subprocess.run(cmd, env=env).returncode != 0:
                 return 1

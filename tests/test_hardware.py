@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+
 from pomona.worker import hardware
 from pomona.worker.hardware import (
     SOURCE_CPU_BACKEND,

@@ -41,7 +41,8 @@ def test_status_events_and_metrics_of_a_live_cluster(tmp_path: Path) -> None:
     model = make_model(tmp_path / "llama", "llama", num_layers=4)
     http = free_port_pair(set())
     with local_cluster(tmp_path) as c:
-        w0, w1 = c.worker("w0"), c.worker("w1")
+        c.worker("w0")
+        w1 = c.worker("w1")
         coord = c.coordinator(
             str(model), min_workers=2, http_port=http,
             extra=("--heartbeat-timeout", str(HEARTBEAT)),

@@ -14,6 +14,7 @@ import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pomona.worker.power_sources import (
     MacmonSource,
     NvmlSource,

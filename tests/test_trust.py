@@ -217,8 +217,7 @@ def test_fuzzed_grpc_requests_get_an_answer_or_a_clear_refusal(cluster, request)
 _json = st.recursive(
     st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=50),
     lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.text(max_size=12), children, max_size=4)
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
     ),
     max_leaves=12,
 )

@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
@@ -213,7 +213,7 @@ class StageEngine:
             mx.eval(ctrl)
             if not self.spec.is_last:
                 mx.async_eval(mx.distributed.send(ctrl, rank + 1))
-            step = decode_ctrl(ctrl.tolist())
+            step = decode_ctrl(cast(list[int], ctrl.tolist()))
             if step is None:
                 mx.synchronize()
                 self.reset()
@@ -269,7 +269,7 @@ class StageEngine:
             if spec.world_size > 1:
                 tokens = mx.distributed.send(tokens, 0)
             mx.eval(tokens)
-            return tokens.tolist() if spec.is_first else None
+            return cast(list[int], tokens.tolist()) if spec.is_first else None
         sent = self.shard.sent
         mx.eval(sent[-1], [c.state for c in owned])
         sent.clear()
@@ -277,7 +277,7 @@ class StageEngine:
             template = mx.zeros((inputs.shape[0],), dtype=mx.int32)
             tokens = mx.distributed.recv_like(template, spec.world_size - 1)
             mx.eval(tokens)
-            return tokens.tolist()
+            return cast(list[int], tokens.tolist())
         return None
 
     def _join(self) -> None:
