@@ -30,6 +30,13 @@ OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# Servers must accept the clients' keepalive pings above (every 10 s, also
+# between calls), or they answer GOAWAY "too_many_pings" and drop the channel.
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    *OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
 
 # Deadlines, in seconds.
 DESCRIBE_TIMEOUT = 5.0
@@ -64,14 +71,14 @@ def channel(address: str, auth: Auth | None = None) -> grpc.Channel:
 def aio_server(auth: Auth | None = None) -> grpc.aio.Server:
     verifier = auth.verifier() if auth else None
     interceptors = [AioServerAuthInterceptor(verifier)] if verifier is not None else None
-    return grpc.aio.server(options=OPTIONS, interceptors=interceptors)
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
 
 
 def server(executor: futures.ThreadPoolExecutor, auth: Auth | None = None) -> grpc.Server:
     """A sync server (the head runner's), checking credentials when ``auth`` is given."""
     verifier = auth.verifier() if auth else None
     interceptors = [ServerAuthInterceptor(verifier)] if verifier is not None else None
-    return grpc.server(executor, options=OPTIONS, interceptors=interceptors)
+    return grpc.server(executor, options=SERVER_OPTIONS, interceptors=interceptors)
 
 
 def add_port(server: grpc.Server | grpc.aio.Server, address: str, auth: Auth | None = None) -> int:
