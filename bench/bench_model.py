@@ -1,0 +1,64 @@
+"""The benchmark's model: a ~101M-parameter qwen2 with random weights, cached.
+
+qwen2 because mlx-lm's own ``pipeline()`` supports it, so the same folder
+serves all three systems. Written by the tests' model factory (the same
+safetensors-per-layer-range layout and byte-level BPE tokenizer the tests use).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+ARCH = "qwen2"
+NUM_LAYERS = 8
+OVERRIDES: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096,
+}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pomona" / "bench"
+
+
+def model_folder(cache_dir: Path, dtype: str) -> Path:
+    shape = f"h{OVERRIDES['hidden_size']}-i{OVERRIDES['intermediate_size']}-l{NUM_LAYERS}"
+    return cache_dir / f"{ARCH}-{shape}-{dtype}"
+
+
+def ensure_model(cache_dir: Path, dtype: str) -> Path:
+    """The model folder, written on first use (a few seconds)."""
+    folder = model_folder(cache_dir, dtype)
+    if (folder / "tokenizer.json").exists():
+        return folder
+    sys.path.insert(0, str(REPO / "tests"))
+    from modelfactory import make_model
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    make_model(partial, ARCH, num_layers=NUM_LAYERS, shards=2, dtype=dtype, overrides=OVERRIDES)
+    partial.rename(folder)
+    return folder
+
+
+def parameter_count(folder: Path) -> int:
+    """Parameters in the folder's safetensors files, from their headers alone."""
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
