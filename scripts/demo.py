@@ -9,21 +9,37 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-PORT = os.environ.get("POMONA_DEMO_PORT", "50150")
+
+
+def free_port(preferred: int) -> str:
+    """``preferred`` when nothing listens there, else any free port."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return str(s.getsockname()[1])
+    raise SystemExit("no free port on loopback")
+
+
+PORT = os.environ.get("POMONA_DEMO_PORT") or free_port(50150)
+HTTP_PORT = free_port(8080)
 PROMPTS = ["The lab has four machines", "Once upon a time"]
 
 
 def main() -> int:
     pomona = shutil.which("pomona", path=str(BIN)) or "pomona"
-    print(f"$ pomona up --local 2 --port {PORT}", flush=True)
+    print(f"$ pomona up --local 2 --port {PORT} --http-port {HTTP_PORT}", flush=True)
     up = subprocess.Popen(
-        [pomona, "up", "--local", "2", "--port", PORT],
+        [pomona, "up", "--local", "2", "--port", PORT, "--http-port", HTTP_PORT],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
