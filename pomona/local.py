@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -50,15 +51,20 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Below the kernel's ephemeral range (32768+ on Linux, 49152+ on macOS), so
+# a port chosen now is not taken by some outgoing connection before the
+# worker's runner binds it seconds later.
+PORT_RANGE = (20000, 32000)
+
+
 def free_port_pair(taken: set[int]) -> int:
     """A port p with p and p + 1 free (gRPC and the MLX ring)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((LOOPBACK, 0))
-            port = s.getsockname()[1]
-        if port + 1 < 65536 and not {port, port + 1} & taken and _port_free(port + 1):
-            taken.update((port, port + 1))
-            return port
+    for _ in range(500):
+        port = random.randrange(*PORT_RANGE)
+        if {port, port + 1} & taken or not (_port_free(port) and _port_free(port + 1)):
+            continue
+        taken.update((port, port + 1))
+        return port
     raise RuntimeError("no free pair of ports on loopback")
 
 
