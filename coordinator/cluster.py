@@ -30,6 +30,8 @@ from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+RETRY_PLAN_S = 2.0
+
 
 @dataclass
 class Member:
@@ -233,9 +235,12 @@ class Cluster:
     async def _inspect(self, member: Member) -> worker_pb2.ModelInfo | None:
         try:
             return await member.stub.InspectModel(
-                worker_pb2.InspectModelRequest(model=self.config.model), timeout=rpc.CONTROL_TIMEOUT
+                worker_pb2.InspectModelRequest(model=self.config.model), timeout=rpc.INSPECT_TIMEOUT
             )
         except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                # A busy or restarting worker: try again shortly.
+                asyncio.get_running_loop().call_later(RETRY_PLAN_S, self.note_change)
             self.reforming = False
             self.problem = e.details() or str(e.code())
             self.monitor.events.record(ev.LOAD_FAILED, member.node_id, member.name, self.problem)

@@ -41,6 +41,8 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 # Deadlines, in seconds.
 DESCRIBE_TIMEOUT = 5.0
 CONTROL_TIMEOUT = 10.0
+# Reading a model's profile builds the model lazily: seconds on a busy machine.
+INSPECT_TIMEOUT = 60.0
 WAKE_TIMEOUT = 5.0
 # A generation stream may run long; tokens keep it alive.
 GENERATE_TIMEOUT = 3600.0
