@@ -11,6 +11,10 @@ two pipeline ranks, each rank pinned to its own core, in one run:
    through its OpenAI API, with mlx.launch stopped (SIGSTOP) while measured
    unless ``--launcher-running``: its I/O relay spins on a core otherwise.
 
+Both get the same BLAS: by default the system's OpenBLAS, one thread per rank,
+LD_PRELOADed (``--blas``): the Linux mlx[cpu] wheel bundles netlib's reference
+BLAS, on which a batch of N rows costs N times one row, for any server.
+
 The same asyncio + aiohttp client drives both: N clients send one greedy
 request each at once, every prompt different, each asking for ``--tokens``.
 For stream i: f_i = arrival of its first token, l_i = arrival of its last,
