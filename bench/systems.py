@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 
 LOOPBACK = "127.0.0.1"
+# The longest an mlx-lm process may take to answer one request (seconds).
+REQUEST_TIMEOUT = 900.0
 RANK_SCRIPT = Path(__file__).resolve().with_name("mlx_lm_rank.py")
 
 
@@ -107,7 +109,7 @@ class Processes:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(5)
-        # Pomona's runners live in process groups of their own.
+        # Pomona's runners and the mlx-lm processes lead sessions of their own.
         for pid in self.extra_pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
@@ -181,7 +183,7 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except (TimeoutError, BlockingIOError):
                 return
-            conn.settimeout(None)
+            conn.settimeout(REQUEST_TIMEOUT)  # a stuck rank fails the run, not hangs it
             stream = conn.makefile("rw")
             hello = json.loads(stream.readline())
             self.ranks.setdefault(hello["system"], {})[hello["rank"]] = (stream, hello)
