@@ -41,7 +41,6 @@ class Member:
     describe: worker_pb2.DescribeReply
     stub: worker_pb2_grpc.WorkerStub
     state: str = "discovered"  # discovered, loading, serving, idle, lost
-    last_seen: float = field(default_factory=time.monotonic)
 
     @property
     def host(self) -> str:
@@ -95,7 +94,7 @@ class Cluster:
             return None
         known = self.members.get(reply.node_id)
         if known is not None and known.address == address:
-            known.describe, known.last_seen = reply, time.monotonic()
+            known.describe = reply
             return known
         member = Member(reply.node_id, reply.name, address, reply, stub)
         if known is not None:

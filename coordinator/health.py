@@ -68,7 +68,6 @@ class HealthWatcher:
             try:
                 async for sample in call:
                     member = self.cluster.members[node_id]
-                    member.last_seen = time.monotonic()
                     monitor.observe_sample(node_id, sample)
                     self.cluster.returned(member)
                     await self._check_runner(member, sample)

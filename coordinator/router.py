@@ -45,7 +45,6 @@ class GenerateError(Exception):
 class Router:
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
-        self._channels: dict[str, grpc.aio.Channel] = {}
 
     def model_name(self) -> str:
         """The model being served, or "" when none is."""
@@ -58,10 +57,7 @@ class Router:
                 grpc.StatusCode.UNAVAILABLE,
                 f"the cluster is not serving {self.cluster.config.model}: {self.cluster.problem}",
             )
-        address = serving.head_address
-        if address not in self._channels:
-            self._channels[address] = rpc.aio_channel(address, self.cluster.config.auth)
-        return runner_pb2_grpc.RunnerStub(self._channels[address])
+        return runner_pb2_grpc.RunnerStub(self.cluster.channel(serving.head_address))
 
     async def generate(
         self, request: common_pb2.GenerateRequest
@@ -99,25 +95,23 @@ class Router:
                 error = e
             finally:
                 call.cancel()
-            why = await self._why_broken(load_id)
+            why = await self._why_broken(load_id) or error.details() or "the head runner failed"
             if sent:
-                self._record(
-                    ev.REQUEST_FAILED, request, f"after {sent} tokens: {why or error.details()}"
-                )
+                self._record(ev.REQUEST_FAILED, request, f"after {sent} tokens: {why}")
                 raise GenerateError(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the generation was cut off after {sent} tokens because the pipeline broke: "
-                    f"{why or error.details()}; send the request again",
+                    f"{why}; send the request again",
                 )
             left = deadline - time.monotonic()
             if left <= 0 or await self.cluster.wait_serving(load_id, left) is None:
-                self._record(ev.REQUEST_FAILED, request, f"not retried: {why or error.details()}")
+                self._record(ev.REQUEST_FAILED, request, f"not retried: {why}")
                 raise GenerateError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the pipeline broke ({why or error.details()}) and did not re-form within "
+                    f"the pipeline broke ({why}) and did not re-form within "
                     f"{config.retry_timeout:.0f} s: {self.cluster.problem}",
                 )
-            self._record(ev.REQUEST_RETRIED, request, why or error.details() or "")
+            self._record(ev.REQUEST_RETRIED, request, why)
 
     async def _why_broken(self, load_id: str) -> str:
         """What broke the pipeline of ``load_id``, once the coordinator knows."""
@@ -132,7 +126,3 @@ class Router:
 
     def _record(self, kind: str, request: common_pb2.GenerateRequest, message: str) -> None:
         self.cluster.monitor.events.record(kind, message=f"request {request.request_id}: {message}")
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()

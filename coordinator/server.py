@@ -78,7 +78,6 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
             await asyncio.gather(*tasks, return_exceptions=True)
         if http is not None:
             await http.cleanup()
-        await router.close()
         await cluster.shutdown()
         await server.stop(grace=1.0)
         monitor.events.close()

@@ -33,6 +33,7 @@ from rich.progress import (
 from pomona import rpc
 from pomona.credentials import local_config_path
 from pomona.display import shard_state
+from pomona.orphans import die_with_parent
 from pomona.security import Auth, write_local_config
 from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -68,13 +69,6 @@ def free_port_pair(taken: set[int]) -> int:
     raise RuntimeError("no free pair of ports on loopback")
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
-
-
 class LocalCluster:
     def __init__(
         self,
@@ -108,7 +102,7 @@ class LocalCluster:
             stdout=log,
             stderr=log,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         )
         log.close()
         self.children.append((name, proc, log_path))

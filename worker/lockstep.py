@@ -179,10 +179,6 @@ class StageEngine:
         self._kinds = [cache_kind(c) for c in self.prefill_caches]
         self._ctrl_template = mx.zeros((CTRL_LEN,), dtype=mx.int32)
 
-    @property
-    def batch_size(self) -> int:
-        return self._batch_rows
-
     # -- sessions -------------------------------------------------------------
 
     def head_session(

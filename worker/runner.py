@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pomona.orphans import die_with_parent
+
 log = logging.getLogger("pomona.worker.runner")
 
 
@@ -72,22 +74,13 @@ def emit(event: str, **fields: Any) -> None:
         sys.stdout.flush()
 
 
-def _die_with_parent() -> None:
-    """On Linux, have the kernel kill us if the daemon dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=os.environ.get("POMONA_LOG_LEVEL", "INFO"),
         format="%(asctime)s runner %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     spec = RunnerSpec.from_json(argv[1])
     try:
         return _run(spec)
