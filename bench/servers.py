@@ -7,7 +7,9 @@
   ring -n 2``. ``mlx.launch`` runs ``<--python> <args>`` in each rank, so
   ``--python`` names a two-line shell script that execs the venv's python
   under ``taskset -c $MLX_RANK``: the rank (its MLX threads and, on rank 0,
-  its HTTP threads) never leaves its core.
+  its HTTP threads) never leaves its core. The script runs ``mlx_lm`` through
+  ``in_own_session.py``, so each rank has a process session (on Linux, a
+  scheduler autogroup) of its own, as each Pomona runner has.
 
 Both answer ``url``; ``pause``/``resume`` keep an idle system off the cores
 while the other is measured.
@@ -117,7 +119,8 @@ class MlxLmServer:
         python = processes.log_dir / "python-pinned-to-rank"
         pin = pinned([0])  # ["taskset", "-c", "0"], or [] without taskset
         prefix = f'taskset -c "$((MLX_RANK % {os.cpu_count() or 1}))" ' if pin else ""
-        python.write_text(f'#!/bin/sh\nexec {prefix}{shlex.quote(sys.executable)} "$@"\n')
+        session = shlex.quote(str(Path(__file__).with_name("in_own_session.py")))
+        python.write_text(f'#!/bin/sh\nexec {prefix}{shlex.quote(sys.executable)} {session} "$@"\n')
         python.chmod(0o755)
         self.http_port = free_ports(1)
         launcher = Path(sys.executable).with_name("mlx.launch")

@@ -38,8 +38,16 @@ class CharDetokenizer:
 EOS = 0
 
 
-def make(prefill_step: int = 4, max_queue: int = 8) -> Scheduler:
-    return Scheduler(CharDetokenizer, [EOS], prefill_step=prefill_step, max_queue=max_queue)
+def make(
+    prefill_step: int = 4, max_queue: int = 8, lanes: int = 1, max_batch: int = 16
+) -> Scheduler:
+    return Scheduler(
+        CharDetokenizer,
+        [EOS],
+        prefill_step=prefill_step,
+        max_queue=max_queue,
+        lanes=lanes,
+    )
 
 
 def drain(req: GenRequest) -> list[Delta | Done]:
@@ -50,25 +58,31 @@ def drain(req: GenRequest) -> list[Delta | Done]:
 
 
 def run(s: Scheduler, replies: list[int]) -> list[Step]:
-    """Drive a single request, answering each sampling step with the next reply."""
+    """Drive a single request, answering each decode step with the next reply."""
     steps = []
     replies = list(replies)
     while (step := s.next_step()) is not None:
         steps.append(step)
-        if step.sample:
-            s.on_tokens([replies.pop(0)])
+        if not step.prefill:
+            s.on_tokens(step, [replies.pop(0)])
     return steps
 
 
-def test_prefill_is_chunked_and_the_last_prompt_token_is_fed_alone() -> None:
+def answer(s: Scheduler, step: Step, token: int = ord("x")) -> None:
+    if not step.prefill:
+        s.on_tokens(step, [token] * len(step.tokens))
+
+
+def test_prefill_is_chunked_and_the_last_prompt_token_is_fed_in_the_join_step() -> None:
     s = make(prefill_step=4)
     req = GenRequest("r", list(range(1, 11)), max_tokens=2)
     s.submit(req)
     steps = run(s, [ord("a"), ord("b")])
-    assert [list(st.tokens) for st in steps] == [[1, 2, 3, 4], [5, 6, 7, 8], [9], [10], [97]]
-    assert [st.prefill for st in steps] == [True, True, True, True, False]
-    assert [st.sample for st in steps] == [False, False, False, True, True]
-    assert [st.new_sequence for st in steps] == [True, False, False, False, False]
+    assert [st.chunk for st in steps[:3]] == [((1, 2, 3, 4),), ((5, 6, 7, 8),), ((9,),)]
+    assert [st.new_group for st in steps[:3]] == [True, False, False]
+    join, decode = steps[3:]
+    assert not join.prefill and join.tokens == (10,) and join.join == (Sampling(),)
+    assert not decode.prefill and decode.tokens == (ord("a"),) and decode.join == ()
     events = drain(req)
     assert events[-1] == Done(Finish.LENGTH, 10, 2)
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "ab"
@@ -102,47 +116,46 @@ def test_text_that_only_looks_like_a_stop_is_released() -> None:
     assert m.flush() == ""
 
 
-def test_cancelled_request_finishes_and_the_next_one_starts_fresh() -> None:
+def test_cancelled_request_finishes_and_leaves_its_lane_at_the_next_step() -> None:
     s = make()
     first = GenRequest("a", [1, 2], max_tokens=50)
-    second = GenRequest("b", [3], max_tokens=1)
     s.submit(first)
+    st = s.next_step()
+    assert st is not None and st.prefill and st.new_group
+    st = s.next_step()
+    assert st is not None and st.join and st.tokens == (2,)
+    answer(s, st)
+    second = GenRequest("b", [3], max_tokens=1)
     s.submit(second)
-    step = s.next_step()
-    assert step is not None and step.new_sequence
     first.cancel()
-    step = s.next_step()
-    assert step is not None and list(step.tokens) == [3] and step.new_sequence
-    s.on_tokens([ord("z")])
-    step = s.next_step()  # the finished row leaves; nothing else to do
-    assert step is None
+    st = s.next_step()  # a leaves; b (a one-token prompt) joins in the same step
+    assert st is not None and st.remove == (0,) and st.tokens == (3,) and len(st.join) == 1
+    answer(s, st, ord("z"))
+    assert s.next_step() is None  # b is done too: the session ends
     assert drain(first)[-1].reason is Finish.CANCELLED
     assert drain(second)[-1] == Done(Finish.LENGTH, 1, 1)
 
 
-def test_newcomers_join_the_batch_and_prefill_alternates_with_decode() -> None:
+def test_a_newcomer_prefills_between_decode_steps_of_its_lane() -> None:
     s = make(prefill_step=2)
     a = GenRequest("a", [1], max_tokens=3)
-    b = GenRequest("b", [1, 2, 3, 4, 5], max_tokens=2)
+    b = GenRequest("b", [1, 2, 3, 4, 5, 6], max_tokens=2)
     s.submit(a)
     st = s.next_step()
-    assert st is not None and st.prefill and st.sample
-    s.on_tokens([ord("a")])
+    assert st is not None and not st.prefill and st.join
+    answer(s, st)
     s.submit(b)
     kinds = []
-    for _ in range(6):
-        st = s.next_step()
-        if st is None:
-            break
-        kinds.append(("P" if st.prefill else "D") + str(len(st.tokens)) + "r" + str(len(st.remove)))
-        if st.sample:
-            s.on_tokens([ord("x")] * (1 if st.prefill else len(st.tokens)))
-    # b's prompt (5 tokens) is fed 2, 2, then 1 that samples, each chunk after a
-    # decode step of a; a finishes with its 3rd token and leaves at the next
-    # step; b joins when its first token is sampled and decodes on.
-    assert kinds == ["D1r0", "P2r0", "D1r0", "P2r1", "P1r0", "D1r0"]
+    while (st := s.next_step()) is not None and len(kinds) < 8:
+        size = len(st.chunk[0]) if st.prefill else len(st.tokens)
+        kinds.append(f"{'P' if st.prefill else 'D'}{size}j{len(st.join)}r{len(st.remove)}")
+        answer(s, st)
+    # b's prompt but its last token (5 tokens) is fed 2, 2, 1, each chunk after
+    # a decode step of a; a finishes with its 3rd token and leaves at the next
+    # step; b joins with its last prompt token and decodes on.
+    assert kinds == ["P2j0r0", "D1j0r0", "P2j0r0", "D1j0r0", "P1j0r1", "D1j1r0", "D1j0r0"]
     assert drain(a)[-1] == Done(Finish.LENGTH, 1, 3)
-    assert drain(b)[-1] == Done(Finish.LENGTH, 5, 2)
+    assert drain(b)[-1] == Done(Finish.LENGTH, 6, 2)
 
 
 def test_rows_that_finish_leave_by_index_before_the_next_step() -> None:
@@ -150,15 +163,46 @@ def test_rows_that_finish_leave_by_index_before_the_next_step() -> None:
     reqs = [GenRequest(str(i), [1], max_tokens=2 + i) for i in range(3)]
     for r in reqs:
         s.submit(r)
-    for _ in range(3):  # admit all three (one prefill step each, decodes between)
-        st = s.next_step()
-        assert st is not None
-        s.on_tokens([ord("x")] * (1 if st.prefill else len(st.tokens)))
+    st = s.next_step()  # all three join at once: one-token prompts need no prefill
+    assert st is not None and len(st.join) == 3
+    answer(s, st)
     st = s.next_step()
     while st is not None and not st.remove:
-        s.on_tokens([ord("y")] * len(st.tokens))
+        answer(s, st, ord("y"))
         st = s.next_step()
     assert st is not None and st.remove == (0,)
+
+
+def test_simultaneous_arrivals_are_prefilled_together_and_spread_over_the_lanes() -> None:
+    s = make(prefill_step=8, lanes=2)
+    reqs = [GenRequest(str(i), list(range(1, 4 + i % 3)), max_tokens=4) for i in range(8)]
+    for r in reqs:
+        s.submit(r)
+    first, second = s.next_step(), s.next_step()
+    assert first is not None and second is not None
+    assert (first.lane, second.lane) == (0, 1)
+    assert first.prefill and second.prefill
+    assert len(first.chunk) == len(second.chunk) == 4  # four each, one batched chunk
+    assert first.chunk[1] == (1, 2, 3)  # all but the last prompt token
+    join0, join1 = s.next_step(), s.next_step()
+    assert join0 is not None and join1 is not None
+    assert len(join0.join) == len(join1.join) == 4
+    assert join0.tokens == (3, 4, 5, 3)  # each request's last prompt token
+    # Both lanes have a step in flight: nothing more can start until one returns.
+    assert s.next_step() is None
+    answer(s, join0)
+    st = s.next_step()
+    assert st is not None and st.lane == 0 and st.tokens == (ord("x"),) * 4
+
+
+def test_a_long_prompt_is_admitted_alone_in_chunks() -> None:
+    s = make(prefill_step=4, lanes=1)
+    long = GenRequest("long", list(range(1, 12)), max_tokens=1)
+    short = GenRequest("short", [1, 2], max_tokens=1)
+    s.submit(long)
+    s.submit(short)
+    st = s.next_step()
+    assert st is not None and st.chunk == ((1, 2, 3, 4),)
 
 
 def test_full_queue_refuses_with_a_clear_message() -> None:
@@ -174,7 +218,7 @@ def test_failure_ends_running_and_waiting_requests_with_the_reason() -> None:
     a, b = GenRequest("a", [1, 2], 5), GenRequest("b", [1], 5)
     s.submit(a)
     s.submit(b)
-    s.next_step()
+    assert s.next_step() is not None
     s.fail_all("rank 1 was lost")
     assert drain(a)[-1] == Done(Finish.ERROR, 2, 0, "rank 1 was lost")
     assert drain(b)[-1] == Done(Finish.ERROR, 1, 0, "rank 1 was lost")
@@ -186,12 +230,17 @@ def test_failure_ends_running_and_waiting_requests_with_the_reason() -> None:
     [Sampling(), Sampling(0.7, 0.9, 40, 0.05, 2**61 + 12345), Sampling(temperature=1.5, seed=1)],
 )
 def test_control_vector_round_trips(sampling: Sampling) -> None:
-    step = Step([1, 2, 3], prefill=True, sample=True, new_sequence=True, sampling=sampling,
-                remove=(0, 5))  # fmt: skip
+    step = Step(1, prefill=False, tokens=(4, 5, 6), join=(sampling, Sampling()), remove=(0, 5))
     decoded = decode_ctrl(encode_ctrl(step))
-    assert decoded is not None and decoded.prefill and decoded.sample and decoded.new_sequence
+    assert decoded is not None and not decoded.prefill and decoded.lane == 1
     assert len(decoded.tokens) == 3 and decoded.remove == (0, 5)
-    assert decoded.sampling.seed == sampling.seed
-    assert decoded.sampling.top_k == sampling.top_k
-    assert decoded.sampling.temperature == pytest.approx(sampling.temperature)
+    got = decoded.join[0]
+    assert got.seed == sampling.seed and got.top_k == sampling.top_k
+    assert got.temperature == pytest.approx(sampling.temperature)
+    assert got.top_p == pytest.approx(sampling.top_p)
+    assert decoded.join[1] == Sampling()
+    prefill = Step(0, prefill=True, chunk=((1, 2, 3), (4,)), new_group=True)
+    back = decode_ctrl(encode_ctrl(prefill))
+    assert back is not None and back.prefill and back.new_group
+    assert [len(row) for row in back.chunk] == [3, 1]
     assert decode_ctrl(encode_ctrl(None)) is None

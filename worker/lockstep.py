@@ -6,13 +6,22 @@ previous rank and forwards it before computing, so the control message never
 waits on compute. The last rank samples and returns the tokens to the head,
 its neighbour on the ring. Only the head and the last rank ever see tokens.
 
-A step is either a prefill chunk of the one request being admitted (its own
-KV cache, batch of one) or a decode step of the running batch (one token per
-row, batched KV caches with left padding, as mlx-lm's batch generator keeps
-them). When a newcomer's prefill samples its first token it joins the batch
-on every rank at once; rows that finished leave it at the start of the next
-step. Every rank applies the same changes in the same order, so the rows of
-the caches on every rank always describe the same requests.
+The running requests are split into *lanes*, one per rank: independent
+batches, each with its own batched KV caches (left padding, as mlx-lm's batch
+generator keeps them). While the last rank works on lane A's step the head
+already runs lane B's, so with as many lanes as ranks every Mac is busy at once
+instead of in turn. The head launches a step and collects its tokens only
+after launching the next one: a receive is never outstanding while it computes
+(the ring backend's receive spins).
+
+A step belongs to one lane and is either a prefill chunk of the group of
+requests being admitted to it (batched, right padded like mlx-lm's prompt
+batches, in caches of their own), or a decode step of the lane's rows. The
+admitted group joins the lane at the start of a decode step, each joiner
+feeding its last prompt token in it, as mlx-lm does, so greedy output matches
+single-process mlx-lm token for token. Rows that finished leave at the start
+of their lane's next step. Every rank applies the same changes in the same
+order, so the cache rows on every rank always describe the same requests.
 
 Ranks enter a session only when there is work and leave it when the head says
 so: a rank waiting inside an MLX collective busy-spins, so idle ranks wait on
@@ -24,6 +33,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -41,9 +51,14 @@ from pomona.worker.shard import (
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 64
+MAX_ROWS = 64  # rows that can leave one lane in one step
+MAX_JOIN = 16  # requests admitted to a lane together
 _HEADER = 16
-CTRL_LEN = _HEADER + MAX_ROWS
+_REMOVE = _HEADER
+_LENGTHS = _REMOVE + MAX_ROWS
+_JOIN = _LENGTHS + MAX_JOIN
+_SAMPLING_INTS = 6
+CTRL_LEN = _JOIN + MAX_JOIN * _SAMPLING_INTS
 
 OP_LEAVE = 0
 OP_PREFILL = 1
@@ -61,20 +76,22 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Step:
-    """What every rank does in one step.
+    """What every rank does in one step of one lane.
 
-    ``prefill``: feed ``tokens`` of the request being admitted through its own
-    cache (``new_sequence`` starts it; ``sample`` asks for its first token, after
-    which it joins the batch). Otherwise a decode step: one token per row of
-    the batch. ``remove`` lists batch rows that leave before the step runs.
-    ``tokens`` are known to the head only; other ranks learn their count.
+    Prefill (``chunk``): the next tokens of each request of the lane's
+    admission group, one row each (``new_group`` starts the group's caches).
+    Decode (``tokens``): one token per row of the lane, followed by the last
+    prompt token of each request in ``join``, which joins the lane first.
+    ``remove`` lists lane rows that leave before the step runs. Tokens are
+    known to the head only; the other ranks learn their counts.
     """
 
-    tokens: Sequence[int]
+    lane: int
     prefill: bool
-    sample: bool = True
-    new_sequence: bool = False
-    sampling: Sampling = Sampling()
+    tokens: tuple[int, ...] = ()
+    chunk: tuple[tuple[int, ...], ...] = ()
+    new_group: bool = False
+    join: tuple[Sampling, ...] = ()
     remove: tuple[int, ...] = ()
 
 
@@ -86,30 +103,50 @@ def _i2f(x: int) -> float:
     return float(struct.unpack("<f", struct.pack("<i", x))[0])
 
 
-def encode_ctrl(step: Step | None) -> list[int]:
-    """The control vector for a step; None means leave the session."""
-    ctrl = [0] * CTRL_LEN
-    if step is None:
-        return ctrl
-    if len(step.remove) > MAX_ROWS:
-        raise ValueError(f"at most {MAX_ROWS} rows can leave in one step")
-    s = step.sampling
-    ctrl[:13] = [
-        OP_PREFILL if step.prefill else OP_DECODE,
-        len(step.tokens),
-        int(step.sample),
-        int(step.new_sequence),
+def _encode_sampling(s: Sampling) -> list[int]:
+    return [
         _f2i(s.temperature),
         _f2i(s.top_p),
         s.top_k,
         _f2i(s.min_p),
         s.seed & 0x7FFFFFFF,
         (s.seed >> 31) & 0x7FFFFFFF,
-        len(step.remove),
-        0,
-        0,
     ]
-    ctrl[_HEADER : _HEADER + len(step.remove)] = list(step.remove)
+
+
+def _decode_sampling(v: Sequence[int]) -> Sampling:
+    return Sampling(
+        temperature=_i2f(int(v[0])),
+        top_p=_i2f(int(v[1])),
+        top_k=int(v[2]),
+        min_p=_i2f(int(v[3])),
+        seed=int(v[4]) | (int(v[5]) << 31),
+    )
+
+
+def encode_ctrl(step: Step | None) -> list[int]:
+    """The control vector for a step; None means leave the session."""
+    ctrl = [0] * CTRL_LEN
+    if step is None:
+        return ctrl
+    if len(step.remove) > MAX_ROWS:
+        raise ValueError(f"at most {MAX_ROWS} rows can leave a lane in one step")
+    if max(len(step.chunk), len(step.join)) > MAX_JOIN:
+        raise ValueError(f"at most {MAX_JOIN} requests can join a lane together")
+    ctrl[:7] = [
+        OP_PREFILL if step.prefill else OP_DECODE,
+        step.lane,
+        len(step.tokens),
+        len(step.chunk),
+        int(step.new_group),
+        len(step.remove),
+        len(step.join),
+    ]
+    ctrl[_REMOVE : _REMOVE + len(step.remove)] = list(step.remove)
+    ctrl[_LENGTHS : _LENGTHS + len(step.chunk)] = [len(row) for row in step.chunk]
+    for i, s in enumerate(step.join):
+        at = _JOIN + i * _SAMPLING_INTS
+        ctrl[at : at + _SAMPLING_INTS] = _encode_sampling(s)
     return ctrl
 
 
@@ -118,21 +155,18 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
     op = int(ctrl[0])
     if op == OP_LEAVE:
         return None
-    sampling = Sampling(
-        temperature=_i2f(int(ctrl[4])),
-        top_p=_i2f(int(ctrl[5])),
-        top_k=int(ctrl[6]),
-        min_p=_i2f(int(ctrl[7])),
-        seed=int(ctrl[8]) | (int(ctrl[9]) << 31),
-    )
-    n_remove = int(ctrl[10])
+    n_rows, n_remove, n_join = int(ctrl[3]), int(ctrl[5]), int(ctrl[6])
     return Step(
-        tokens=[0] * int(ctrl[1]),
+        lane=int(ctrl[1]),
         prefill=op == OP_PREFILL,
-        sample=bool(ctrl[2]),
-        new_sequence=bool(ctrl[3]),
-        sampling=sampling,
-        remove=tuple(int(x) for x in ctrl[_HEADER : _HEADER + n_remove]),
+        tokens=(0,) * int(ctrl[2]),
+        chunk=tuple((0,) * int(n) for n in ctrl[_LENGTHS : _LENGTHS + n_rows]),
+        new_group=bool(ctrl[4]),
+        join=tuple(
+            _decode_sampling(ctrl[_JOIN + i * _SAMPLING_INTS : _JOIN + (i + 1) * _SAMPLING_INTS])
+            for i in range(n_join)
+        ),
+        remove=tuple(int(x) for x in ctrl[_REMOVE : _REMOVE + n_remove]),
     )
 
 
@@ -159,34 +193,62 @@ def _row(sampling: Sampling) -> _Row:
 
 
 @dataclass
+class _Lane:
+    """One independent batch: its rows' caches and its admission group's."""
+
+    caches: list[Any] | None = None
+    n: int = 0
+    rows: list[_Row] = field(default_factory=list)  # last rank only
+    group: list[Any] | None = None
+
+
+@dataclass
 class StageEngine:
     """Runs this rank's part of each step of a session."""
 
     shard: LoadedShard
-    prefill_caches: list[Any] = field(init=False)
-    batch_caches: list[Any] | None = field(default=None, init=False)
-    rows: list[_Row] = field(default_factory=list, init=False)
-    pending: _Row | None = field(default=None, init=False)
-    # When the step in progress began (monotonic), None outside a session:
-    # the runner's watchdog reads it from another thread.
+    lanes: dict[int, _Lane] = field(default_factory=dict, init=False)
+    # When the blocking work in progress began (monotonic), None between
+    # steps: the runner's watchdog reads it from another thread.
     busy_since: float | None = field(default=None, init=False)
-    _batch_rows: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.spec = self.shard.spec
         self.model = self.shard.model
-        self.prefill_caches = make_stage_cache(self.model, self.spec)
-        self._kinds = [cache_kind(c) for c in self.prefill_caches]
+        self._kinds = [cache_kind(c) for c in make_stage_cache(self.model, self.spec)]
         self._ctrl_template = mx.zeros((CTRL_LEN,), dtype=mx.int32)
+
+    @property
+    def lane_count(self) -> int:
+        """Lanes that keep every rank busy: one per rank."""
+        return self.spec.world_size
 
     # -- sessions -------------------------------------------------------------
 
     def head_session(
-        self, next_step: Callable[[], Step | None], on_tokens: Callable[[list[int]], None]
+        self,
+        next_step: Callable[[], Step | None],
+        on_tokens: Callable[[Step, list[int]], None],
     ) -> None:
-        """Run steps chosen by ``next_step`` until it returns None."""
+        """Run steps chosen by ``next_step`` until it has none and none is out.
+
+        ``next_step`` returns None when no lane can take a step now; the
+        oldest step in flight is then collected, which frees its lane.
+        """
+        in_flight: deque[tuple[Step, mx.array]] = deque()
+
+        def collect() -> None:
+            step, tokens = in_flight.popleft()
+            self.busy_since = time.monotonic()
+            mx.eval(tokens)
+            self.busy_since = None
+            on_tokens(step, cast(list[int], tokens.tolist()))
+
         while True:
             step = next_step()
+            if step is None and in_flight:
+                collect()
+                continue
             self.busy_since = time.monotonic()
             if self.spec.world_size > 1:
                 ctrl = mx.array(encode_ctrl(step), dtype=mx.int32)
@@ -195,10 +257,12 @@ class StageEngine:
                 mx.synchronize()
                 self.reset()
                 return
-            tokens = self.run_step(step, list(step.tokens))
+            tokens = self.run_step(step)
             self.busy_since = None
             if tokens is not None:
-                on_tokens(tokens)
+                in_flight.append((step, tokens))
+            if len(in_flight) >= self.lane_count:
+                collect()
 
     def follower_session(self) -> None:
         """Follow the head's steps until it says leave."""
@@ -214,93 +278,119 @@ class StageEngine:
                 mx.synchronize()
                 self.reset()
                 return
-            self.run_step(step, list(step.tokens))
+            self.run_step(step)
 
     def reset(self) -> None:
         """Forget every sequence (a session ended)."""
         self.busy_since = None
-        self.batch_caches = None
-        self.rows = []
-        self.pending = None
-        self._batch_rows = 0
-        self.prefill_caches = make_stage_cache(self.model, self.spec)
+        self.lanes = {}
         mx.clear_cache()
 
     # -- one step -------------------------------------------------------------
 
-    def run_step(self, step: Step, tokens: list[int]) -> list[int] | None:
-        """Run this rank's layers for one step; the head gets the sampled tokens."""
-        if step.remove:
-            self._remove(step.remove)
-        if step.prefill:
-            if step.new_sequence:
-                self.prefill_caches = make_stage_cache(self.model, self.spec)
-                self.pending = _row(step.sampling) if self.spec.is_last else None
-            inputs = mx.array(tokens, dtype=mx.int32)[None]  # (1, L)
-            result = self._forward(inputs, self.prefill_caches, step.sample, [self.pending])
-            if step.sample:
-                self._join()
-            return result
-        rows = self._batch_rows
-        inputs = mx.array(tokens if self.spec.is_first else [0] * rows, dtype=mx.int32)
-        return self._forward(inputs[:, None], self.batch_caches, True, self.rows)  # (B, 1)
+    def run_step(self, step: Step) -> mx.array | None:
+        """Run this rank's layers for one step.
 
-    def _forward(
-        self, inputs: mx.array, caches: list[Any] | None, sample: bool, rows: Sequence[Any]
-    ) -> list[int] | None:
+        On the head a decode step returns the sampled tokens, not yet
+        evaluated: the head collects them later.
+        """
+        lane = self.lanes.setdefault(step.lane, _Lane())
+        if step.remove:
+            self._remove(lane, step.remove)
+        if step.prefill:
+            if step.new_group or lane.group is None:
+                lane.group = self._fresh(len(step.chunk))
+            self._prefill(lane.group, step.chunk)
+            return None
+        if step.join:
+            self._join(lane, step.join)
+        assert lane.caches is not None
+        inputs = mx.array(step.tokens if self.spec.is_first else [0] * lane.n, dtype=mx.int32)
+        return self._decode(inputs[:, None], lane)  # (B, 1)
+
+    def _fresh(self, n: int) -> list[Any]:
+        """Empty batched caches for ``n`` new requests."""
         spec = self.spec
-        out = self.model(inputs, cache=caches)
-        owned = stage_caches(caches or [], spec)
+        singles = [make_stage_cache(self.model, spec) for _ in range(n)]
+        merged = {
+            i: type(singles[0][i]).merge([s[i] for s in singles])
+            for i in range(spec.start, spec.end)
+        }
+        return alias_caches(merged, self._kinds, spec)
+
+    def _prefill(self, caches: list[Any], chunk: Sequence[Sequence[int]]) -> None:
+        """Feed one chunk of each admitted request (right padded, as mlx-lm)."""
+        spec = self.spec
+        lengths = [len(row) for row in chunk]
+        width = max(lengths)
+        padding = [width - n for n in lengths]
+        owned = stage_caches(caches, spec)
+        if max(padding) > 0:
+            for c in owned:
+                c.prepare(lengths=lengths, right_padding=padding)
+        rows = [list(row) + [0] * (width - len(row)) for row in chunk]
+        out = self.model(mx.array(rows, dtype=mx.int32), cache=caches)
+        del out  # only the caches (and what is sent on) are evaluated
+        sent = self.shard.sent
+        mx.eval(sent[-1:] if not spec.is_last else [], [c.state for c in owned])
+        sent.clear()
+        if max(padding) > 0:
+            for c in owned:
+                c.finalize()
+            mx.eval([c.state for c in owned])
+
+    def _join(self, lane: _Lane, join: Sequence[Sampling]) -> None:
+        """The lane's admission group becomes the last rows of its batch."""
+        spec = self.spec
+        group = lane.group if lane.group is not None else self._fresh(len(join))
+        lane.group = None
+        if lane.caches is None:
+            lane.caches = group
+        else:
+            for mine, theirs in zip(
+                stage_caches(lane.caches, spec), stage_caches(group, spec), strict=True
+            ):
+                mine.extend(theirs)
+        lane.n += len(join)
         if spec.is_last:
-            if not sample:
-                mx.eval([c.state for c in owned])
-                return None
+            lane.rows.extend(_row(s) for s in join)
+
+    def _decode(self, inputs: mx.array, lane: _Lane) -> mx.array | None:
+        spec = self.spec
+        out = self.model(inputs, cache=lane.caches)
+        owned = stage_caches(lane.caches or [], spec)
+        if spec.is_last:
             logits = out[:, -1, :]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            if all(r.sampling.temperature == 0 for r in rows):
+            if all(r.sampling.temperature == 0 for r in lane.rows):
                 tokens = mx.argmax(logprobs, axis=-1)
             else:
-                tokens = mx.concatenate([r.sample(logprobs[i : i + 1]) for i, r in enumerate(rows)])
+                tokens = mx.concatenate(
+                    [r.sample(logprobs[i : i + 1]) for i, r in enumerate(lane.rows)]
+                )
             tokens = tokens.astype(mx.int32)  # (B,)
             if spec.world_size > 1:
                 tokens = mx.distributed.send(tokens, 0)
-            mx.eval(tokens)
-            return cast(list[int], tokens.tolist()) if spec.is_first else None
+            mx.eval(tokens, [c.state for c in owned])
+            return tokens if spec.is_first else None
         sent = self.shard.sent
         mx.eval(sent[-1], [c.state for c in owned])
         sent.clear()
-        if spec.is_first and sample:
+        if spec.is_first:
             template = mx.zeros((inputs.shape[0],), dtype=mx.int32)
-            tokens = mx.distributed.recv_like(template, spec.world_size - 1)
-            mx.eval(tokens)
-            return cast(list[int], tokens.tolist())
+            return mx.distributed.recv_like(template, spec.world_size - 1)
         return None
 
-    def _join(self) -> None:
-        """The admitted request becomes the last row of the batch."""
-        spec = self.spec
-        single = {i: self.prefill_caches[i] for i in range(spec.start, spec.end)}
-        merged = {i: type(c).merge([c]) for i, c in single.items()}
-        if self.batch_caches is None:
-            self.batch_caches = alias_caches(merged, self._kinds, spec)
-        else:
-            for i, c in merged.items():
-                self.batch_caches[i].extend(c)
-        self._batch_rows += 1
-        if spec.is_last and self.pending is not None:
-            self.rows.append(self.pending)
-            self.pending = None
-        self.prefill_caches = make_stage_cache(self.model, spec)
-
-    def _remove(self, remove: Sequence[int]) -> None:
-        keep = [i for i in range(self._batch_rows) if i not in set(remove)]
-        self._batch_rows = len(keep)
+    def _remove(self, lane: _Lane, remove: Sequence[int]) -> None:
+        gone = set(remove)
+        keep = [i for i in range(lane.n) if i not in gone]
+        lane.n = len(keep)
         if self.spec.is_last:
-            self.rows = [self.rows[i] for i in keep]
+            lane.rows = [lane.rows[i] for i in keep]
         if not keep:
-            self.batch_caches = None
+            lane.caches = None
             return
-        assert self.batch_caches is not None
+        assert lane.caches is not None
         index = mx.array(keep, dtype=mx.int32)
-        for c in stage_caches(self.batch_caches, self.spec):
+        for c in stage_caches(lane.caches, self.spec):
             c.filter(index)

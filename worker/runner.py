@@ -146,6 +146,7 @@ def _make_scheduler(spec: RunnerSpec) -> Any:
         prefill_step=spec.prefill_step,
         max_queue=spec.max_queue,
         max_batch=spec.max_batch,
+        lanes=spec.world_size,
     )
     scheduler.tokenizer = tokenizer
     return scheduler

@@ -1,14 +1,19 @@
 """The head runner's schedule: which requests run, in which steps.
 
-Requests wait in a bounded queue. One at a time is admitted: its prompt is
-prefilled in chunks of ``prefill_step`` tokens (the last prompt token alone,
-in the step that samples, as mlx-lm does, so greedy output matches
-single-process mlx-lm token for token), alternating with decode steps of the
-running batch so that a long prompt does not stall the streams already
-running. Once its first token is sampled it joins the batch; finished and
-cancelled rows leave at the next step. The engine thread asks ``next_step``
-and reports sampled tokens with ``on_tokens``; gRPC threads submit and
-cancel. Nothing here touches MLX or sockets.
+Requests wait in a bounded queue. The running requests are spread over the
+engine's lanes (one per rank, see ``lockstep``); each lane takes one step at
+a time and the lanes take turns, so one lane's step is on one rank while the
+next lane's is on another. Waiting requests are admitted in groups, one group
+per lane, the newcomers spread so the lanes stay balanced: a group's prompts
+(all but their last token) are prefilled together in one batched chunk, or a
+prompt longer than ``prefill_step`` alone in chunks of that size, each chunk
+alternating with a decode step of the lane's running rows so that a long
+prompt does not stall them. The group then joins its lane in a decode step
+that feeds each newcomer's last prompt token and samples its first token, as
+mlx-lm does, so greedy output matches single-process mlx-lm token for token.
+Finished and cancelled rows leave at their lane's next step. The engine
+thread asks ``next_step`` and reports sampled tokens with ``on_tokens``; gRPC
+threads submit and cancel. Nothing here touches MLX or sockets.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from pomona.worker.lockstep import Sampling, Step
+from pomona.worker.lockstep import MAX_JOIN, Sampling, Step
 
 
 class Finish(Enum):
@@ -101,14 +106,34 @@ class _Active:
     req: GenRequest
     detokenizer: Any
     matcher: StopMatcher
-    prefilled: int = 0
+    prefilled: int = 0  # prompt tokens fed before the join (all but the last)
     generated: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)
     done: bool = False
 
+    @property
+    def to_prefill(self) -> list[int]:
+        return self.req.prompt[self.prefilled : len(self.req.prompt) - 1]
+
+
+@dataclass
+class _Lane:
+    """The head's view of one lane (see ``lockstep``)."""
+
+    rows: list[_Active] = field(default_factory=list)
+    group: list[_Active] = field(default_factory=list)  # being admitted
+    group_started: bool = False
+    remove: list[int] = field(default_factory=list)  # engine rows to drop next step
+    busy: bool = False  # a decode step is in flight
+    last_prefill: bool = False
+
+    @property
+    def load(self) -> int:
+        return len(self.rows) + len(self.group)
+
 
 class Scheduler:
-    """Continuous batching: requests join the running batch and leave it."""
+    """Continuous batching: requests join the running lanes and leave them."""
 
     def __init__(
         self,
@@ -118,6 +143,7 @@ class Scheduler:
         prefill_step: int = 512,
         max_queue: int = 64,
         max_batch: int = 16,
+        lanes: int = 1,
     ):
         self._make_detokenizer = make_detokenizer
         self._eos = frozenset(eos_token_ids)
@@ -126,9 +152,8 @@ class Scheduler:
         self._max_batch = max_batch
         self._queue: deque[GenRequest] = deque()
         self._cond = threading.Condition()
-        self._rows: list[_Active] = []
-        self._admitting: _Active | None = None
-        self._last: Step | None = None
+        self._lanes = [_Lane() for _ in range(max(1, lanes))]
+        self._turn = 0
         self.tokens_total = 0
         self.requests_total = 0
         self.ttfts: deque[float] = deque(maxlen=64)
@@ -158,11 +183,11 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._rows and self._admitting is None and not self._queue
+            return self.in_flight == 0 and not self._queue
 
     @property
     def in_flight(self) -> int:
-        return len(self._rows) + (self._admitting is not None)
+        return sum(lane.load for lane in self._lanes)
 
     @property
     def waiting(self) -> int:
@@ -171,75 +196,117 @@ class Scheduler:
     # -- called from the engine thread ----------------------------------------
 
     def next_step(self) -> Step | None:
-        """The next step to run, or None when there is nothing to do."""
-        remove = []
-        for i, row in enumerate(self._rows):
+        """The next step to launch, or None when no lane can take one now."""
+        self._admit()
+        n = len(self._lanes)
+        for k in range(n):
+            i = (self._turn + k) % n
+            step = self._step_for(i, self._lanes[i])
+            if step is not None:
+                self._turn = (i + 1) % n
+                return step
+        if not any(lane.busy for lane in self._lanes):
+            # Nothing in flight and nothing to do: the session ends and every
+            # rank forgets its caches, so there is nothing left to remove.
+            for lane in self._lanes:
+                lane.remove.clear()
+        return None
+
+    def _admit(self) -> None:
+        """Form admission groups for lanes that have none, balancing the lanes."""
+        with self._cond:
+            while self._queue:
+                free = [i for i, lane in enumerate(self._lanes) if not lane.group]
+                capacity = self._max_batch - self.in_flight
+                if not free or capacity <= 0:
+                    return
+                i = min(free, key=lambda j: self._lanes[j].load)
+                lane = self._lanes[i]
+                share = -(-(self.in_flight + len(self._queue)) // len(self._lanes))
+                want = max(1, min(share - lane.load, capacity, MAX_JOIN))
+                lane.group = self._take(want)
+                lane.group_started = False
+
+    def _take(self, want: int) -> list[_Active]:
+        """Up to ``want`` waiting requests that can be prefilled together.
+
+        A prompt longer than one prefill chunk is admitted alone (in chunks);
+        shorter ones share one batched chunk.
+        """
+        group: list[_Active] = []
+        while self._queue and len(group) < want:
+            req = self._queue[0]
+            long = len(req.prompt) - 1 > self._prefill_step
+            if group and long:
+                break
+            self._queue.popleft()
+            active = _Active(req, self._make_detokenizer(), StopMatcher(req.stop))
+            if req.cancelled.is_set():
+                self._finish(active, Finish.CANCELLED)
+                continue
+            group.append(active)
+            if long:
+                break
+        return group
+
+    def _step_for(self, index: int, lane: _Lane) -> Step | None:
+        if lane.busy:
+            return None
+        for i, row in enumerate(lane.rows):
             if not row.done and row.req.cancelled.is_set():
                 self._finish(row, Finish.CANCELLED)
             if row.done:
-                remove.append(i)
-        self._rows = [r for r in self._rows if not r.done]
-        admitting = self._admitting
-        if admitting is not None and admitting.req.cancelled.is_set():
-            self._finish(admitting, Finish.CANCELLED)
-            admitting = self._admitting = None
-        if admitting is None and len(self._rows) < self._max_batch:
-            admitting = self._admitting = self._next_request()
-        prefill = admitting is not None and (
-            not self._rows or self._last is None or not self._last.prefill
-        )
-        if prefill:
-            assert admitting is not None
-            step = self._prefill_step_for(admitting, tuple(remove))
-        elif self._rows:
-            tokens = [r.generated[-1] for r in self._rows]
-            step = Step(tokens, prefill=False, remove=tuple(remove))
-        else:
-            step = None
-        self._last = step
-        return step
-
-    def _next_request(self) -> _Active | None:
-        with self._cond:
-            while self._queue:
-                req = self._queue.popleft()
-                active = _Active(req, self._make_detokenizer(), StopMatcher(req.stop))
-                if not req.cancelled.is_set():
-                    return active
-                self._finish(active, Finish.CANCELLED)
-        return None
-
-    def _prefill_step_for(self, a: _Active, remove: tuple[int, ...]) -> Step:
-        prompt = a.req.prompt
-        remaining = len(prompt) - a.prefilled
-        new = a.prefilled == 0
-        # The prompt's last token is fed alone, in the step that samples, as
-        # mlx-lm does: greedy output then matches it token for token.
-        n = min(self._prefill_step, remaining - 1) if remaining > 1 else 1
-        chunk = prompt[a.prefilled : a.prefilled + n]
-        a.prefilled += n
+                lane.remove.append(i)
+        lane.rows = [r for r in lane.rows if not r.done]
+        for a in lane.group:
+            if not a.done and a.req.cancelled.is_set():
+                self._finish(a, Finish.CANCELLED)  # it still joins, and leaves next step
+        if lane.group and all(a.done for a in lane.group) and not lane.group_started:
+            lane.group = []
+        remove = tuple(lane.remove)
+        pending = any(a.to_prefill for a in lane.group)
+        if pending and (not lane.rows or not lane.last_prefill):
+            lane.remove.clear()
+            lane.last_prefill = True
+            new, lane.group_started = not lane.group_started, True
+            return Step(
+                index,
+                prefill=True,
+                chunk=tuple(tuple(self._feed(a)) for a in lane.group),
+                new_group=new,
+                remove=remove,
+            )
+        join = lane.group if lane.group and not pending else []
+        if not lane.rows and not join:
+            return None
+        lane.remove.clear()
+        lane.last_prefill = False
+        tokens = [r.generated[-1] for r in lane.rows] + [a.req.prompt[-1] for a in join]
+        if join:
+            lane.rows.extend(join)
+            lane.group, lane.group_started = [], False
+        lane.busy = True
         return Step(
-            chunk,
-            prefill=True,
-            sample=a.prefilled == len(prompt),
-            new_sequence=new,
-            sampling=a.req.sampling,
+            index,
+            prefill=False,
+            tokens=tuple(tokens),
+            join=tuple(a.req.sampling for a in join),
             remove=remove,
         )
 
-    def on_tokens(self, tokens: list[int]) -> None:
-        step = self._last
-        if step is None:
-            return
-        if step.prefill:
-            admitting = self._admitting
-            assert admitting is not None and len(tokens) == 1
-            self._admitting = None
-            self._rows.append(admitting)  # joined the batch on every rank
-            self.ttfts.append(time.monotonic() - admitting.req.submitted)
-            self._accept(admitting, tokens[0])
-            return
-        for row, token in zip(self._rows, tokens, strict=True):
+    def _feed(self, a: _Active) -> list[int]:
+        chunk = a.to_prefill[: self._prefill_step]
+        a.prefilled += len(chunk)
+        return chunk
+
+    def on_tokens(self, step: Step, tokens: list[int]) -> None:
+        lane = self._lanes[step.lane]
+        lane.busy = False
+        first = len(lane.rows) - len(step.join)
+        now = time.monotonic()
+        for i, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
+            if i >= first and not row.done:
+                self.ttfts.append(now - row.req.submitted)
             self._accept(row, token)
 
     def _accept(self, active: _Active, token: int) -> None:
@@ -261,11 +328,10 @@ class Scheduler:
 
     def fail_all(self, error: str) -> None:
         """End the running and waiting requests with an error."""
-        for row in self._rows:
-            self._finish(row, Finish.ERROR, error)
-        if self._admitting is not None:
-            self._finish(self._admitting, Finish.ERROR, error)
-        self._rows, self._admitting, self._last = [], None, None
+        for lane in self._lanes:
+            for active in lane.rows + lane.group:
+                self._finish(active, Finish.ERROR, error)
+        self._lanes = [_Lane() for _ in self._lanes]
         with self._cond:
             waiting, self._queue = list(self._queue), deque()
         for req in waiting:
