@@ -244,3 +244,12 @@ def test_control_vector_round_trips(sampling: Sampling) -> None:
     assert back is not None and back.prefill and back.new_group
     assert [len(row) for row in back.chunk] == [3, 1]
     assert decode_ctrl(encode_ctrl(None)) is None
+
+
+def test_a_batched_prefill_step_holds_at_most_four_chunks_of_tokens() -> None:
+    s = make(prefill_step=4, lanes=1)
+    for i in range(6):
+        s.submit(GenRequest(str(i), [1, 2, 3, 4], max_tokens=1))  # 3 tokens to prefill each
+    st = s.next_step()
+    assert st is not None and st.prefill
+    assert len(st.chunk) == 5  # 5 x 3 = 15 <= 4 x 4; a sixth would make 18

@@ -29,6 +29,10 @@ from typing import Any
 
 from pomona.worker.lockstep import MAX_JOIN, Sampling, Step
 
+# A batched prefill step holds at most this many chunks' worth of tokens
+# (4 x 512 by default: the 2048-token step the planner budgets memory for).
+GROUP_CHUNKS = 4
+
 
 class Finish(Enum):
     STOP = "stop"
@@ -231,14 +235,20 @@ class Scheduler:
         """Up to ``want`` waiting requests that can be prefilled together.
 
         A prompt longer than one prefill chunk is admitted alone (in chunks);
-        shorter ones share one batched chunk.
+        shorter ones share one batched chunk of at most ``GROUP_CHUNKS``
+        chunks' worth of tokens, padding included, so that one prefill step
+        never holds the running streams up for much longer than a chunk.
         """
         group: list[_Active] = []
+        width = 0
         while self._queue and len(group) < want:
             req = self._queue[0]
-            long = len(req.prompt) - 1 > self._prefill_step
-            if group and long:
+            n = len(req.prompt) - 1
+            long = n > self._prefill_step
+            too_many = (len(group) + 1) * max(width, n) > GROUP_CHUNKS * self._prefill_step
+            if group and (long or too_many):
                 break
+            width = max(width, n)
             self._queue.popleft()
             active = _Active(req, self._make_detokenizer(), StopMatcher(req.stop))
             if req.cancelled.is_set():
