@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -141,3 +142,33 @@ def test_a_long_prompt_does_not_stall_streams_already_running(cluster) -> None:
     assert len(during) >= 3
     assert short_tokens == reference_tokens(model, _prompt(5), 60)
     assert long_tokens == reference_tokens(model, long_prompt, 4)
+
+
+def test_a_model_that_cannot_batch_serves_concurrent_clients_one_per_lane(
+    tmp_path: Path,
+) -> None:
+    # mlx-lm's gemma2 attention cannot take a batched mask: the head finds
+    # that before serving and runs one request per lane (two at once here)
+    # instead of failing the pipeline at the first concurrent request.
+    model = make_model(tmp_path / "gemma2", "gemma2", num_layers=2, seed=5)
+    with local_cluster(tmp_path) as c:
+        c.worker("w0")
+        c.worker("w1")
+        coord = c.coordinator(str(model), min_workers=2)
+        wait_serving(coord)
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+
+        def client(i: int) -> None:
+            try:
+                results[i] = generate_tokens(coord, _prompt(i), max_tokens=10)[0]
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        assert results == {i: reference_tokens(model, _prompt(i), 10) for i in range(5)}

@@ -3,7 +3,8 @@
 Requests that arrive together are prefilled in one right-padded batch and
 spread over two lanes with their own caches; prompts longer than a chunk are
 prefilled alone. Each request must still get, token for token, what greedy
-single-process mlx-lm gives it.
+single-process mlx-lm gives it. A model whose attention cannot take a batch
+(gemma2 in mlx-lm) is served one request per lane, and still gets them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _prompt(i: int) -> str:
     return text * 4 if i % 4 == 0 else text  # some longer than a prefill chunk
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "qwen3_moe", "gemma2"])
 def test_batched_admission_over_two_lanes_matches_single_process(arch: str, tmp_path: Path) -> None:
     from mlx_lm.utils import load_tokenizer
 
@@ -39,6 +40,7 @@ def test_batched_admission_over_two_lanes_matches_single_process(arch: str, tmp_
         prefill_step=16,
         max_batch=8,
         lanes=2,
+        rows_per_lane=8 if engine.can_batch() else 1,
     )
     prompts = [_prompt(i) for i in range(10)]
     requests = [
@@ -56,3 +58,12 @@ def test_batched_admission_over_two_lanes_matches_single_process(arch: str, tmp_
         assert tokens == reference_tokens(model, prompt, 12), prompt
         assert isinstance(events[-1], Done) and events[-1].reason in (Finish.LENGTH, Finish.STOP)
     assert scheduler.idle
+
+
+def test_a_model_that_cannot_batch_is_found_before_serving(tmp_path: Path) -> None:
+    def engine(arch: str) -> StageEngine:
+        model = make_model(tmp_path / arch, arch, num_layers=2, seed=3)
+        return StageEngine(load_stage(model, StageSpec(0, 2, 0, 1)))
+
+    assert engine("llama").can_batch()
+    assert not engine("gemma2").can_batch()

@@ -253,3 +253,32 @@ def test_a_batched_prefill_step_holds_at_most_four_chunks_of_tokens() -> None:
     st = s.next_step()
     assert st is not None and st.prefill
     assert len(st.chunk) == 5  # 5 x 3 = 15 <= 4 x 4; a sixth would make 18
+
+
+def test_a_finished_row_makes_room_in_the_same_step() -> None:
+    # One row per lane (a model that cannot batch): the next request joins in
+    # the very step that drops the finished one, so the session never pauses.
+    s = Scheduler(CharDetokenizer, [EOS], prefill_step=4, lanes=1, rows_per_lane=1)
+    a, b = GenRequest("a", [1], max_tokens=1), GenRequest("b", [2], max_tokens=1)
+    s.submit(a)
+    s.submit(b)
+    st = s.next_step()
+    assert st is not None and st.tokens == (1,) and len(st.join) == 1
+    answer(s, st)
+    st = s.next_step()
+    assert st is not None and st.remove == (0,) and st.tokens == (2,) and len(st.join) == 1
+    answer(s, st)
+    assert s.next_step() is None and s.idle
+
+
+def test_removal_indices_stay_those_of_the_ranks_rows() -> None:
+    s = make(lanes=1)
+    reqs = [GenRequest(str(i), [1], max_tokens=(1, 9, 2)[i]) for i in range(3)]
+    for r in reqs:
+        s.submit(r)
+    st = s.next_step()
+    assert st is not None and len(st.join) == 3
+    answer(s, st)  # row 0 finished
+    reqs[1].cancel()  # row 1 cancelled before the next step
+    st = s.next_step()
+    assert st is not None and st.remove == (0, 1) and st.tokens == (ord("x"),)

@@ -223,6 +223,25 @@ class StageEngine:
         """Lanes that keep every rank busy: one per rank."""
         return self.spec.world_size
 
+    def can_batch(self) -> bool:
+        """Whether this model's layers take several requests in one step.
+
+        Builds (never evaluates, so nothing is sent) two-token steps of two
+        and of three rows: MLX checks shapes while the graph is built. Some
+        mlx-lm models (gemma2) reshape attention scores so that a batched
+        mask broadcasts only when the rows happen to equal the KV heads; they
+        are served one request per lane.
+        """
+        try:
+            for rows in (2, 3):
+                self.model(mx.zeros((rows, 2), dtype=mx.int32), cache=self._fresh(rows))
+        except ValueError as e:
+            log.warning("this model cannot decode several requests together: %s", e)
+            return False
+        finally:
+            self.shard.sent.clear()
+        return True
+
     # -- sessions -------------------------------------------------------------
 
     def head_session(

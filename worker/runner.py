@@ -120,7 +120,7 @@ def _run(spec: RunnerSpec) -> int:
             )
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
     engine = StageEngine(shard)
-    scheduler = _make_scheduler(spec) if spec.rank == 0 else None
+    scheduler = _make_scheduler(spec, engine.can_batch()) if spec.rank == 0 else None
     _start_monitor(spec, engine, scheduler)
     if scheduler is not None:
         return _serve_head(spec, engine, scheduler, shard.config)
@@ -134,7 +134,7 @@ def _run(spec: RunnerSpec) -> int:
     return 0
 
 
-def _make_scheduler(spec: RunnerSpec) -> Any:
+def _make_scheduler(spec: RunnerSpec, can_batch: bool) -> Any:
     from mlx_lm.utils import load_tokenizer
 
     from pomona.worker.scheduler import Scheduler
@@ -147,6 +147,8 @@ def _make_scheduler(spec: RunnerSpec) -> Any:
         max_queue=spec.max_queue,
         max_batch=spec.max_batch,
         lanes=spec.world_size,
+        # A model that cannot batch still serves one request per rank at once.
+        rows_per_lane=spec.max_batch if can_batch else 1,
     )
     scheduler.tokenizer = tokenizer
     return scheduler

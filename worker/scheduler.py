@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from pomona.worker.lockstep import MAX_JOIN, Sampling, Step
+from pomona.worker.lockstep import MAX_JOIN, MAX_ROWS, Sampling, Step
 
 # A batched prefill step holds at most this many chunks' worth of tokens
 # (4 x 512 by default: the 2048-token step the planner budgets memory for).
@@ -133,7 +133,8 @@ class _Lane:
 
     @property
     def load(self) -> int:
-        return len(self.rows) + len(self.group)
+        """Requests running or being admitted here (finished rows not counted)."""
+        return sum(not r.done for r in self.rows) + len(self.group)
 
 
 class Scheduler:
@@ -148,12 +149,14 @@ class Scheduler:
         max_queue: int = 64,
         max_batch: int = 16,
         lanes: int = 1,
+        rows_per_lane: int = MAX_ROWS,
     ):
         self._make_detokenizer = make_detokenizer
         self._eos = frozenset(eos_token_ids)
         self._prefill_step = prefill_step
         self._max_queue = max_queue
         self._max_batch = max_batch
+        self._rows_per_lane = rows_per_lane
         self._queue: deque[GenRequest] = deque()
         self._cond = threading.Condition()
         self._lanes = [_Lane() for _ in range(max(1, lanes))]
@@ -201,6 +204,9 @@ class Scheduler:
 
     def next_step(self) -> Step | None:
         """The next step to launch, or None when no lane can take one now."""
+        for lane in self._lanes:
+            if not lane.busy:
+                self._reap(lane)
         self._admit()
         n = len(self._lanes)
         for k in range(n):
@@ -220,14 +226,19 @@ class Scheduler:
         """Form admission groups for lanes that have none, balancing the lanes."""
         with self._cond:
             while self._queue:
-                free = [i for i, lane in enumerate(self._lanes) if not lane.group]
+                free = [
+                    i
+                    for i, lane in enumerate(self._lanes)
+                    if not lane.group and lane.load < self._rows_per_lane
+                ]
                 capacity = self._max_batch - self.in_flight
                 if not free or capacity <= 0:
                     return
                 i = min(free, key=lambda j: self._lanes[j].load)
                 lane = self._lanes[i]
                 share = -(-(self.in_flight + len(self._queue)) // len(self._lanes))
-                want = max(1, min(share - lane.load, capacity, MAX_JOIN))
+                room = self._rows_per_lane - lane.load
+                want = max(1, min(share - lane.load, capacity, MAX_JOIN, room))
                 lane.group = self._take(want)
                 lane.group_started = False
 
@@ -259,20 +270,24 @@ class Scheduler:
                 break
         return group
 
-    def _step_for(self, index: int, lane: _Lane) -> Step | None:
-        if lane.busy:
-            return None
-        for i, row in enumerate(lane.rows):
+    def _reap(self, lane: _Lane) -> None:
+        """Cancelled requests finish now; their rows leave at the lane's next step."""
+        for row in lane.rows:
             if not row.done and row.req.cancelled.is_set():
                 self._finish(row, Finish.CANCELLED)
-            if row.done:
-                lane.remove.append(i)
-        lane.rows = [r for r in lane.rows if not r.done]
         for a in lane.group:
             if not a.done and a.req.cancelled.is_set():
                 self._finish(a, Finish.CANCELLED)  # it still joins, and leaves next step
         if lane.group and all(a.done for a in lane.group) and not lane.group_started:
             lane.group = []
+
+    def _step_for(self, index: int, lane: _Lane) -> Step | None:
+        if lane.busy:
+            return None
+        # Indices are those of the rows every rank holds now, so they are
+        # taken only when a step is made (or the lane empties).
+        lane.remove.extend(i for i, row in enumerate(lane.rows) if row.done)
+        lane.rows = [r for r in lane.rows if not r.done]
         remove = tuple(lane.remove)
         pending = any(a.to_prefill for a in lane.group)
         if pending and (not lane.rows or not lane.last_prefill):
