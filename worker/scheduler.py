@@ -126,10 +126,14 @@ class _Lane:
 
     rows: list[_Active] = field(default_factory=list)
     group: list[_Active] = field(default_factory=list)  # being admitted
-    group_started: bool = False
     remove: list[int] = field(default_factory=list)  # engine rows to drop next step
     busy: bool = False  # a decode step is in flight
     last_prefill: bool = False
+
+    @property
+    def group_started(self) -> bool:
+        """Whether the ranks hold caches for the group (a chunk was prefilled)."""
+        return any(a.prefilled for a in self.group)
 
     @property
     def load(self) -> int:
@@ -240,7 +244,6 @@ class Scheduler:
                 room = self._rows_per_lane - lane.load
                 want = max(1, min(share - lane.load, capacity, MAX_JOIN, room))
                 lane.group = self._take(want)
-                lane.group_started = False
 
     def _take(self, want: int) -> list[_Active]:
         """Up to ``want`` waiting requests that can be prefilled together.
@@ -293,7 +296,7 @@ class Scheduler:
         if pending and (not lane.rows or not lane.last_prefill):
             lane.remove.clear()
             lane.last_prefill = True
-            new, lane.group_started = not lane.group_started, True
+            new = not lane.group_started
             return Step(
                 index,
                 prefill=True,
@@ -309,7 +312,7 @@ class Scheduler:
         tokens = [r.generated[-1] for r in lane.rows] + [a.req.prompt[-1] for a in join]
         if join:
             lane.rows.extend(join)
-            lane.group, lane.group_started = [], False
+            lane.group = []
         lane.busy = True
         return Step(
             index,
