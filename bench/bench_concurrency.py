@@ -38,12 +38,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import shlex
-import shutil
 import signal
 import statistics
 import string
@@ -59,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import default_cache_dir, ensure_model, parameter_count  # noqa: E402
 from servers import MlxLmServer, PomonaHttp  # noqa: E402
-from systems import Processes, cpu_seconds, wait_for  # noqa: E402
+from systems import Processes, cpu_seconds, load_average, run_info, wait_for  # noqa: E402
 
 T0 = time.monotonic()
 # Short: on a CPU, prefilling a newcomer stalls every running stream for a while.
@@ -507,7 +504,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
-    from importlib.metadata import version
 
     model = ensure_model(args.cache_dir, args.dtype)
     model_desc = f"qwen2, {parameter_count(model) / 1e6:.1f}M parameters, {args.dtype}"
@@ -524,44 +520,26 @@ def main(argv: list[str] | None = None) -> int:
     widest = max(args.levels)
     pomona = PomonaHttp("Pomona, 2 workers", 2, "4,4", max_batch=widest)
     mlx = MlxLmServer("mlx_lm.server, 2 ranks", 2, widest, args.launcher_running)
-    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    failed = False
+    load_before = load_average()
     blas: dict[str, list[str]] = {}
-    try:
+
+    def stop_mlx() -> None:
+        if mlx.procs:
+            mlx.stop()
+
+    with processes.measuring(args.keep_logs, stop=stop_mlx):
         names, turns = measure(pomona, mlx, processes, args, model, prompts, warmup)
         for system in (pomona, mlx):
             blas[system.name] = blas_libraries(system.rank_pids)
-    except KeyboardInterrupt:
-        failed = True
-        print("\ninterrupted; stopping every process", file=sys.stderr)
-        return 130
-    except Exception:
-        failed = True
-        print(processes.logs(), file=sys.stderr)
-        raise
-    finally:
-        if mlx.procs:
-            mlx.stop()
-        processes.stop_all()
-        if args.keep_logs or failed:
-            print(f"logs: {log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
-    info = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": f"{platform.system()} {platform.machine()}",
-        "cpus": os.cpu_count(),
-        "mlx": version("mlx"),
-        "mlx_lm": version("mlx-lm"),
-        "model_desc": model_desc,
-        "served_models": names,
-        "blas": blas,
-        "preload_blas": preload,
-        "load_before": load_before,
-        "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "command": shlex.join(["python", "bench/bench_concurrency.py", *sys.argv[1:]]),
-        "seconds": round(time.monotonic() - T0, 1),
-    }
+    info = run_info(
+        "bench_concurrency.py",
+        T0,
+        model_desc,
+        load_before,
+        served_models=names,
+        blas=blas,
+        preload_blas=preload,
+    )
     result = report(pomona, mlx, turns, info, args)
     print(f"whole run: {info['seconds']:.0f} s")
     if args.json:

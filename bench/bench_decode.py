@@ -23,12 +23,9 @@ on all three alike.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shlex
-import shutil
 import signal
 import statistics
 import sys
@@ -48,6 +45,8 @@ from systems import (  # noqa: E402
     Processes,
     Run,
     cpu_seconds,
+    load_average,
+    run_info,
     wait_for,
 )
 
@@ -280,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
-    from importlib.metadata import version
 
     model = ensure_model(args.cache_dir, args.dtype)
     params = parameter_count(model)
@@ -301,39 +299,17 @@ def main(argv: list[str] | None = None) -> int:
         Row("mlx-lm pipeline, launcher paused", pipeline, launcher_running=False),
         Row("Pomona, 2 workers", pomona),
     ]
-    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    failed = False
-    try:
+    load_before = load_average()
+    with processes.measuring(args.keep_logs, stop=control.close):
         runs, cpu = measure(systems, rows, processes, args, model, prompt)
-    except KeyboardInterrupt:
-        failed = True
-        print("\ninterrupted; stopping every process", file=sys.stderr)
-        return 130
-    except Exception:
-        failed = True
-        print(processes.logs(), file=sys.stderr)
-        raise
-    finally:
-        control.close()
-        processes.stop_all()
-        if args.keep_logs or failed:
-            print(f"logs: {log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
-    info = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": f"{platform.system()} {platform.machine()}",
-        "cpus": os.cpu_count(),
-        "mlx": version("mlx"),
-        "mlx_lm": version("mlx-lm"),
-        "model_desc": model_desc,
-        "prompt_tokens": len(prompt),
-        "tokens_match": divergence(runs),
-        "load_before": load_before,
-        "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "command": shlex.join(["python", "bench/bench_decode.py", *sys.argv[1:]]),
-        "seconds": round(time.monotonic() - T0, 1),
-    }
+    info = run_info(
+        "bench_decode.py",
+        T0,
+        model_desc,
+        load_before,
+        prompt_tokens=len(prompt),
+        tokens_match=divergence(runs),
+    )
     result = report(rows, runs, cpu, info, args)
     print(f"whole run: {info['seconds']:.0f} s")
     if args.json:

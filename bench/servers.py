@@ -54,39 +54,15 @@ class PomonaHttp(Pomona):
         return f"http://{LOOPBACK}:{self.http_port}"
 
     def start(self, processes: Processes, model: Path, prompt: Any = ()) -> None:
-        # systems.Pomona.start with the HTTP API switched on (it leaves the
-        # coordinator on its default --http-port); everything else is the same.
-        self.processes = processes
-        cluster = f"bench-{os.getpid()}"
-        pomona = [sys.executable, "-m", "pomona"]
-        self.config = processes.log_dir / "config" / "cluster.json"
-        init = [*pomona, "init", "--cluster", cluster, "--config", str(self.config)]
-        subprocess.run(init, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.commands.append(init)
-        secret = ["--config", str(self.config)]
-        for i in range(self.workers):
-            port = free_ports(2)  # gRPC and the MLX ring on port + 1
-            argv = [
-                *pinned([i % (os.cpu_count() or 1)]), *pomona, "worker", "--port", str(port),
-                "--host", LOOPBACK, "--name", f"w{i}", "--cluster", cluster,
-                "--address", LOOPBACK, "--mdns-interface", LOOPBACK,
-                "--state-dir", str(processes.log_dir / f"state-w{i}"),
-                "--model-dir", str(model.parent), *secret,
-            ]  # fmt: skip
-            self.commands.append(argv)
-            self.procs.append(processes.spawn(f"pomona-w{i}", argv))
-        port = free_ports(1)
         self.http_port = free_ports(1)
-        self.address = f"{LOOPBACK}:{port}"
-        argv = [
-            *pomona, "coordinator", "--port", str(port), "--host", LOOPBACK,
-            "--model", str(model), "--cluster", cluster, "--min-workers", str(self.workers),
-            "--mdns-interface", LOOPBACK, "--objective", "throughput",
-            "--layers", self.layers, "--max-batch", str(self.max_batch),
-            "--http-port", str(self.http_port), *secret,
+        super().start(processes, model, prompt)
+
+    def coordinator_options(self) -> list[str]:
+        """systems.Pomona's, with the HTTP API on and the throughput objective."""
+        return [
+            "--objective", "throughput", "--layers", self.layers,
+            "--max-batch", str(self.max_batch), "--http-port", str(self.http_port),
         ]  # fmt: skip
-        self.commands.append(argv)
-        self.procs.append(processes.spawn("pomona-coordinator", argv))
 
     def ready(self) -> bool:
         return super().ready() and http_ok(f"{self.url}/health")

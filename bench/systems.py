@@ -9,15 +9,18 @@ time each arrived. Every process runs in its own process group, and
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
+import platform
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -118,6 +121,58 @@ class Processes:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ({p.log})\n{p.tail()}" for p in self.procs)
+
+    @contextlib.contextmanager
+    def measuring(self, keep_logs: bool, stop: Callable[[], None]) -> Iterator[None]:
+        """Run a measurement; however it ends, ``stop``, stop every process.
+
+        Ctrl-C exits with 130; a failure prints each process's log tail. The
+        logs are kept when asked or when the run failed, removed otherwise.
+        """
+        failed = False
+        try:
+            yield
+        except KeyboardInterrupt:
+            failed = True
+            print("\ninterrupted; stopping every process", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception:
+            failed = True
+            print(self.logs(), file=sys.stderr)
+            raise
+        finally:
+            stop()
+            self.stop_all()
+            if keep_logs or failed:
+                print(f"logs: {self.log_dir}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages, as the reports print them."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run_info(
+    script: str, started: float, model_desc: str, load_before: str, **extra: Any
+) -> dict[str, Any]:
+    """What a benchmark records about its run: when, where, with what, how long."""
+    from importlib.metadata import version
+
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpus": os.cpu_count(),
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
+        "model_desc": model_desc,
+        **extra,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "command": shlex.join(["python", f"bench/{script}", *sys.argv[1:]]),
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def free_ports(count: int) -> int:
@@ -326,11 +381,14 @@ class Pomona:
         argv = [
             *pomona, "coordinator", "--port", str(port), "--host", LOOPBACK,
             "--model", str(model), "--cluster", cluster, "--min-workers", str(self.workers),
-            "--mdns-interface", LOOPBACK, *(["--layers", self.layers] if self.layers else []),
-            *secret,
+            "--mdns-interface", LOOPBACK, *self.coordinator_options(), *secret,
         ]  # fmt: skip
         self.commands.append(argv)
         self.procs.append(processes.spawn("pomona-coordinator", argv))
+
+    def coordinator_options(self) -> list[str]:
+        """Options the coordinator gets beyond the cluster's own."""
+        return ["--layers", self.layers] if self.layers else []
 
     def ready(self) -> bool:
         import grpc
