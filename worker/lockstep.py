@@ -347,12 +347,10 @@ class StageEngine:
         if max(padding) > 0:
             for c in owned:
                 c.prepare(lengths=lengths, right_padding=padding)
-        rows = [list(row) + [0] * (width - len(row)) for row in chunk]
-        out = self.model(mx.array(rows, dtype=mx.int32), cache=caches)
-        del out  # only the caches (and what is sent on) are evaluated
-        sent = self.shard.sent
-        mx.eval(sent[-1:] if not spec.is_last else [], [c.state for c in owned])
-        sent.clear()
+        rows = [list(row) + [0] * pad for row, pad in zip(chunk, padding, strict=True)]
+        # Only the caches and what is sent on are evaluated, never the logits.
+        self.model(mx.array(rows, dtype=mx.int32), cache=caches)
+        self._send_on(owned)
         if max(padding) > 0:
             for c in owned:
                 c.finalize()
@@ -392,13 +390,17 @@ class StageEngine:
                 tokens = mx.distributed.send(tokens, 0)
             mx.eval(tokens, [c.state for c in owned])
             return tokens if spec.is_first else None
-        sent = self.shard.sent
-        mx.eval(sent[-1], [c.state for c in owned])
-        sent.clear()
+        self._send_on(owned)
         if spec.is_first:
             template = mx.zeros((inputs.shape[0],), dtype=mx.int32)
             return mx.distributed.recv_like(template, spec.world_size - 1)
         return None
+
+    def _send_on(self, owned: Sequence[Any]) -> None:
+        """Evaluate this stage's caches and what it sends to the next stage."""
+        sent = self.shard.sent
+        mx.eval(sent[-1:], [c.state for c in owned])
+        sent.clear()
 
     def _remove(self, lane: _Lane, remove: Sequence[int]) -> None:
         gone = set(remove)
