@@ -39,7 +39,7 @@ from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
 # Problems the cluster does not get over by waiting.
-FATAL = ("unknown model", "loading failed", "cannot", "the checkpoint")
+FATAL = ("unknown model", "cannot", "the checkpoint")
 
 
 def _port_free(port: int) -> bool:
@@ -146,12 +146,51 @@ class LocalCluster:
             return ["--model-dir", str(path.resolve().parent)]
         return []
 
-    def _dead_child(self) -> str:
+    def _dead_child(self, among: str = "") -> str:
         for name, proc, log_path in self.children:
-            if proc.poll() is not None:
+            if name.startswith(among) and proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 return f"{name} exited with code {proc.returncode}: " + " | ".join(tail)
         return ""
+
+    def _follow(self) -> int:
+        """While up: report workers that die and how the cluster re-forms.
+
+        A worker that dies is not restarted: this is where people try the
+        self-healing, and a restart would hide it (on real Macs, launchd or
+        systemd restarts the daemon). The cluster serves on the rest; only
+        the coordinator's death ends ``up``.
+        """
+        assert self.config is not None
+        stub = coordinator_pb2_grpc.CoordinatorStub(
+            rpc.channel(f"{LOOPBACK}:{self.port}", Auth.load(self.config))
+        )
+        gone: set[str] = set()
+        shown = ""
+        while not self._stop:
+            if dead := self._dead_child("coordinator"):
+                self.console.print(f"[red]error:[/red] {dead}")
+                return 1
+            for name, proc, _ in self.children:
+                if name.startswith("worker") and proc.poll() is not None and name not in gone:
+                    gone.add(name)
+                    self.console.print(
+                        f"[yellow]{name} exited with code {proc.returncode}[/yellow]; the "
+                        f"coordinator re-forms the pipeline on the {self.count - len(gone)} "
+                        "workers left (it is not restarted)"
+                    )
+            if gone:
+                try:
+                    reply = stub.Status(coordinator_pb2.StatusRequest(), timeout=2.0)
+                except grpc.RpcError:
+                    reply = None
+                if reply is not None:
+                    line = _layout(reply)
+                    if line != shown:
+                        self.console.print(line)
+                        shown = line
+            time.sleep(0.5)
+        return 0
 
     def wait_ready(self, timeout: float) -> coordinator_pb2.StatusReply:
         """Wait for the cluster to serve, with a progress bar per worker."""
@@ -229,12 +268,7 @@ class LocalCluster:
                 "Ctrl-C stops)",
                 flush=True,
             )
-            while not self._stop:
-                if dead := self._dead_child():
-                    self.console.print(f"[red]error:[/red] {dead}")
-                    return 1
-                time.sleep(0.5)
-            return 0
+            return self._follow()
         except RuntimeError as e:
             self.console.print(f"[red]error:[/red] {e} (logs in {self.state_dir / 'logs'})")
             return 1
@@ -242,3 +276,11 @@ class LocalCluster:
             self.stop()
             if self.config is not None:
                 self.config.unlink(missing_ok=True)
+
+
+def _layout(reply: coordinator_pb2.StatusReply) -> str:
+    """One line: where the layers are now, or why none serve."""
+    if not reply.serving:
+        return f"not serving: {reply.problem}"
+    where = ", ".join(f"{p.name} layers {p.start_layer}-{p.end_layer - 1}" for p in reply.plan)
+    return f"serving on {len(reply.plan)} workers: {where}"

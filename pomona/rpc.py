@@ -34,6 +34,9 @@ OPTIONS: list[tuple[str, Any]] = [
 # between calls), or they answer GOAWAY "too_many_pings" and drop the channel.
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     *OPTIONS,
+    # gRPC sets SO_REUSEPORT by default: a second server on a port in use then
+    # starts silently and takes half of the first one's connections.
+    ("grpc.so_reuseport", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
 ]
@@ -46,6 +49,8 @@ INSPECT_TIMEOUT = 60.0
 WAKE_TIMEOUT = 5.0
 # A generation stream may run long; tokens keep it alive.
 GENERATE_TIMEOUT = 3600.0
+# Trailing metadata of an error that ended one request, the pipeline unharmed.
+REQUEST_FAULT = "pomona-request-fault"
 
 
 def aio_channel(address: str, auth: Auth | None = None) -> grpc.aio.Channel:
@@ -84,11 +89,21 @@ def server(executor: futures.ThreadPoolExecutor, auth: Auth | None = None) -> gr
 
 
 def add_port(server: grpc.Server | grpc.aio.Server, address: str, auth: Auth | None = None) -> int:
-    """Listen on ``address`` ("host:port"), with mutual TLS when ``auth`` has it."""
+    """Listen on ``address`` ("host:port"), with mutual TLS when ``auth`` has it.
+
+    Raises ``OSError`` when the address cannot be bound (a port in use).
+    """
     creds = auth.server_credentials() if auth else None
-    if creds is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, creds)
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as e:  # grpcio 1.5x+ raises where older versions returned 0
+        raise OSError(f"cannot listen on {address}: the port is in use or not allowed") from e
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: the port is in use or not allowed")
+    return port
 
 
 def describe_error(err: grpc.RpcError, address: str) -> str:

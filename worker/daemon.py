@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from pathlib import Path
@@ -26,6 +27,7 @@ from pomona.worker.advertise import make_zeroconf, service_info
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
+from pomona.worker.lease import Lease
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
 from pomona.worker.sampler import Sampler
@@ -51,6 +53,7 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
         weights_bytes=info.weights_bytes,
         files=list(info.files),
         active_bytes=info.active_bytes,
+        world_size=info.world_size,
     )
 
 
@@ -85,12 +88,23 @@ def local_addresses() -> list[str]:
     return out or ["127.0.0.1"]
 
 
+def config_layers(path: Path) -> int:
+    """The layer count in a model's config.json (0 when it does not say)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return int(config.get("num_hidden_layers") or text.get("num_hidden_layers") or 0)
+
+
 class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.node_id = load_node_id(config.state_dir)
         self.hardware = read_hardware()
         self.runner: RunnerProcess | None = None
+        self.lease = Lease()
         self._lock = asyncio.Lock()
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
@@ -128,6 +142,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             ],
             ring_port=self.config.effective_ring_port,
             shard=shard_to_proto(self.runner.info if self.runner else ShardInfo()),
+            held_by=self.lease.live_holder(),
         )
 
     def _resolve(self, name: str) -> Path:
@@ -138,17 +153,27 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             allow_remote_code=self.config.allow_remote_code,
         )
 
-    async def _model(
-        self, name: str, context: grpc.aio.ServicerContext
-    ) -> tuple[Path, ModelProfile]:
-        """The model's folder and profile, or the call aborted with why not."""
+    async def _path(self, name: str, context: grpc.aio.ServicerContext) -> Path:
+        """The model's folder, or the call aborted with why not."""
         try:
-            path = await asyncio.to_thread(self._resolve, name)
-            return path, await asyncio.to_thread(ModelProfile.from_model_dir, path)
+            return await asyncio.to_thread(self._resolve, name)
         except ModelRefused as e:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except (OSError, ValueError) as e:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {name!r}: {e}"
+            )
+        raise AssertionError("abort raises")
+
+    async def _model(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> tuple[Path, ModelProfile]:
+        """The model's folder and profile, or the call aborted with why not."""
+        path = await self._path(name, context)
+        try:
+            return path, await asyncio.to_thread(ModelProfile.from_model_dir, path)
         except (OSError, ValueError) as e:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {name!r}: {e}"
@@ -169,16 +194,31 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             profile_json=profile.to_json(),
         )
 
+    async def _hold(self, coordinator: str, context: grpc.aio.ServicerContext) -> None:
+        """Abort unless ``coordinator`` holds (or may take) this worker's lease."""
+        holder = self.lease.claim(coordinator)
+        if holder:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.config.name} is held by coordinator {holder}; stop that coordinator "
+                f"or wait {self.lease.ttl:.0f} s after it stops",
+            )
+
     async def Load(self, request, context):  # noqa: N802
         problem = self._check_load(request)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        path, profile = await self._model(request.model, context)
-        if request.end_layer > profile.num_layers:
+        await self._hold(request.coordinator, context)
+        # Only what is quick: this call has a short deadline, and importing a
+        # model's code can take seconds on a busy machine. The runner checks
+        # the rest as it loads.
+        path = await self._path(request.model, context)
+        num_layers = await asyncio.to_thread(config_layers, path)
+        if num_layers and request.end_layer > num_layers:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"layers [{request.start_layer}, {request.end_layer}) are outside "
-                f"{request.model}'s {profile.num_layers} layers",
+                f"{request.model}'s {num_layers} layers",
             )
         async with self._lock:
             if self.runner is not None:
@@ -235,6 +275,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         return ""
 
     async def Unload(self, request, context):  # noqa: N802
+        await self._hold(request.coordinator, context)
         async with self._lock:
             runner = self.runner
             if runner is None or (request.load_id and request.load_id != runner.spec.load_id):
@@ -272,6 +313,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
     async def Telemetry(self, request, context):  # noqa: N802
         interval = effective_interval(request.interval_s)
         async for sample in telemetry_stream(Sampler, self._runner_state, self.node_id, interval):
+            self.lease.claim(request.coordinator)
             yield sample
 
     def _runner_state(self) -> tuple[worker_pb2.ShardStatus | None, dict[str, object]]:

@@ -50,9 +50,11 @@ class RunnerSpec:
     # on the command line), for the head's server and its calls to peers.
     cluster_config: str = ""
     allow_remote_code: bool = False
-    # A rank stuck this long inside one step has lost a peer that froze (a
-    # dead peer raises at once); the runner exits so the group is re-formed.
-    step_timeout: float = 120.0
+    # A rank stuck inside one step has lost a peer that froze (a dead peer
+    # raises at once); the runner exits so the group is re-formed. The bound
+    # follows the pipeline's measured pace (lockstep.StepWatch); this one
+    # holds until a first step has been measured.
+    step_timeout: float = 60.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -93,7 +95,7 @@ def main(argv: list[str]) -> int:
 def _run(spec: RunnerSpec) -> int:
     import mlx.core as mx
 
-    from pomona.worker.lockstep import StageEngine
+    from pomona.worker.lockstep import StageEngine, StepWatch
     from pomona.worker.shard import StageSpec, load_stage
 
     stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size)
@@ -119,7 +121,7 @@ def _run(spec: RunnerSpec) -> int:
                 f"expected {spec.rank} of {spec.world_size}"
             )
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
-    engine = StageEngine(shard)
+    engine = StageEngine(shard, StepWatch(first=spec.step_timeout))
     scheduler = _make_scheduler(spec, engine.can_batch()) if spec.rank == 0 else None
     _start_monitor(spec, engine, scheduler)
     if scheduler is not None:
@@ -166,11 +168,12 @@ def _start_monitor(spec: RunnerSpec, engine: Any, scheduler: Any) -> None:
         while True:
             time.sleep(1.0)
             now = time.monotonic()
-            since = engine.busy_since
-            if since is not None and now - since > spec.step_timeout:
+            watch = engine.watch
+            if watch.overdue(now) > 0:
                 message = (
-                    f"rank {spec.rank} waited {now - since:.0f} s inside one pipeline step: "
-                    "a peer stopped answering"
+                    f"rank {spec.rank} waited {watch.budget + watch.overdue(now):.1f} s inside "
+                    f"one pipeline step (the pipeline's measured pace allows {watch.budget:.1f} s):"
+                    " a peer stopped answering"
                 )
                 log.error("%s; exiting so the group can be re-formed", message)
                 emit("failed", error=message)

@@ -54,6 +54,7 @@ class ShardInfo:
     weights_bytes: int = 0
     files: tuple[str, ...] = ()
     active_bytes: int = 0
+    world_size: int = 0
 
 
 @dataclass
@@ -63,6 +64,10 @@ class RunnerProcess:
     ring_hosts: tuple[str, ...]
     log_dir: Path
     load_timeout: float
+    # A ready runner reports once a second from a thread of its own, which
+    # MLX's evaluation does not block; this long without a line from it, the
+    # process is frozen (stopped, or hung holding the interpreter).
+    silence_timeout: float = 5.0
     info: ShardInfo = field(init=False)
     _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False)
@@ -71,10 +76,13 @@ class RunnerProcess:
     _stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20), init=False)
     # The runner's latest once-a-second report (RunnerStats field names).
     stats: dict[str, object] = field(default_factory=dict, init=False)
+    _last_heard: float = field(default_factory=time.monotonic, init=False)
 
     def __post_init__(self) -> None:
         s = self.spec
-        self.info = ShardInfo(s.load_id, State.STARTING, self.model, s.start, s.end, s.rank)
+        self.info = ShardInfo(
+            s.load_id, State.STARTING, self.model, s.start, s.end, s.rank, world_size=s.world_size
+        )
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +120,7 @@ class RunnerProcess:
             asyncio.create_task(self._read_stderr()),
             asyncio.create_task(self._watch_exit()),
             asyncio.create_task(self._watch_load_time()),
+            asyncio.create_task(self._watch_silence()),
         ]
 
     async def _set(self, **changes: object) -> None:
@@ -132,6 +141,7 @@ class RunnerProcess:
     async def _read_events(self) -> None:
         assert self._proc and self._proc.stdout
         async for raw in self._proc.stdout:
+            self._last_heard = time.monotonic()
             try:
                 event = json.loads(raw)
             except ValueError:
@@ -194,6 +204,30 @@ class RunnerProcess:
                 await self.stop(grace=0.0)
                 return
             info = await self.wait_change(info, left)
+
+    async def _watch_silence(self) -> None:
+        """Fail (and kill) a ready runner that stops reporting."""
+        tick = 0.5
+        checked = time.monotonic()
+        while self.info.state not in TERMINAL:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - checked > 4 * tick:
+                # This daemon was not running (stopped, or the machine slept):
+                # what the runner said meanwhile is still unread.
+                self._last_heard = now
+            checked = now
+            silent = now - self._last_heard
+            if self.info.state is State.READY and silent > self.silence_timeout:
+                pid = self._proc.pid if self._proc else 0
+                log.error("runner %d sent nothing for %.1f s; killing it", pid, silent)
+                await self._set(
+                    state=State.FAILED,
+                    error=f"the runner (pid {pid}) stopped answering for {silent:.1f} s: "
+                    "its process is frozen (stopped, or hung)",
+                )
+                await self.stop(grace=0.0)
+                return
 
     async def send(self, command: dict[str, object]) -> None:
         if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:

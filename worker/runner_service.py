@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from pomona import rpc
 from pomona.v1 import common_pb2, runner_pb2_grpc
 from pomona.worker.lockstep import Sampling
 from pomona.worker.scheduler import Delta, Done, Finish, GenRequest, QueueFull, Scheduler
@@ -154,6 +155,10 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
             context.abort(e.code, str(e))
         except QueueFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except Exception as e:  # a fault of this request, not of the pipeline
+            log.exception("request %s failed", request.request_id)
+            context.set_trailing_metadata(((rpc.REQUEST_FAULT, "1"),))
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         context.add_callback(req.cancel)
         rid = request.request_id
         while True:

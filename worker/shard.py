@@ -400,7 +400,7 @@ def _match_stored_dtypes(
     floats = [v.dtype for v in used.values() if mx.issubdtype(v.dtype, mx.floating)]
     common = max(set(floats), key=floats.count) if floats else None
     changes = []
-    for name, value in tree_flatten(model.parameters()):
+    for name, value in dict(tree_flatten(model.parameters())).items():
         if name in used or not mx.issubdtype(value.dtype, mx.floating):
             continue
         dtype = stored.get(name, common)
