@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 
 from aiohttp import web
@@ -60,7 +61,12 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
                 await asyncio.sleep(SEED_RETRY_SECONDS)
 
     metrics = metrics_route(service.status_reply, monitor.events.counts)
-    http = await start_http(config, router, [metrics])
+    try:
+        http = await start_http(config, router, [metrics])
+    except OSError:
+        await server.stop(grace=None)  # or grpc complains at exit, with a traceback
+        monitor.events.close()
+        raise
     log.info("coordinator for cluster %r on port %d, model %s", config.cluster, port, config.model)
     watcher = HealthWatcher(cluster, config.heartbeat_timeout)
     tasks = [
@@ -102,6 +108,11 @@ async def start_http(
         await site.start()
     except OSError as e:
         await runner.cleanup()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {config.http_port} is in use; pass --http-port with a free port "
+                "(0: no HTTP API)"
+            ) from e
         raise OSError(f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror}") from e
     log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
     return runner
