@@ -14,7 +14,7 @@ from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator.cluster import Cluster
 from pomona.coordinator.discovery import Browser
-from pomona.coordinator.events import EventLog
+from pomona.coordinator.events import EventLog, events_path, prune_event_logs
 from pomona.coordinator.health import HealthWatcher
 from pomona.coordinator.metrics import metrics_route
 from pomona.coordinator.monitor import Monitor, Thresholds
@@ -34,7 +34,9 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
     # heartbeat timeout.
     late = min(max(2.5, config.heartbeat_timeout / 2), 0.9 * config.heartbeat_timeout)
     thresholds = Thresholds(late_after_s=late, lost_after_s=config.heartbeat_timeout)
-    monitor = Monitor(EventLog(config.state_dir / "events.jsonl"), thresholds)
+    events = events_path(config.state_dir, config.cluster)
+    prune_event_logs(events)
+    monitor = Monitor(EventLog(events), thresholds)
     cluster = Cluster(config, monitor)
     router = Router(cluster)
     service = CoordinatorService(cluster, router)

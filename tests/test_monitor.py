@@ -411,3 +411,32 @@ def test_stream_without_follow_sends_only_the_past() -> None:
         assert isinstance(events[0], coordinator_pb2.Event)
 
     asyncio.run(main())
+
+
+def test_each_cluster_has_its_own_event_log(tmp_path: Path) -> None:
+    from pomona.coordinator.events import events_path
+
+    lab, local = events_path(tmp_path, "lab"), events_path(tmp_path, "local-1a2b3c")
+    assert lab.parent == local.parent and lab != local
+    # A name that is no file name still gets a file of its own under the directory.
+    odd = events_path(tmp_path, "../../etc")
+    assert odd.parent == lab.parent and odd not in (lab, local)
+
+
+def test_only_the_event_logs_of_the_latest_clusters_are_kept(tmp_path: Path) -> None:
+    import os
+
+    from pomona.coordinator.events import events_path, prune_event_logs
+
+    paths = [events_path(tmp_path, f"local-{i}") for i in range(12)]
+    for i, path in enumerate(paths):
+        log = EventLog(path, max_file_bytes=200)
+        for _ in range(5):
+            log.record("node_joined", message="x" * 60)
+        log.close()
+        os.utime(path, (1_000 + i, 1_000 + i))
+    current = paths[0]  # the oldest, but the one starting now
+    deleted = prune_event_logs(current, keep=4)
+    left = sorted(p.name for p in current.parent.iterdir())
+    assert left == sorted(name for p in (paths[0], *paths[9:]) for name in (p.name, p.name + ".1"))
+    assert len(deleted) == 2 * 8

@@ -119,3 +119,25 @@ def test_status_events_and_metrics_of_a_live_cluster(tmp_path: Path) -> None:
         returned = [json.loads(line) for line in events.stdout.splitlines()]
         assert any(e["kind"] == "node_returned" and e["node_id"] == node_id for e in returned)
         assert len(status_json(coord)["nodes"]) == 2
+
+
+def event_node_names(coord) -> set[str]:  # type: ignore[no-untyped-def]
+    out = pomona("events", "--json", "--coordinator", coord.address, config=coord.config)
+    return {json.loads(line)["node_name"] for line in out.stdout.splitlines()}
+
+
+def test_events_show_only_the_history_of_this_coordinators_cluster(tmp_path: Path) -> None:
+    """`pomona up --local` names a new cluster each time, with one state directory."""
+    model = make_model(tmp_path / "llama", "llama", num_layers=4)
+    seen: dict[str, set[str]] = {}
+    for run in ("first", "second"):
+        with local_cluster(tmp_path, f"local-{run}") as c:
+            worker = c.worker(f"{run}-w").name.removeprefix("worker-")
+            # Two workers wanted, one started: the coordinator never plans.
+            coord = c.coordinator(str(model), min_workers=2)
+            seen[run] = wait_for(
+                lambda w=worker, c=coord: w in (names := event_node_names(c)) and names,
+                60,
+                "node_joined",
+            )
+    assert seen["second"] == {"second-w"}, seen
