@@ -123,6 +123,7 @@ def worker(
 ) -> None:
     """Run the worker daemon of this machine."""
     from pomona.worker.daemon import serve
+    from pomona.worker.runs_dir import prune_runs, runs_dir
 
     cluster_config, config_file = config_for_daemon(config_path, insecure)
     config = WorkerConfig(
@@ -142,6 +143,7 @@ def worker(
         or default_model_dirs(),
         max_memory_bytes=int(max_memory * 1e9),
     )
+    prune_runs(runs_dir(config.state_dir))  # logs of loads before a restart
     _run_until_signal(lambda stop: serve(config, stop=stop))
 
 
