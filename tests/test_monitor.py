@@ -285,6 +285,51 @@ def test_status_reply_lists_nodes_in_plan_order_with_their_samples() -> None:
     assert not reply.HasField("ttft_s")
 
 
+def test_every_stage_serving_shows_the_pipelines_tokens_per_second() -> None:
+    """Only the head runner counts tokens; every stage of its pipeline shares the figure."""
+    monitor = Monitor()
+    for node_id in ("head", "mid", "tail", "spare"):
+        monitor.add_node(node_id, node_id, now=0.0)
+    monitor.observe_sample(
+        "head", sample(shard=shard(rank=0), runner=head_runner(42.0, 1)), now=1.0
+    )
+    monitor.observe_sample("mid", sample(shard=shard(rank=1), runner=head_runner(0.0, 0)), now=1.0)
+    monitor.observe_sample("tail", sample(shard=shard(LOADING, rank=2)), now=1.0)
+    monitor.observe_sample("spare", sample(), now=1.0)
+    plan = [Assignment(n, n, 8 * i, 8 * i + 8, GB) for i, n in enumerate(("head", "mid", "tail"))]
+    nodes = [NodeInfo(n, n, "", "serving") for n in ("head", "mid", "tail")]
+    reply = to_status_reply(
+        monitor, cluster="lab", model="m", serving=True, problem="", load_id="L1", now=1.5,
+        nodes=[*nodes, NodeInfo("spare", "spare", "", "idle")], plan=plan,
+    )  # fmt: skip
+    rates = {
+        n.node.name: n.pipeline_tokens_per_s if n.HasField("pipeline_tokens_per_s") else None
+        for n in reply.nodes
+    }
+    assert rates == {"head": 42.0, "mid": 42.0, "tail": None, "spare": None}
+
+
+def test_a_lost_node_shows_no_stale_figures() -> None:
+    monitor = Monitor()
+    for node_id in ("a", "b"):
+        monitor.add_node(node_id, node_id, now=0.0)
+        monitor.observe_sample(node_id, sample(shard=shard(rank=0)), now=1.0)
+        monitor.observe_rtt(node_id, 0.002)
+    monitor.mark_lost("b", "telemetry stream closed")
+    nodes = [NodeInfo("a", "a", "", "serving"), NodeInfo("b", "b", "", "serving")]
+    plan = [Assignment("a", "a", 0, 8, GB), Assignment("b", "b", 8, 16, GB)]
+    reply = to_status_reply(
+        monitor, cluster="lab", model="m", serving=True, problem="", nodes=nodes, plan=plan,
+        load_id="L1", now=1.5,
+    )  # fmt: skip
+    a, b = reply.nodes
+    assert a.HasField("sample") and a.HasField("heartbeat_rtt_s")
+    assert b.node.state == coordinator_pb2.NODE_STATE_LOST
+    assert not b.HasField("sample") and not b.HasField("heartbeat_rtt_s")
+    assert not b.node.HasField("shard") and not b.HasField("pipeline_tokens_per_s")
+    assert b.last_seen_s == pytest.approx(0.5)
+
+
 # ---- the event log -------------------------------------------------------------------
 
 
