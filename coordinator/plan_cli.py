@@ -88,6 +88,7 @@ def _load_nodes_from_coordinator(address: str, config_path: Path | None = None) 
     import grpc
 
     from pomona import rpc
+    from pomona.client import coordinator_error
     from pomona.coordinator.placement import node_spec
     from pomona.credentials import client_auth
     from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -96,7 +97,7 @@ def _load_nodes_from_coordinator(address: str, config_path: Path | None = None) 
     try:
         reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
     except grpc.RpcError as e:
-        raise click.ClickException(rpc.describe_error(e, address)) from None
+        raise click.ClickException(coordinator_error(e, address, config_path)) from None
     nodes = [
         node_spec(n.node_id, n.name, n.hardware, n.address)
         for n in reply.nodes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 
 from aiohttp import web
@@ -13,7 +14,7 @@ from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator.cluster import Cluster
 from pomona.coordinator.discovery import Browser
-from pomona.coordinator.events import EventLog
+from pomona.coordinator.events import EventLog, events_path, prune_event_logs
 from pomona.coordinator.health import HealthWatcher
 from pomona.coordinator.metrics import metrics_route
 from pomona.coordinator.monitor import Monitor, Thresholds
@@ -33,7 +34,9 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
     # heartbeat timeout.
     late = min(max(2.5, config.heartbeat_timeout / 2), 0.9 * config.heartbeat_timeout)
     thresholds = Thresholds(late_after_s=late, lost_after_s=config.heartbeat_timeout)
-    monitor = Monitor(EventLog(config.state_dir / "events.jsonl"), thresholds)
+    events = events_path(config.state_dir, config.cluster)
+    prune_event_logs(events)
+    monitor = Monitor(EventLog(events), thresholds)
     cluster = Cluster(config, monitor)
     router = Router(cluster)
     service = CoordinatorService(cluster, router)
@@ -60,7 +63,12 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
                 await asyncio.sleep(SEED_RETRY_SECONDS)
 
     metrics = metrics_route(service.status_reply, monitor.events.counts)
-    http = await start_http(config, router, [metrics])
+    try:
+        http = await start_http(config, router, [metrics])
+    except OSError:
+        await server.stop(grace=None)  # or grpc complains at exit, with a traceback
+        monitor.events.close()
+        raise
     log.info("coordinator for cluster %r on port %d, model %s", config.cluster, port, config.model)
     watcher = HealthWatcher(cluster, config.heartbeat_timeout)
     tasks = [
@@ -102,6 +110,11 @@ async def start_http(
         await site.start()
     except OSError as e:
         await runner.cleanup()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {config.http_port} is in use; pass --http-port with a free port "
+                "(0: no HTTP API)"
+            ) from e
         raise OSError(f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror}") from e
     log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
     return runner

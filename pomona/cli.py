@@ -14,7 +14,12 @@ import click
 import grpc
 
 from pomona import rpc
-from pomona.client import check_address, coordinator_options, coordinator_stub
+from pomona.client import (
+    check_address,
+    coordinator_error,
+    coordinator_options,
+    coordinator_stub,
+)
 from pomona.config import (
     DEFAULT_CLUSTER,
     DEFAULT_COORDINATOR_PORT,
@@ -118,6 +123,7 @@ def worker(
 ) -> None:
     """Run the worker daemon of this machine."""
     from pomona.worker.daemon import serve
+    from pomona.worker.runs_dir import prune_runs, runs_dir
 
     cluster_config, config_file = config_for_daemon(config_path, insecure)
     config = WorkerConfig(
@@ -137,6 +143,7 @@ def worker(
         or default_model_dirs(),
         max_memory_bytes=int(max_memory * 1e9),
     )
+    prune_runs(runs_dir(config.state_dir))  # logs of loads before a restart
     _run_until_signal(lambda stop: serve(config, stop=stop))
 
 
@@ -314,7 +321,7 @@ def nodes(coordinator: str, config_path: Path | None, as_json: bool) -> None:
             coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT
         )
     except grpc.RpcError as e:
-        raise click.ClickException(rpc.describe_error(e, coordinator)) from None
+        raise click.ClickException(coordinator_error(e, coordinator, config_path)) from None
     print_nodes(reply, as_json)
 
 
@@ -343,6 +350,7 @@ def generate(
     request = common_pb2.GenerateRequest(
         prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=list(stop)
     )
+    written = False
     try:
         for chunk in coordinator_stub(coordinator, config_path).Generate(
             request, timeout=rpc.GENERATE_TIMEOUT
@@ -350,8 +358,11 @@ def generate(
             if chunk.text:
                 click.echo(chunk.text, nl=False)
                 sys.stdout.flush()
+                written = True
     except grpc.RpcError as e:
-        raise click.ClickException(rpc.describe_error(e, coordinator)) from None
+        if written:  # the error goes on a line of its own
+            click.echo()
+        raise click.ClickException(coordinator_error(e, coordinator, config_path)) from None
     except KeyboardInterrupt:
         raise click.Abort() from None
     click.echo()

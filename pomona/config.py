@@ -98,5 +98,5 @@ class CoordinatorConfig:
     # A request that had no token yet when the pipeline broke waits this long
     # for the pipeline to re-form, then is retried; otherwise it fails.
     retry_timeout: float = 120.0
-    # The event log (events.jsonl) lives here.
+    # The event logs (events/<cluster>.jsonl) live here.
     state_dir: Path = field(default_factory=lambda: default_state_dir() / "coordinator")

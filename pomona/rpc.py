@@ -106,6 +106,10 @@ def add_port(server: grpc.Server | grpc.aio.Server, address: str, auth: Auth | N
     return port
 
 
+# How grpc words a connection that broke after the call had started.
+_CUT_OFF = ("socket closed", "connection reset", "broken pipe", "goaway", "end of tcp stream")
+
+
 def describe_error(err: grpc.RpcError, address: str) -> str:
     """One line for a user: what failed and where."""
     code = err.code() if hasattr(err, "code") else None
@@ -121,8 +125,20 @@ def describe_error(err: grpc.RpcError, address: str) -> str:
             f"TLS with {address} failed: both machines need certificates from the same "
             f"`pomona init --tls` ({details})"
         )
+    if code == grpc.StatusCode.UNAVAILABLE and "http1.x server" in lowered:
+        return f"{address} is an HTTP port, not a gRPC one: pass the server's gRPC port"
+    if code == grpc.StatusCode.UNAVAILABLE and "cancelling all calls" in lowered:
+        return f"{address} shut down while answering: the reply was cut off"
+    if (
+        code == grpc.StatusCode.UNAVAILABLE
+        and "failed to connect" not in lowered
+        and any(word in lowered for word in _CUT_OFF)
+    ):
+        return f"the connection to {address} broke while answering: the reply was cut off"
     if code == grpc.StatusCode.UNAVAILABLE and "connect" in lowered:
         return f"cannot reach {address}: is it running? ({details})"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"{address} does not serve this call: is it the right port? ({details})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{address} did not answer in time"
     return details or f"{address} failed with {code}"
