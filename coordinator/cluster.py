@@ -116,6 +116,8 @@ class Cluster:
         if known is not None:
             log.info("worker %s (%s) is now at %s", reply.name, reply.node_id, address)
             member.state = known.state
+            self.members[reply.node_id] = member
+            await self.close_unused_channels()
         else:
             log.info("worker %s (node %s) joined at %s", reply.name, reply.node_id, address)
         self.members[reply.node_id] = member
@@ -499,6 +501,7 @@ class Cluster:
         for m in plan_members:
             if m.state != "lost":
                 m.state = "idle"
+        await self.close_unused_channels()
         self.note_change()
 
     async def _set_serving(self, serving: Serving | None) -> None:

@@ -38,6 +38,9 @@ from pomona.security import Auth, write_local_config
 from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
+# A child's log grows across runs of `pomona up` up to this, then starts anew
+# (the previous one kept as NAME.log.1).
+LOG_MAX_BYTES = 8 << 20
 # Problems the cluster does not get over by waiting.
 FATAL = ("unknown model", "cannot", "the checkpoint")
 
@@ -95,6 +98,8 @@ class LocalCluster:
         log_dir = self.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{name}.log"
+        if log_path.exists() and log_path.stat().st_size > LOG_MAX_BYTES:
+            log_path.replace(log_path.with_suffix(".log.1"))
         log = log_path.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pomona", *args],

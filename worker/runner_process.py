@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 
 from pomona.worker.runner import RunnerSpec
+from pomona.worker.runs_dir import prune_runs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class RunnerProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         hostfile = self.log_dir / f"hosts-{self.spec.load_id}.json"
         hostfile.write_text(json.dumps([[h] for h in self.ring_hosts]))
+        prune_runs(self.log_dir, current=self.spec.load_id)
         env = dict(os.environ)
         env.update(
             MLX_RANK=str(self.spec.rank),
