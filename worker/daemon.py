@@ -105,6 +105,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self.hardware = read_hardware()
         self.runner: RunnerProcess | None = None
         self.lease = Lease()
+        # Open telemetry streams per coordinator: the last one closing frees its lease.
+        self._watchers: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
@@ -312,9 +314,19 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     async def Telemetry(self, request, context):  # noqa: N802
         interval = effective_interval(request.interval_s)
-        async for sample in telemetry_stream(Sampler, self._runner_state, self.node_id, interval):
-            self.lease.claim(request.coordinator)
-            yield sample
+        watchers = self._watchers
+        watchers[request.coordinator] = watchers.get(request.coordinator, 0) + 1
+        try:
+            async for sample in telemetry_stream(
+                Sampler, self._runner_state, self.node_id, interval
+            ):
+                self.lease.claim(request.coordinator)
+                yield sample
+        finally:
+            watchers[request.coordinator] -= 1
+            if not watchers[request.coordinator]:
+                del watchers[request.coordinator]
+                self.lease.release(request.coordinator)
 
     def _runner_state(self) -> tuple[worker_pb2.ShardStatus | None, dict[str, object]]:
         runner = self.runner

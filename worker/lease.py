@@ -5,7 +5,8 @@ one that came back) must never both load and unload the same workers: each
 would tear down the other's pipeline. A worker is held by the coordinator that
 watches it (its telemetry stream renews the lease) or loaded it; any other is
 refused Load and Unload until the lease lapses, ``ttl`` seconds after the
-holder's last heartbeat.
+holder's last heartbeat, or at once when the holder's stream closes (a
+coordinator that exits or is killed closes its connections).
 """
 
 from __future__ import annotations
@@ -38,3 +39,8 @@ class Lease:
         if who:
             self.holder, self.renewed = who, now
         return ""
+
+    def release(self, who: str) -> None:
+        """``who`` stopped watching (its stream closed): the lease is free at once."""
+        if who and self.holder == who:
+            self.holder, self.renewed = "", 0.0
