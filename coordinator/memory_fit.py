@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pomona.chips import lookup_chip
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.model_profile import ModelProfile
 from pomona.units import format_bytes
 
 if TYPE_CHECKING:

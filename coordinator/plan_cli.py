@@ -25,10 +25,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pomona.coordinator.model_profile import ModelProfile
 from pomona.coordinator.nodes_file import load_nodes_file
 from pomona.coordinator.planner import OBJECTIVES, NodeSpec, Objective, Plan, plan
 from pomona.credentials import CONFIG_OPTION
+from pomona.model_profile import ModelProfile
 
 GIB = 2**30
 DEFAULT_CONTEXT = 4096

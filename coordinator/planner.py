@@ -22,7 +22,7 @@ from pomona.coordinator.memory_fit import (
     resolve_node,
     split_layers,
 )
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.model_profile import ModelProfile
 
 __all__ = ["Link", "NodeSpec", "Plan", "PlanError", "Stage", "plan", "split_layers"]
 

@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model
 
-from pomona.coordinator.model_profile import ModelProfile, read_safetensors_header
+from pomona.model_profile import ModelProfile, read_safetensors_header
 
 CONFIGS = Path(__file__).parents[2] / "shared" / "model-configs"
 needs_configs = pytest.mark.skipif(

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from pomona.chips import chip_bandwidth_gbs, lookup_chip, suggest_chip
-from pomona.coordinator.model_profile import LayerProfile, ModelProfile
 from pomona.coordinator.planner import (
     MEMORY_EFFICIENCY,
     Link,
@@ -20,6 +19,7 @@ from pomona.coordinator.planner import (
     plan,
     split_layers,
 )
+from pomona.model_profile import LayerProfile, ModelProfile
 
 GIB = 2**30
 CONFIGS = Path(__file__).parents[2] / "shared" / "model-configs"

@@ -19,10 +19,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pomona import rpc
 from pomona.chips import lookup_chip
 from pomona.config import PROTOCOL_VERSION, WorkerConfig
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.mdns import make_zeroconf
+from pomona.model_profile import ModelProfile
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.v1 import worker_pb2, worker_pb2_grpc
-from pomona.worker.advertise import make_zeroconf, service_info
+from pomona.worker.advertise import service_info
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
