@@ -75,7 +75,8 @@ def resolve_node(spec: NodeSpec, os_reserve_bytes: int = DEFAULT_OS_RESERVE_BYTE
     budget = min(limit, total - os_reserve_bytes - spec.memory_in_use_bytes)
     chip = lookup_chip(spec.chip)
     bandwidth = spec.bandwidth_gbs or (chip.bandwidth_gbs(spec.gpu_cores) if chip else None)
-    cores = spec.gpu_cores or (chip.variant().gpu_cores if chip else DEFAULT_GPU_CORES)
+    variant = chip.variant() if chip else None
+    cores = spec.gpu_cores or (variant.gpu_cores if variant else DEFAULT_GPU_CORES)
     return NodeBudget(
         spec=spec,
         budget=budget,

@@ -17,7 +17,7 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
-from pomona.chips import lookup_chip
+from pomona.chips import chip_bandwidth_gbs
 from pomona.config import PROTOCOL_VERSION, WorkerConfig
 from pomona.mdns import make_zeroconf
 from pomona.model_profile import ModelProfile
@@ -95,11 +95,11 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self._lock = asyncio.Lock()
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
-        # table does not know the chip.
+        # table does not know the chip or this variant of it.
         self.bandwidth_gbs: float | None = None
 
     async def measure_bandwidth(self) -> None:
-        if lookup_chip(self.hardware.chip or "") is not None:
+        if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
             return
         self.bandwidth_gbs = await asyncio.to_thread(
             cached_bandwidth_gbs, self.config.state_dir, machine_fingerprint()
