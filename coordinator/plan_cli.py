@@ -17,6 +17,7 @@ JSON output (`--json`) is the plan as one object:
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,8 +37,11 @@ QUANT_GROUP_SIZE = 64
 
 
 def bundled_config_dirs() -> list[Path]:
-    """Folders of real model configs that MODEL may name (e.g. "llama-3.1-70b")."""
-    return [Path(__file__).resolve().parents[2] / "shared" / "model-configs"]
+    """Folders of real model configs that MODEL may name (e.g. "llama-3.1-70b").
+
+    They ship inside the package (package data), so an installed wheel finds them.
+    """
+    return [Path(str(resources.files("pomona") / "model_configs"))]
 
 
 def _bundled_names() -> list[str]:

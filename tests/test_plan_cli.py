@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
 from pomona.coordinator.nodes_file import NodesFileError, parse_nodes
-from pomona.coordinator.plan_cli import bundled_config_dirs, plan_command
+from pomona.coordinator.plan_cli import plan_command
 
 GIB = 2**30
 # Llama 3.1 70B's architecture: planning needs no weights, so the test carries the config.
@@ -120,9 +120,6 @@ def test_a_model_folder_is_planned_from_its_safetensors_headers(tmp_path: Path, 
     assert run(str(folder), "--nodes", str(lab), "--bits", "4").exit_code != 0
 
 
-@pytest.mark.skipif(
-    not any(d.is_dir() for d in bundled_config_dirs()), reason="bundled model configs not found"
-)
 def test_a_bundled_config_is_found_by_name(lab: Path) -> None:
     result = run("qwen3-235b-a22b", "--nodes", str(lab), "--bits", "4")
     assert result.exit_code == 0, result.output

@@ -22,7 +22,7 @@ from pomona.coordinator.planner import (
 from pomona.model_profile import LayerProfile, ModelProfile
 
 GIB = 2**30
-CONFIGS = Path(__file__).parents[2] / "shared" / "model-configs"
+CONFIGS = Path(__file__).parents[1] / "pomona" / "model_configs"
 needs_configs = pytest.mark.skipif(
     not CONFIGS.is_dir(), reason=f"real model configs not found at {CONFIGS}"
 )
