@@ -279,6 +279,7 @@ class Cluster:
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
                 prefill_step=self.config.prefill_step,
+                chat_template=self.config.chat_template,
             )
             for rank, a in enumerate(assignments)
         ]

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
 from pomona.chips import chip_bandwidth_gbs
-from pomona.config import PROTOCOL_VERSION, WorkerConfig
+from pomona.config import MAX_CHAT_TEMPLATE_CHARS, PROTOCOL_VERSION, WorkerConfig
 from pomona.mdns import make_zeroconf
 from pomona.model_profile import ModelProfile
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
@@ -202,6 +202,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 max_batch=request.max_batch or RunnerSpec.max_batch,
                 max_queue=request.max_queue or RunnerSpec.max_queue,
                 prefill_step=request.prefill_step or RunnerSpec.prefill_step,
+                chat_template=request.chat_template,
             )
             self.runner = RunnerProcess(
                 spec,
@@ -228,6 +229,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return "max_batch must be 0..64 and max_queue 0..100000"
         if not 0 <= r.prefill_step <= 65536:
             return "prefill_step must be 0..65536"
+        if len(r.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
+            return f"the chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters"
         backend = r.backend or "ring"
         if backend not in BACKENDS:
             return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"
