@@ -17,6 +17,7 @@ from pomona import rpc
 from pomona.client import check_address, coordinator_options, coordinator_stub
 from pomona.config import (
     DEFAULT_CLUSTER,
+    DEFAULT_CONTEXT,
     DEFAULT_COORDINATOR_PORT,
     DEFAULT_HTTP_PORT,
     DEFAULT_MODEL,
@@ -228,7 +229,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--context",
     type=click.IntRange(16, 1 << 22),
-    default=8192,
+    default=DEFAULT_CONTEXT,
     show_default=True,
     help="Longest prompt + output, in tokens (capped by the model's).",
 )

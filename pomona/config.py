@@ -20,6 +20,9 @@ DEFAULT_MODEL = "pomona-demo"
 # A chat template travels to each runner inside its spec, one command-line argument,
 # which Linux caps at 128 KiB; real templates are a few KiB.
 MAX_CHAT_TEMPLATE_CHARS = 64 * 1024
+# Tokens of context (prompt + output) the coordinator reserves KV cache for, and the
+# context `pomona plan` plans for unless told otherwise.
+DEFAULT_CONTEXT = 8192
 
 
 def default_state_dir() -> Path:
@@ -96,7 +99,7 @@ class CoordinatorConfig:
     # "throughput" uses every node that fits. KV cache is reserved for
     # ``concurrency`` sequences of ``context`` tokens.
     objective: str = "latency"
-    context: int = 8192
+    context: int = DEFAULT_CONTEXT
     concurrency: int = 4
     # A node whose heartbeats stop for this long (and that then fails a
     # direct probe) is lost.
