@@ -379,6 +379,7 @@ class Cluster:
                 max_queue=self.config.max_queue,
                 prefill_step=self.config.prefill_step,
                 coordinator=self.coordinator_id,
+                chat_template=self.config.chat_template,
             )
             for rank, a in enumerate(assignments)
         ]

@@ -22,10 +22,12 @@ from pomona.client import (
 )
 from pomona.config import (
     DEFAULT_CLUSTER,
+    DEFAULT_CONTEXT,
     DEFAULT_COORDINATOR_PORT,
     DEFAULT_HTTP_PORT,
     DEFAULT_MODEL,
     DEFAULT_WORKER_PORT,
+    MAX_CHAT_TEMPLATE_CHARS,
     CoordinatorConfig,
     WorkerConfig,
     default_model_dirs,
@@ -73,6 +75,33 @@ HTTP_PORT_OPTION = click.option(
     show_default=True,
     help="Port of the OpenAI-compatible HTTP API and /metrics (0: off).",
 )
+
+CHAT_TEMPLATE_OPTION = click.option(
+    "--chat-template",
+    "chat_template_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Jinja chat template file replacing the model's own. Without one, a model that "
+    "has none gets mlx_lm.server's plain 'USER: ... ASSISTANT:' format.",
+)
+
+
+def read_chat_template(path: Path | None) -> str:
+    """The text of a --chat-template file ("" without one); a bad file is a one-line error."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"cannot read --chat-template {path}: {e}") from None
+    if not text.strip():
+        raise click.ClickException(f"--chat-template {path} is empty")
+    if len(text) > MAX_CHAT_TEMPLATE_CHARS:
+        raise click.ClickException(
+            f"--chat-template {path} is over {MAX_CHAT_TEMPLATE_CHARS} characters"
+        )
+    return text
+
 
 INSECURE_OPTION = click.option(
     "--insecure",
@@ -207,7 +236,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--context",
     type=click.IntRange(16, 1 << 22),
-    default=8192,
+    default=DEFAULT_CONTEXT,
     show_default=True,
     help="Longest prompt + output, in tokens (capped by the model's).",
 )
@@ -242,6 +271,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--state-dir", type=click.Path(path_type=Path), default=None, help="Event log directory."
 )
+@CHAT_TEMPLATE_OPTION
 @CONFIG_OPTION
 @INSECURE_OPTION
 def coordinator(
@@ -264,6 +294,7 @@ def coordinator(
     heartbeat_timeout: float,
     retry_timeout: float,
     state_dir: Path | None,
+    chat_template_file: Path | None,
     config_path: Path | None,
     insecure: bool,
 ) -> None:
@@ -273,6 +304,7 @@ def coordinator(
     for seed in seeds:
         check_address(seed, "--worker")
     split = _parse_layers(layers)
+    chat_template = read_chat_template(chat_template_file)
     cluster_config, _ = config_for_daemon(config_path, insecure)
     api_key = os.environ.get("POMONA_API_KEY", "") or (
         cluster_config.api_key if cluster_config and cluster_config.api_key else ""
@@ -297,6 +329,7 @@ def coordinator(
         max_batch=max_batch,
         max_queue=max_queue,
         prefill_step=prefill_step,
+        chat_template=chat_template,
         objective=objective,
         context=context,
         concurrency=concurrency,
@@ -383,15 +416,29 @@ def generate(
 @HTTP_PORT_OPTION
 @click.option("--layers", default=None, help="Layers per worker, e.g. 3,5.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
+@CHAT_TEMPLATE_OPTION
 def up(
-    count: int, model: str, port: int, http_port: int, layers: str | None, timeout: float
+    count: int,
+    model: str,
+    port: int,
+    http_port: int,
+    layers: str | None,
+    timeout: float,
+    chat_template_file: Path | None,
 ) -> None:
     """Start a cluster of local workers and a coordinator on this machine."""
     from pomona.local import LocalCluster
 
     _parse_layers(layers)
+    read_chat_template(chat_template_file)  # a bad file fails here, not in the coordinator
     cluster = LocalCluster(
-        count, model, port, layers, state_dir=default_state_dir() / "local", http_port=http_port
+        count,
+        model,
+        port,
+        layers,
+        state_dir=default_state_dir() / "local",
+        http_port=http_port,
+        chat_template=chat_template_file.resolve() if chat_template_file else None,
     )
     sys.exit(cluster.run(timeout))
 

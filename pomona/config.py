@@ -17,6 +17,12 @@ DEFAULT_COORDINATOR_PORT = 50150
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_WORKER_PORT = 50151
 DEFAULT_MODEL = "pomona-demo"
+# A chat template travels to each runner inside its spec, one command-line argument,
+# which Linux caps at 128 KiB; real templates are a few KiB.
+MAX_CHAT_TEMPLATE_CHARS = 64 * 1024
+# Tokens of context (prompt + output) the coordinator reserves KV cache for, and the
+# context `pomona plan` plans for unless told otherwise.
+DEFAULT_CONTEXT = 8192
 
 
 def default_state_dir() -> Path:
@@ -86,11 +92,14 @@ class CoordinatorConfig:
     max_batch: int = 16
     max_queue: int = 64
     prefill_step: int = 512
+    # A Jinja chat template replacing the model's own (the text, read at the CLI);
+    # empty: the model's, or a plain role format for a model without one.
+    chat_template: str = ""
     # The planner: "latency" uses the fewest, fastest nodes that fit;
     # "throughput" uses every node that fits. KV cache is reserved for
     # ``concurrency`` sequences of ``context`` tokens.
     objective: str = "latency"
-    context: int = 8192
+    context: int = DEFAULT_CONTEXT
     concurrency: int = 4
     # A node whose heartbeats stop for this long (and that then fails a
     # direct probe) is lost.

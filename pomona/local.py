@@ -81,12 +81,14 @@ class LocalCluster:
         layers: str | None,
         state_dir: Path,
         http_port: int = 0,
+        chat_template: Path | None = None,
     ):
         self.count = count
         self.http_port = http_port
         self.model = model
         self.port = port
         self.layers = layers
+        self.chat_template = chat_template
         self.state_dir = state_dir
         self.cluster = f"local-{secrets.token_hex(3)}"
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -142,6 +144,8 @@ class LocalCluster:
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]
+        if self.chat_template is not None:
+            args += ["--chat-template", str(self.chat_template)]
         self._spawn("coordinator", args)
 
     def _model_dir_args(self) -> list[str]:

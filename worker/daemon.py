@@ -18,12 +18,13 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
-from pomona.chips import lookup_chip
-from pomona.config import PROTOCOL_VERSION, WorkerConfig
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.chips import chip_bandwidth_gbs
+from pomona.config import MAX_CHAT_TEMPLATE_CHARS, PROTOCOL_VERSION, WorkerConfig
+from pomona.mdns import make_zeroconf
+from pomona.model_profile import ModelProfile
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.v1 import worker_pb2, worker_pb2_grpc
-from pomona.worker.advertise import make_zeroconf, service_info
+from pomona.worker.advertise import service_info
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
@@ -110,11 +111,11 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self._lock = asyncio.Lock()
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
-        # table does not know the chip.
+        # table does not know the chip or this variant of it.
         self.bandwidth_gbs: float | None = None
 
     async def measure_bandwidth(self) -> None:
-        if lookup_chip(self.hardware.chip or "") is not None:
+        if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
             return
         self.bandwidth_gbs = await asyncio.to_thread(
             cached_bandwidth_gbs, self.config.state_dir, machine_fingerprint()
@@ -243,6 +244,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 max_batch=request.max_batch or RunnerSpec.max_batch,
                 max_queue=request.max_queue or RunnerSpec.max_queue,
                 prefill_step=request.prefill_step or RunnerSpec.prefill_step,
+                chat_template=request.chat_template,
             )
             self.runner = RunnerProcess(
                 spec,
@@ -269,6 +271,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return "max_batch must be 0..64 and max_queue 0..100000"
         if not 0 <= r.prefill_step <= 65536:
             return "prefill_step must be 0..65536"
+        if len(r.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
+            return f"the chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters"
         backend = r.backend or "ring"
         if backend not in BACKENDS:
             return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"

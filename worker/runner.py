@@ -50,6 +50,8 @@ class RunnerSpec:
     # on the command line), for the head's server and its calls to peers.
     cluster_config: str = ""
     allow_remote_code: bool = False
+    # Replaces the model's chat template when set.
+    chat_template: str = ""
     # A rank stuck inside one step has lost a peer that froze (a dead peer
     # raises at once); the runner exits so the group is re-formed. The bound
     # follows the pipeline's measured pace (lockstep.StepWatch); this one
@@ -141,7 +143,8 @@ def _make_scheduler(spec: RunnerSpec, can_batch: bool) -> Any:
 
     from pomona.worker.scheduler import Scheduler
 
-    tokenizer = load_tokenizer(Path(spec.model_path))
+    extra = {"chat_template": spec.chat_template} if spec.chat_template else None
+    tokenizer = load_tokenizer(Path(spec.model_path), tokenizer_config_extra=extra)
     scheduler = Scheduler(
         lambda: tokenizer.detokenizer,
         tokenizer.eos_token_ids,

@@ -126,7 +126,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator")
+    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class LoadRequest(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_STEP_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     model: str
     start_layer: int
@@ -155,7 +156,8 @@ class LoadRequest(_message.Message):
     max_queue: int
     prefill_step: int
     coordinator: str
-    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ...) -> None: ...
+    chat_template: str
+    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("load_id", "coordinator")
