@@ -29,6 +29,10 @@ SEED_RETRY_SECONDS = 5.0
 
 
 async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> None:
+    # The port first: a coordinator that cannot have it touches nothing else
+    # (another one may be serving this cluster from this state folder).
+    server = rpc.aio_server(config.auth)
+    port = rpc.add_port(server, f"{config.host}:{config.port}", config.auth)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     # A sample is due every second: late (degraded) after 2.5 s, lost at the
     # heartbeat timeout.
@@ -40,13 +44,9 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
     cluster = Cluster(config, monitor)
     router = Router(cluster)
     service = CoordinatorService(cluster, router)
-    server = rpc.aio_server(config.auth)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = rpc.add_port(server, f"{config.host}:{config.port}", config.auth)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 

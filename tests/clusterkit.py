@@ -99,8 +99,16 @@ class LocalCluster:
     procs: list[Proc] = field(default_factory=list)
     taken: set[int] = field(default_factory=set)
 
-    def _spawn(self, name: str, args: list[str], port: int, config: Path) -> Proc:
-        log = self.root / f"{name}.log"
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        config: Path,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        same = sum(p.name == name for p in self.procs)
+        log = self.root / (f"{name}.log" if not same else f"{name}.{same}.log")
         with log.open("ab") as f:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pomona", "-v", *args, "--config", str(config)],
@@ -108,6 +116,7 @@ class LocalCluster:
                 stdout=f,
                 stderr=f,
                 start_new_session=True,
+                env={**os.environ, **env} if env else None,
             )
         proc = Proc(name, popen, log, port, config)
         self.procs.append(proc)
@@ -121,16 +130,18 @@ class LocalCluster:
         port: int = 0,
         extra: tuple[str, ...] = (),
         config: Path | None = None,
+        model_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         port = port or free_port_pair(self.taken)
         args = [
             "worker", "--port", str(port), "--host", LOOPBACK, "--name", name,
             "--cluster", cluster or self.cluster, "--address", LOOPBACK,
             "--mdns-interface", LOOPBACK, "--state-dir", str(self.root / f"state-{name}"),
-            "--model-dir", str(self.root), *extra,
+            "--model-dir", str(model_dir or self.root), *extra,
         ]  # fmt: skip
         config = config or cluster_config(self.root, cluster or self.cluster)
-        return self._spawn(f"worker-{name}", args, port, config)
+        return self._spawn(f"worker-{name}", args, port, config, env)
 
     def coordinator(
         self,
@@ -141,13 +152,16 @@ class LocalCluster:
         extra: tuple[str, ...] = (),
         http_port: int = 0,
         config: Path | None = None,
+        port: int = 0,
+        state_dir: Path | None = None,
     ) -> Proc:
-        port = free_port_pair(self.taken)
+        port = port or free_port_pair(self.taken)
         args = [
             "coordinator", "--port", str(port), "--host", LOOPBACK, "--model", model,
             "--cluster", self.cluster, "--min-workers", str(min_workers),
             "--mdns-interface", LOOPBACK, "--objective", "throughput",
-            "--http-port", str(http_port), "--state-dir", str(self.root / "coordinator"), *extra,
+            "--http-port", str(http_port),
+            "--state-dir", str(state_dir or self.root / "coordinator"), *extra,
         ]  # fmt: skip
         if layers:
             args += ["--layers", layers]
