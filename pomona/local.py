@@ -186,7 +186,8 @@ class LocalCluster:
                     self.console.print(
                         f"[yellow]{name} exited with code {proc.returncode}[/yellow]; the "
                         f"coordinator re-forms the pipeline on the {self.count - len(gone)} "
-                        "workers left (it is not restarted)"
+                        "workers left (it is not restarted)",
+                        soft_wrap=True,
                     )
             if gone:
                 try:
@@ -196,7 +197,7 @@ class LocalCluster:
                 if reply is not None:
                     line = _layout(reply)
                     if line != shown:
-                        self.console.print(line)
+                        self.console.print(line, soft_wrap=True, markup=False)
                         shown = line
             time.sleep(0.5)
         return 0
