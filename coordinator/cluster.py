@@ -26,6 +26,7 @@ from pomona.coordinator import events as ev
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
+from pomona.tokens import check_describe_proof, new_challenge
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,26 @@ class Cluster:
 
     async def add_address(self, address: str, props: dict[str, str] | None = None) -> Member | None:
         """Describe the worker at ``address`` and keep it if it belongs here."""
+        challenge = new_challenge()
         stub = worker_pb2_grpc.WorkerStub(self.channel(address))
         try:
-            reply = await stub.Describe(worker_pb2.DescribeRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
+            reply = await stub.Describe(
+                worker_pb2.DescribeRequest(challenge=challenge), timeout=rpc.DESCRIBE_TIMEOUT
+            )
         except grpc.aio.AioRpcError as e:
             log.warning("cannot describe worker at %s: %s", address, rpc.describe_error(e, address))
             return None
         if reply.cluster != self.config.cluster:
             log.info("ignoring %s at %s: cluster %r", reply.name, address, reply.cluster)
             return None
+        if not self._proven(reply, challenge):
+            log.warning("ignoring %s at %s: no proof of the cluster secret", reply.name, address)
+            return None
         known = self.members.get(reply.node_id)
         if known is not None and known.address == address:
             known.describe = reply
             return known
+        stub = worker_pb2_grpc.WorkerStub(self.channel(address, reply.node_id))
         member = Member(reply.node_id, reply.name, address, reply, stub)
         if known is not None:
             log.info("worker %s (%s) is now at %s", reply.name, reply.node_id, address)
@@ -119,10 +127,23 @@ class Cluster:
             member.state = "idle"
             self.note_change()
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = rpc.aio_channel(address, self.config.auth)
-        return self._channels[address]
+    def _proven(self, reply: worker_pb2.DescribeReply, challenge: bytes) -> bool:
+        """Whether the worker answered our challenge with the secret (or none is in use)."""
+        secrets = self.config.auth.secrets if self.config.auth else None
+        if secrets is None:
+            return True
+        body = worker_pb2.DescribeReply()
+        body.CopyFrom(reply)
+        body.ClearField("proof")
+        data = body.SerializeToString(deterministic=True)
+        return check_describe_proof(secrets, challenge, reply.node_id, data, reply.proof)
+
+    def channel(self, address: str, target: str = "") -> grpc.aio.Channel:
+        """A channel to the server at ``address`` named ``target`` (a node id) in tokens."""
+        key = f"{address}|{target}"
+        if key not in self._channels:
+            self._channels[key] = rpc.aio_channel(address, self.config.auth, target)
+        return self._channels[key]
 
     def note_change(self) -> None:
         self._last_change = time.monotonic()
@@ -279,6 +300,7 @@ class Cluster:
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
                 prefill_step=self.config.prefill_step,
+                node_ids=[m.node_id for m in ordered],
             )
             for rank, a in enumerate(assignments)
         ]

@@ -79,6 +79,9 @@ INSECURE_OPTION = click.option(
 @main.command()
 @click.option("--port", default=DEFAULT_WORKER_PORT, show_default=True, help="gRPC port.")
 @click.option("--ring-port", default=0, help="MLX ring port [default: PORT+1].")
+@click.option(
+    "--runner-port", default=0, help="Port of a head runner's request API [default: PORT+2]."
+)
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option(
     "--name", default=socket.gethostname().split(".")[0], help="Name shown in the cluster."
@@ -104,6 +107,7 @@ INSECURE_OPTION = click.option(
 def worker(
     port: int,
     ring_port: int,
+    runner_port: int,
     host: str,
     name: str,
     cluster: str | None,
@@ -129,6 +133,7 @@ def worker(
         host=host,
         port=port,
         ring_port=ring_port,
+        runner_port=runner_port,
         addresses=addresses,
         mdns_interfaces=mdns,
         state_dir=state_dir or default_state_dir() / "worker",

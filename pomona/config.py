@@ -43,6 +43,8 @@ class WorkerConfig:
     port: int = DEFAULT_WORKER_PORT
     # The port of this machine's MLX ring listener; 0 means port + 1.
     ring_port: int = 0
+    # The port a head runner of this machine serves requests on; 0 means port + 2.
+    runner_port: int = 0
     # Addresses to advertise and to give the ring; empty means every
     # non-loopback IPv4 address of this machine.
     addresses: tuple[str, ...] = ()
@@ -58,6 +60,10 @@ class WorkerConfig:
     @property
     def effective_ring_port(self) -> int:
         return self.ring_port or self.port + 1
+
+    @property
+    def effective_runner_port(self) -> int:
+        return self.runner_port or self.port + 2
 
 
 @dataclass(frozen=True)

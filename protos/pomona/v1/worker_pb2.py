@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pomona/v1/worker.proto\x12\tpomona.v1\"\x11\n\x0f\x44\x65scribeRequest\"d\n\x10NetworkInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05is_up\x18\x04 \x01(\x08\x12\x12\n\nspeed_mbps\x18\x05 \x01(\x05\"\x9d\x02\n\x08Hardware\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x15\n\rmachine_model\x18\x04 \x01(\t\x12\x11\n\tcpu_cores\x18\x05 \x01(\x05\x12\x11\n\tgpu_cores\x18\x06 \x01(\x05\x12\x1a\n\x12total_memory_bytes\x18\x07 \x01(\x04\x12\x1e\n\x16\x61vailable_memory_bytes\x18\x08 \x01(\x04\x12\x1e\n\x16gpu_memory_limit_bytes\x18\t \x01(\x04\x12\x0c\n\x04rdma\x18\n \x01(\x08\x12#\n\x16measured_bandwidth_gbs\x18\x0b \x01(\x01H\x00\x88\x01\x01\x42\x19\n\x17_measured_bandwidth_gbs\"\x92\x02\n\rDescribeReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\x05\x12%\n\x08hardware\x18\x05 \x01(\x0b\x32\x13.pomona.v1.Hardware\x12\x13\n\x0bmlx_version\x18\x06 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x07 \x03(\t\x12/\n\ninterfaces\x18\x08 \x03(\x0b\x32\x1b.pomona.v1.NetworkInterface\x12\x11\n\tring_port\x18\t \x01(\x05\x12%\n\x05shard\x18\n \x01(\x0b\x32\x16.pomona.v1.ShardStatus\"$\n\x13InspectModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb9\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0blayer_bytes\x18\x05 \x03(\x04\x12\x13\n\x0bother_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmax_context\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x14\n\x0cprofile_json\x18\t \x01(\t\"\xfe\x01\n\x0bLoadRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x12\n\nring_hosts\x18\x07 \x03(\t\x12\x0f\n\x07workers\x18\x08 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12\x11\n\tmax_batch\x18\x0b \x01(\x05\x12\x11\n\tmax_queue\x18\x0c \x01(\x05\x12\x14\n\x0cprefill_step\x18\r \x01(\x05\" \n\rUnloadRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\"$\n\x11WatchShardRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\"\x92\x02\n\x0bShardStatus\x12\x0f\n\x07load_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.pomona.v1.ShardState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bstart_layer\x18\x04 \x01(\x05\x12\x11\n\tend_layer\x18\x05 \x01(\x05\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x10\n\x08progress\x18\x07 \x01(\x02\x12\x16\n\x0erunner_address\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x12\n\nrunner_pid\x18\n \x01(\x05\x12\x15\n\rweights_bytes\x18\x0b \x01(\x04\x12\r\n\x05\x66iles\x18\x0c \x03(\t\x12\x14\n\x0c\x61\x63tive_bytes\x18\r \x01(\x04\"/\n\x0bWakeRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\"\x0b\n\tWakeReply\"&\n\x10TelemetryRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x02\"\xbc\x01\n\x10InterfaceTraffic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x1d\n\x10sent_bytes_per_s\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14received_bytes_per_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x13\n\x11_sent_bytes_per_sB\x17\n\x15_received_bytes_per_s\"\x85\x02\n\x0bRunnerStats\x12\x18\n\x10mlx_active_bytes\x18\x01 \x01(\x04\x12\x16\n\x0emlx_peak_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fmlx_cache_bytes\x18\x03 \x01(\x04\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\x12\x14\n\x0ctokens_total\x18\x07 \x01(\x04\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x13\n\x06ttft_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x11\n\trss_bytes\x18\n \x01(\x04\x42\t\n\x07_ttft_s\"\xc1\x04\n\nNodeSample\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fmemory_pressure\x18\x07 \x01(\t\x12\x17\n\x0fswap_used_bytes\x18\x08 \x01(\x04\x12$\n\x17gpu_utilization_percent\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0fgpu_power_watts\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11gpu_temperature_c\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x1c\n\x0f\x63pu_power_watts\x18\x0c \x01(\x01H\x03\x88\x01\x01\x12\x15\n\rthermal_state\x18\r \x01(\t\x12/\n\ninterfaces\x18\x0e \x03(\x0b\x32\x1b.pomona.v1.InterfaceTraffic\x12%\n\x05shard\x18\x0f \x01(\x0b\x32\x16.pomona.v1.ShardStatus\x12&\n\x06runner\x18\x10 \x01(\x0b\x32\x16.pomona.v1.RunnerStatsB\x1a\n\x18_gpu_utilization_percentB\x12\n\x10_gpu_power_wattsB\x14\n\x12_gpu_temperature_cB\x12\n\x10_cpu_power_watts*\xd7\x01\n\nShardState\x12\x1b\n\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SHARD_STATE_EMPTY\x10\x01\x12\x18\n\x14SHARD_STATE_STARTING\x10\x02\x12\x17\n\x13SHARD_STATE_LOADING\x10\x03\x12\x1a\n\x16SHARD_STATE_CONNECTING\x10\x04\x12\x15\n\x11SHARD_STATE_READY\x10\x05\x12\x16\n\x12SHARD_STATE_FAILED\x10\x06\x12\x17\n\x13SHARD_STATE_STOPPED\x10\x07\x32\xc3\x03\n\x06Worker\x12@\n\x08\x44\x65scribe\x12\x1a.pomona.v1.DescribeRequest\x1a\x18.pomona.v1.DescribeReply\x12\x44\n\x0cInspectModel\x12\x1e.pomona.v1.InspectModelRequest\x1a\x14.pomona.v1.ModelInfo\x12\x36\n\x04Load\x12\x16.pomona.v1.LoadRequest\x1a\x16.pomona.v1.ShardStatus\x12:\n\x06Unload\x12\x18.pomona.v1.UnloadRequest\x1a\x16.pomona.v1.ShardStatus\x12\x44\n\nWatchShard\x12\x1c.pomona.v1.WatchShardRequest\x1a\x16.pomona.v1.ShardStatus0\x01\x12\x34\n\x04Wake\x12\x16.pomona.v1.WakeRequest\x1a\x14.pomona.v1.WakeReply\x12\x41\n\tTelemetry\x12\x1b.pomona.v1.TelemetryRequest\x1a\x15.pomona.v1.NodeSample0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pomona/v1/worker.proto\x12\tpomona.v1\"$\n\x0f\x44\x65scribeRequest\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"d\n\x10NetworkInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05is_up\x18\x04 \x01(\x08\x12\x12\n\nspeed_mbps\x18\x05 \x01(\x05\"\x9d\x02\n\x08Hardware\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x15\n\rmachine_model\x18\x04 \x01(\t\x12\x11\n\tcpu_cores\x18\x05 \x01(\x05\x12\x11\n\tgpu_cores\x18\x06 \x01(\x05\x12\x1a\n\x12total_memory_bytes\x18\x07 \x01(\x04\x12\x1e\n\x16\x61vailable_memory_bytes\x18\x08 \x01(\x04\x12\x1e\n\x16gpu_memory_limit_bytes\x18\t \x01(\x04\x12\x0c\n\x04rdma\x18\n \x01(\x08\x12#\n\x16measured_bandwidth_gbs\x18\x0b \x01(\x01H\x00\x88\x01\x01\x42\x19\n\x17_measured_bandwidth_gbs\"\xa1\x02\n\rDescribeReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\x05\x12%\n\x08hardware\x18\x05 \x01(\x0b\x32\x13.pomona.v1.Hardware\x12\x13\n\x0bmlx_version\x18\x06 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x07 \x03(\t\x12/\n\ninterfaces\x18\x08 \x03(\x0b\x32\x1b.pomona.v1.NetworkInterface\x12\x11\n\tring_port\x18\t \x01(\x05\x12%\n\x05shard\x18\n \x01(\x0b\x32\x16.pomona.v1.ShardStatus\x12\r\n\x05proof\x18\x0b \x01(\t\"$\n\x13InspectModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb9\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0blayer_bytes\x18\x05 \x03(\x04\x12\x13\n\x0bother_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmax_context\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x14\n\x0cprofile_json\x18\t \x01(\t\"\x90\x02\n\x0bLoadRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x12\n\nring_hosts\x18\x07 \x03(\t\x12\x0f\n\x07workers\x18\x08 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12\x11\n\tmax_batch\x18\x0b \x01(\x05\x12\x11\n\tmax_queue\x18\x0c \x01(\x05\x12\x14\n\x0cprefill_step\x18\r \x01(\x05\x12\x10\n\x08node_ids\x18\x0e \x03(\t\" \n\rUnloadRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\"$\n\x11WatchShardRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\"\x92\x02\n\x0bShardStatus\x12\x0f\n\x07load_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.pomona.v1.ShardState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bstart_layer\x18\x04 \x01(\x05\x12\x11\n\tend_layer\x18\x05 \x01(\x05\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x10\n\x08progress\x18\x07 \x01(\x02\x12\x16\n\x0erunner_address\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x12\n\nrunner_pid\x18\n \x01(\x05\x12\x15\n\rweights_bytes\x18\x0b \x01(\x04\x12\r\n\x05\x66iles\x18\x0c \x03(\t\x12\x14\n\x0c\x61\x63tive_bytes\x18\r \x01(\x04\"/\n\x0bWakeRequest\x12\x0f\n\x07load_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x04\"\x0b\n\tWakeReply\"&\n\x10TelemetryRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x02\"\xbc\x01\n\x10InterfaceTraffic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x1d\n\x10sent_bytes_per_s\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14received_bytes_per_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x13\n\x11_sent_bytes_per_sB\x17\n\x15_received_bytes_per_s\"\x85\x02\n\x0bRunnerStats\x12\x18\n\x10mlx_active_bytes\x18\x01 \x01(\x04\x12\x16\n\x0emlx_peak_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fmlx_cache_bytes\x18\x03 \x01(\x04\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\x12\x14\n\x0ctokens_total\x18\x07 \x01(\x04\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x13\n\x06ttft_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x11\n\trss_bytes\x18\n \x01(\x04\x42\t\n\x07_ttft_s\"\xc1\x04\n\nNodeSample\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fmemory_pressure\x18\x07 \x01(\t\x12\x17\n\x0fswap_used_bytes\x18\x08 \x01(\x04\x12$\n\x17gpu_utilization_percent\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0fgpu_power_watts\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11gpu_temperature_c\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x1c\n\x0f\x63pu_power_watts\x18\x0c \x01(\x01H\x03\x88\x01\x01\x12\x15\n\rthermal_state\x18\r \x01(\t\x12/\n\ninterfaces\x18\x0e \x03(\x0b\x32\x1b.pomona.v1.InterfaceTraffic\x12%\n\x05shard\x18\x0f \x01(\x0b\x32\x16.pomona.v1.ShardStatus\x12&\n\x06runner\x18\x10 \x01(\x0b\x32\x16.pomona.v1.RunnerStatsB\x1a\n\x18_gpu_utilization_percentB\x12\n\x10_gpu_power_wattsB\x14\n\x12_gpu_temperature_cB\x12\n\x10_cpu_power_watts*\xd7\x01\n\nShardState\x12\x1b\n\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SHARD_STATE_EMPTY\x10\x01\x12\x18\n\x14SHARD_STATE_STARTING\x10\x02\x12\x17\n\x13SHARD_STATE_LOADING\x10\x03\x12\x1a\n\x16SHARD_STATE_CONNECTING\x10\x04\x12\x15\n\x11SHARD_STATE_READY\x10\x05\x12\x16\n\x12SHARD_STATE_FAILED\x10\x06\x12\x17\n\x13SHARD_STATE_STOPPED\x10\x07\x32\xc3\x03\n\x06Worker\x12@\n\x08\x44\x65scribe\x12\x1a.pomona.v1.DescribeRequest\x1a\x18.pomona.v1.DescribeReply\x12\x44\n\x0cInspectModel\x12\x1e.pomona.v1.InspectModelRequest\x1a\x14.pomona.v1.ModelInfo\x12\x36\n\x04Load\x12\x16.pomona.v1.LoadRequest\x1a\x16.pomona.v1.ShardStatus\x12:\n\x06Unload\x12\x18.pomona.v1.UnloadRequest\x1a\x16.pomona.v1.ShardStatus\x12\x44\n\nWatchShard\x12\x1c.pomona.v1.WatchShardRequest\x1a\x16.pomona.v1.ShardStatus0\x01\x12\x34\n\x04Wake\x12\x16.pomona.v1.WakeRequest\x1a\x14.pomona.v1.WakeReply\x12\x41\n\tTelemetry\x12\x1b.pomona.v1.TelemetryRequest\x1a\x15.pomona.v1.NodeSample0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pomona.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHARDSTATE']._serialized_start=2693
-  _globals['_SHARDSTATE']._serialized_end=2908
+  _globals['_SHARDSTATE']._serialized_start=2745
+  _globals['_SHARDSTATE']._serialized_end=2960
   _globals['_DESCRIBEREQUEST']._serialized_start=37
-  _globals['_DESCRIBEREQUEST']._serialized_end=54
-  _globals['_NETWORKINTERFACE']._serialized_start=56
-  _globals['_NETWORKINTERFACE']._serialized_end=156
-  _globals['_HARDWARE']._serialized_start=159
-  _globals['_HARDWARE']._serialized_end=444
-  _globals['_DESCRIBEREPLY']._serialized_start=447
-  _globals['_DESCRIBEREPLY']._serialized_end=721
-  _globals['_INSPECTMODELREQUEST']._serialized_start=723
-  _globals['_INSPECTMODELREQUEST']._serialized_end=759
-  _globals['_MODELINFO']._serialized_start=762
-  _globals['_MODELINFO']._serialized_end=947
-  _globals['_LOADREQUEST']._serialized_start=950
-  _globals['_LOADREQUEST']._serialized_end=1204
-  _globals['_UNLOADREQUEST']._serialized_start=1206
-  _globals['_UNLOADREQUEST']._serialized_end=1238
-  _globals['_WATCHSHARDREQUEST']._serialized_start=1240
-  _globals['_WATCHSHARDREQUEST']._serialized_end=1276
-  _globals['_SHARDSTATUS']._serialized_start=1279
-  _globals['_SHARDSTATUS']._serialized_end=1553
-  _globals['_WAKEREQUEST']._serialized_start=1555
-  _globals['_WAKEREQUEST']._serialized_end=1602
-  _globals['_WAKEREPLY']._serialized_start=1604
-  _globals['_WAKEREPLY']._serialized_end=1615
-  _globals['_TELEMETRYREQUEST']._serialized_start=1617
-  _globals['_TELEMETRYREQUEST']._serialized_end=1655
-  _globals['_INTERFACETRAFFIC']._serialized_start=1658
-  _globals['_INTERFACETRAFFIC']._serialized_end=1846
-  _globals['_RUNNERSTATS']._serialized_start=1849
-  _globals['_RUNNERSTATS']._serialized_end=2110
-  _globals['_NODESAMPLE']._serialized_start=2113
-  _globals['_NODESAMPLE']._serialized_end=2690
-  _globals['_WORKER']._serialized_start=2911
-  _globals['_WORKER']._serialized_end=3362
+  _globals['_DESCRIBEREQUEST']._serialized_end=73
+  _globals['_NETWORKINTERFACE']._serialized_start=75
+  _globals['_NETWORKINTERFACE']._serialized_end=175
+  _globals['_HARDWARE']._serialized_start=178
+  _globals['_HARDWARE']._serialized_end=463
+  _globals['_DESCRIBEREPLY']._serialized_start=466
+  _globals['_DESCRIBEREPLY']._serialized_end=755
+  _globals['_INSPECTMODELREQUEST']._serialized_start=757
+  _globals['_INSPECTMODELREQUEST']._serialized_end=793
+  _globals['_MODELINFO']._serialized_start=796
+  _globals['_MODELINFO']._serialized_end=981
+  _globals['_LOADREQUEST']._serialized_start=984
+  _globals['_LOADREQUEST']._serialized_end=1256
+  _globals['_UNLOADREQUEST']._serialized_start=1258
+  _globals['_UNLOADREQUEST']._serialized_end=1290
+  _globals['_WATCHSHARDREQUEST']._serialized_start=1292
+  _globals['_WATCHSHARDREQUEST']._serialized_end=1328
+  _globals['_SHARDSTATUS']._serialized_start=1331
+  _globals['_SHARDSTATUS']._serialized_end=1605
+  _globals['_WAKEREQUEST']._serialized_start=1607
+  _globals['_WAKEREQUEST']._serialized_end=1654
+  _globals['_WAKEREPLY']._serialized_start=1656
+  _globals['_WAKEREPLY']._serialized_end=1667
+  _globals['_TELEMETRYREQUEST']._serialized_start=1669
+  _globals['_TELEMETRYREQUEST']._serialized_end=1707
+  _globals['_INTERFACETRAFFIC']._serialized_start=1710
+  _globals['_INTERFACETRAFFIC']._serialized_end=1898
+  _globals['_RUNNERSTATS']._serialized_start=1901
+  _globals['_RUNNERSTATS']._serialized_end=2162
+  _globals['_NODESAMPLE']._serialized_start=2165
+  _globals['_NODESAMPLE']._serialized_end=2742
+  _globals['_WORKER']._serialized_start=2963
+  _globals['_WORKER']._serialized_end=3414
 # @@protoc_insertion_point(module_scope)
