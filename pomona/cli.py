@@ -25,6 +25,7 @@ from pomona.config import (
     WorkerConfig,
     default_model_dirs,
     default_state_dir,
+    http_host_for,
 )
 from pomona.credentials import CONFIG_OPTION, config_for_daemon
 from pomona.security import Auth, ClusterConfig
@@ -224,6 +225,11 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
     help="File holding the HTTP API's Bearer key (or set POMONA_API_KEY).",
 )
 @click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="Serve the HTTP API on --host without an API key (otherwise it stays on loopback).",
+)
+@click.option(
     "--heartbeat-timeout",
     type=click.FloatRange(0.5, 600),
     default=5.0,
@@ -259,6 +265,7 @@ def coordinator(
     concurrency: int,
     http_port: int,
     api_key_file: Path | None,
+    insecure_http: bool,
     heartbeat_timeout: float,
     retry_timeout: float,
     state_dir: Path | None,
@@ -299,6 +306,7 @@ def coordinator(
         context=context,
         concurrency=concurrency,
         http_port=http_port,
+        http_host=http_host_for(host, api_key, insecure_http),
         api_key=api_key,
         heartbeat_timeout=heartbeat_timeout,
         retry_timeout=retry_timeout,

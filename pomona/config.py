@@ -72,8 +72,10 @@ class CoordinatorConfig:
     auth: Auth | None = None
     host: str = "0.0.0.0"
     port: int = DEFAULT_COORDINATOR_PORT
-    # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off.
+    # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off. Without an
+    # API key it listens on loopback only (see ``http_host_for``).
     http_port: int = DEFAULT_HTTP_PORT
+    http_host: str = "127.0.0.1"
     # Bearer key the HTTP API requires; empty means none.
     api_key: str = ""
     model: str = DEFAULT_MODEL
@@ -106,3 +108,13 @@ class CoordinatorConfig:
     retry_timeout: float = 120.0
     # The event log (events.jsonl) lives here.
     state_dir: Path = field(default_factory=lambda: default_state_dir() / "coordinator")
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def http_host_for(host: str, api_key: str, insecure_http: bool) -> str:
+    """Where the HTTP API listens: ``host`` with a key (or when told), else loopback only."""
+    if api_key or insecure_http or host in LOOPBACK_HOSTS or host.startswith("127."):
+        return host
+    return "127.0.0.1"

@@ -237,3 +237,37 @@ def test_a_replayed_wake_leaves_the_follower_idle_and_the_head_port_is_fixed(
 
         again = wait_for(reformed, 120, "the pipeline to re-form")
         assert again.shard.runner_address == f"127.0.0.1:{head_port}"
+
+
+LOOPBACK_ONLY = {"127.0.0.1"}
+EVERY_INTERFACE = {"0.0.0.0", "::"}
+
+
+def _listening_host(pid: int, port: int) -> str:
+    def find() -> str:
+        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                return str(conn.laddr.ip)
+        return ""
+
+    return wait_for(find, 60, f"a listener on port {port}")
+
+
+def test_the_http_api_listens_on_loopback_only_unless_it_has_a_key(tmp_path: Path) -> None:
+    key = tmp_path / "api-key"
+    key.write_text("k" * 32)
+    cases = {
+        (): LOOPBACK_ONLY,
+        ("--insecure-http",): EVERY_INTERFACE,
+        ("--api-key-file", str(key)): EVERY_INTERFACE,
+    }
+    with local_cluster(tmp_path) as c:
+        started = []
+        for extra in cases:
+            http = free_worker_ports(c.taken)
+            args = ("--host", "0.0.0.0", "--state-dir", str(tmp_path / f"c{http}"), *extra)
+            started.append((c.coordinator("pomona-demo", http_port=http, extra=args), http))
+        for (proc, http), expected in zip(started, cases.values(), strict=True):
+            assert _listening_host(proc.popen.pid, http) in expected, proc.tail()
+            assert _listening_host(proc.popen.pid, proc.port) in EVERY_INTERFACE  # gRPC: --host
+        assert "pass --insecure-http" in started[0][0].tail(200)
