@@ -119,7 +119,7 @@ class LocalCluster:
         self.children.append((name, proc, log_path))
 
     def start(self) -> None:
-        self.config = write_local_config(local_config_path().parent, self.cluster)
+        self.config = write_local_config(local_config_path().parent, self.cluster, self.port)
         if not _port_free(self.port):
             raise RuntimeError(f"port {self.port} is in use: pass --port with a free port")
         if self.http_port and not _port_free(self.http_port):

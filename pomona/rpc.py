@@ -111,7 +111,10 @@ def describe_error(err: grpc.RpcError, address: str) -> str:
     details = " ".join((details or "").split())
     lowered = details.lower()
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return f"{address} refused this machine's cluster credentials: {details}"
+        hint = ""
+        if details.startswith(("credentials of cluster", "wrong cluster secret")):
+            hint = " (pass --config with the cluster.json of the cluster at that address)"
+        return f"{address} refused this machine's cluster credentials: {details}{hint}"
     if code == grpc.StatusCode.UNAVAILABLE and any(
         word in lowered for word in ("ssl", "handshake", "certificate", "tls")
     ):

@@ -296,8 +296,14 @@ class Auth:
         return [("grpc.ssl_target_name_override", TLS_SERVER_NAME)] if self.tls else []
 
 
-def write_local_config(directory: Path, cluster: str) -> Path:
-    """An ephemeral configuration for ``pomona up --local``: a fresh secret, mode 0600."""
+def write_local_config(
+    directory: Path, cluster: str, coordinator_port: int = DEFAULT_COORDINATOR_PORT
+) -> Path:
+    """An ephemeral configuration for ``pomona up --local``: a fresh secret, mode 0600.
+
+    It records the coordinator's port, so that clients of that coordinator find it.
+    """
     path = directory / CONFIG_FILE
-    save_cluster_config(path, ClusterConfig(ClusterSecrets.generate(cluster)))
+    config = ClusterConfig(ClusterSecrets.generate(cluster), coordinator_port=coordinator_port)
+    save_cluster_config(path, config)
     return path

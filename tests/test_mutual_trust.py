@@ -4,7 +4,11 @@ and request, a replayed Wake is ignored, the head runner's port is fixed."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -271,3 +275,41 @@ def test_the_http_api_listens_on_loopback_only_unless_it_has_a_key(tmp_path: Pat
             assert _listening_host(proc.popen.pid, http) in expected, proc.tail()
             assert _listening_host(proc.popen.pid, proc.port) in EVERY_INTERFACE  # gRPC: --host
         assert "pass --insecure-http" in started[0][0].tail(200)
+
+
+def test_clients_of_a_local_cluster_use_its_credentials_after_pomona_init(
+    tmp_path: Path,
+) -> None:
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), HOME=str(tmp_path))
+    pomona = [sys.executable, "-m", "pomona"]
+    made = subprocess.run([*pomona, "init", "--cluster", "lab"], env=env, capture_output=True)
+    assert made.returncode == 0, made.stderr
+    port = free_worker_ports(set())
+    up = subprocess.Popen(
+        [*pomona, "up", "--local", "1", "--port", str(port), "--http-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        line = up.stdout.readline()
+        assert line.startswith("Pomona is up"), line + (up.stderr.read() if up.stderr else "")
+        address = f"127.0.0.1:{port}"
+        nodes = subprocess.run(
+            [*pomona, "nodes", "--coordinator", address, "--json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert nodes.returncode == 0, nodes.stderr
+        assert "local-1" in nodes.stdout
+        # Told to use the lab's configuration, it is refused and told what to pass.
+        lab = tmp_path / ".config" / "pomona" / "cluster.json"
+        refused = subprocess.run(
+            [*pomona, "nodes", "--coordinator", address, "--config", str(lab)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "credentials of cluster 'lab'" in refused.stderr
+        assert "pass --config" in refused.stderr
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(60)
