@@ -26,7 +26,7 @@ from pomona.coordinator import events as ev
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
-from pomona.tokens import check_describe_proof, new_challenge
+from pomona.tokens import check_describe_proof, is_target, new_challenge
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,8 @@ class Cluster:
         secrets = self.config.auth.secrets if self.config.auth else None
         if secrets is None:
             return True
+        if not reply.node_id or not is_target(reply.node_id):
+            return False  # no channel could sign calls for it
         body = worker_pb2.DescribeReply()
         body.CopyFrom(reply)
         body.ClearField("proof")

@@ -65,6 +65,11 @@ _TOKEN = re.compile(
 STREAM_BODY = hashlib.sha256(b"").hexdigest()
 
 
+def is_target(name: str) -> bool:
+    """Whether ``name`` can name a server in tokens (node ids of real workers can)."""
+    return _TARGET.fullmatch(name) is not None
+
+
 def runner_target(node_id: str, load_id: str) -> str:
     """A head runner's name in tokens: one load on one node."""
     return f"{node_id}/{load_id}"
@@ -88,7 +93,7 @@ def sign(
     ``target`` names the server (a worker's node id, "" for the coordinator) and
     ``body`` is the serialized request (None for a request stream).
     """
-    if not _TARGET.fullmatch(target):
+    if not is_target(target):
         raise ValueError(f"{target!r} cannot name a server in credentials")
     unix_ms = int(time.time() * 1000) if unix_ms is None else unix_ms
     nonce = random.token_hex(16) if nonce is None else nonce

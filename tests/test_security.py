@@ -43,6 +43,7 @@ from pomona.tokens import (
     WRONG_SECRET,
     WRONG_TARGET,
     Verifier,
+    is_target,
     sign,
 )
 
@@ -296,6 +297,14 @@ def test_a_token_is_refused_with_another_body_which_is_never_parsed(kind: str) -
             assert _count(ch, right) == [b"\x00", b"\x01", b"\x02"]
     finally:
         srv.stop()
+
+
+def test_servers_are_named_by_ids_without_dots() -> None:
+    assert is_target("1b4d31589c24") and is_target("1b4d31589c24/9f2e0c1a7b3d")
+    assert is_target("")  # the coordinator
+    assert not is_target("a.b") and not is_target("a|b") and not is_target("x" * 161)
+    with pytest.raises(ValueError):
+        sign(SECRETS, SAY, target="a.b")
 
 
 def test_only_describe_may_be_signed_without_naming_its_server() -> None:
