@@ -28,6 +28,7 @@ from pomona.coordinator import events as ev
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
+from pomona.tokens import check_describe_proof, is_target, new_challenge
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -99,19 +100,26 @@ class Cluster:
 
     async def add_address(self, address: str, props: dict[str, str] | None = None) -> Member | None:
         """Describe the worker at ``address`` and keep it if it belongs here."""
+        challenge = new_challenge()
         stub = worker_pb2_grpc.WorkerStub(self.channel(address))
         try:
-            reply = await stub.Describe(worker_pb2.DescribeRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
+            reply = await stub.Describe(
+                worker_pb2.DescribeRequest(challenge=challenge), timeout=rpc.DESCRIBE_TIMEOUT
+            )
         except grpc.aio.AioRpcError as e:
             log.warning("cannot describe worker at %s: %s", address, rpc.describe_error(e, address))
             return None
         if reply.cluster != self.config.cluster:
             log.info("ignoring %s at %s: cluster %r", reply.name, address, reply.cluster)
             return None
+        if not self._proven(reply, challenge):
+            log.warning("ignoring %s at %s: no proof of the cluster secret", reply.name, address)
+            return None
         known = self.members.get(reply.node_id)
         if known is not None and known.address == address:
             known.describe = reply
             return known
+        stub = worker_pb2_grpc.WorkerStub(self.channel(address, reply.node_id))
         member = Member(reply.node_id, reply.name, address, reply, stub)
         if known is not None:
             log.info("worker %s (%s) is now at %s", reply.name, reply.node_id, address)
@@ -161,18 +169,33 @@ class Cluster:
             self._load_failures.pop(member.node_id, None)
             self.note_change()
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = rpc.aio_channel(address, self.config.auth)
-        return self._channels[address]
+    def _proven(self, reply: worker_pb2.DescribeReply, challenge: bytes) -> bool:
+        """Whether the worker answered our challenge with the secret (or none is in use)."""
+        secrets = self.config.auth.secrets if self.config.auth else None
+        if secrets is None:
+            return True
+        if not reply.node_id or not is_target(reply.node_id):
+            return False  # no channel could sign calls for it
+        body = worker_pb2.DescribeReply()
+        body.CopyFrom(reply)
+        body.ClearField("proof")
+        data = body.SerializeToString(deterministic=True)
+        return check_describe_proof(secrets, challenge, reply.node_id, data, reply.proof)
+
+    def channel(self, address: str, target: str = "") -> grpc.aio.Channel:
+        """A channel to the server at ``address`` named ``target`` (a node id) in tokens."""
+        key = f"{address}|{target}"
+        if key not in self._channels:
+            self._channels[key] = rpc.aio_channel(address, self.config.auth, target)
+        return self._channels[key]
 
     async def close_unused_channels(self) -> None:
         """Close channels to addresses no member or pipeline uses any more."""
         used = {m.address for m in self.members.values()}
         if self.serving is not None:
             used.add(self.serving.head_address)
-        for address in [a for a in self._channels if a not in used]:
-            await self._channels.pop(address).close()
+        for key in [k for k in self._channels if k.split("|", 1)[0] not in used]:
+            await self._channels.pop(key).close()
 
     def note_change(self) -> None:
         self._last_change = time.monotonic()
@@ -239,9 +262,12 @@ class Cluster:
         Plans and adoption must rest on what the workers say now, not on
         what they said when they joined.
         """
+        challenge = new_challenge()
         replies = await asyncio.gather(
             *(
-                m.stub.Describe(worker_pb2.DescribeRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
+                m.stub.Describe(
+                    worker_pb2.DescribeRequest(challenge=challenge), timeout=rpc.DESCRIBE_TIMEOUT
+                )
                 for m in members
             ),
             return_exceptions=True,
@@ -250,6 +276,9 @@ class Cluster:
         for m, reply in zip(members, replies, strict=True):
             if not isinstance(reply, worker_pb2.DescribeReply):
                 continue  # heartbeats decide whether it is lost
+            if reply.node_id != m.node_id or not self._proven(reply, challenge):
+                log.warning("%s at %s no longer proves it is %s", reply.name, m.address, m.name)
+                continue
             m.describe = reply
             if reply.held_by and reply.held_by != self.coordinator_id:
                 held.append(f"{m.name} (by coordinator {reply.held_by})")
@@ -380,6 +409,7 @@ class Cluster:
                 prefill_step=self.config.prefill_step,
                 coordinator=self.coordinator_id,
                 chat_template=self.config.chat_template,
+                node_ids=[m.node_id for m in ordered],
             )
             for rank, a in enumerate(assignments)
         ]

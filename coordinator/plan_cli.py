@@ -98,7 +98,9 @@ def _load_nodes_from_coordinator(address: str, config_path: Path | None = None) 
     from pomona.credentials import client_auth
     from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-    stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address, client_auth(config_path)))
+    stub = coordinator_pb2_grpc.CoordinatorStub(
+        rpc.channel(address, client_auth(config_path, address))
+    )
     try:
         reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
     except grpc.RpcError as e:

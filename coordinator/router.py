@@ -18,6 +18,7 @@ import grpc
 from pomona import rpc
 from pomona.coordinator import events as ev
 from pomona.coordinator.cluster import Cluster
+from pomona.tokens import runner_target
 from pomona.v1 import common_pb2, runner_pb2_grpc
 
 MAX_REQUEST_ID = 128
@@ -62,7 +63,8 @@ class Router:
                 grpc.StatusCode.UNAVAILABLE,
                 f"the cluster is not serving {self.cluster.config.model}: {self.cluster.problem}",
             )
-        return runner_pb2_grpc.RunnerStub(self.cluster.channel(serving.head_address))
+        head = runner_target(serving.assignments[0].node_id, serving.load_id)
+        return runner_pb2_grpc.RunnerStub(self.cluster.channel(serving.head_address, head))
 
     async def generate(
         self, request: common_pb2.GenerateRequest

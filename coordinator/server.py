@@ -11,7 +11,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
-from pomona.config import CoordinatorConfig
+from pomona.config import LOOPBACK_HOSTS, CoordinatorConfig
 from pomona.coordinator.cluster import Cluster
 from pomona.coordinator.discovery import Browser
 from pomona.coordinator.events import EventLog, events_path, prune_event_logs
@@ -105,7 +105,8 @@ async def start_http(
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.http_port)
+    host = config.http_host
+    site = web.TCPSite(runner, host, config.http_port)
     try:
         await site.start()
     except OSError as e:
@@ -115,6 +116,15 @@ async def start_http(
                 f"port {config.http_port} is in use; pass --http-port with a free port "
                 "(0: no HTTP API)"
             ) from e
-        raise OSError(f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror}") from e
-    log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
+        raise OSError(f"cannot serve HTTP on {host}:{config.http_port}: {e.strerror}") from e
+    log.info("OpenAI-compatible API on http://%s:%d/v1", host, config.http_port)
+    if host != config.host:
+        log.warning(
+            "the HTTP API has no key, so it listens on %s only: set one (`pomona init "
+            "--api-key`, --api-key-file) or pass --insecure-http to serve it on %s",
+            host,
+            config.host,
+        )
+    elif not config.api_key and host not in LOOPBACK_HOSTS:
+        log.warning("the HTTP API on %s has no key: anyone who can reach it can use it", host)
     return runner

@@ -32,6 +32,7 @@ from pomona.config import (
     WorkerConfig,
     default_model_dirs,
     default_state_dir,
+    http_host_for,
 )
 from pomona.credentials import CONFIG_OPTION, config_for_daemon
 from pomona.security import Auth, ClusterConfig
@@ -113,6 +114,9 @@ INSECURE_OPTION = click.option(
 @main.command()
 @click.option("--port", default=DEFAULT_WORKER_PORT, show_default=True, help="gRPC port.")
 @click.option("--ring-port", default=0, help="MLX ring port [default: PORT+1].")
+@click.option(
+    "--runner-port", default=0, help="Port of a head runner's request API [default: PORT+2]."
+)
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option(
     "--name", default=socket.gethostname().split(".")[0], help="Name shown in the cluster."
@@ -138,6 +142,7 @@ INSECURE_OPTION = click.option(
 def worker(
     port: int,
     ring_port: int,
+    runner_port: int,
     host: str,
     name: str,
     cluster: str | None,
@@ -164,6 +169,7 @@ def worker(
         host=host,
         port=port,
         ring_port=ring_port,
+        runner_port=runner_port,
         addresses=addresses,
         mdns_interfaces=mdns,
         state_dir=state_dir or default_state_dir() / "worker",
@@ -255,6 +261,11 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
     help="File holding the HTTP API's Bearer key (or set POMONA_API_KEY).",
 )
 @click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="Serve the HTTP API on --host without an API key (otherwise it stays on loopback).",
+)
+@click.option(
     "--heartbeat-timeout",
     type=click.FloatRange(0.5, 600),
     default=5.0,
@@ -291,6 +302,7 @@ def coordinator(
     concurrency: int,
     http_port: int,
     api_key_file: Path | None,
+    insecure_http: bool,
     heartbeat_timeout: float,
     retry_timeout: float,
     state_dir: Path | None,
@@ -334,6 +346,7 @@ def coordinator(
         context=context,
         concurrency=concurrency,
         http_port=http_port,
+        http_host=http_host_for(host, api_key, insecure_http),
         api_key=api_key,
         heartbeat_timeout=heartbeat_timeout,
         retry_timeout=retry_timeout,

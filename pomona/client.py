@@ -47,7 +47,7 @@ def check_address(address: str, what: str = "--coordinator") -> None:
 
 def coordinator_channel(address: str, config_path: Path | None) -> grpc.Channel:
     check_address(address)
-    return rpc.channel(address, client_auth(config_path))
+    return rpc.channel(address, client_auth(config_path, address))
 
 
 def coordinator_stub(

@@ -49,6 +49,8 @@ class WorkerConfig:
     port: int = DEFAULT_WORKER_PORT
     # The port of this machine's MLX ring listener; 0 means port + 1.
     ring_port: int = 0
+    # The port a head runner of this machine serves requests on; 0 means port + 2.
+    runner_port: int = 0
     # Addresses to advertise and to give the ring; empty means every
     # non-loopback IPv4 address of this machine.
     addresses: tuple[str, ...] = ()
@@ -65,6 +67,10 @@ class WorkerConfig:
     def effective_ring_port(self) -> int:
         return self.ring_port or self.port + 1
 
+    @property
+    def effective_runner_port(self) -> int:
+        return self.runner_port or self.port + 2
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -72,8 +78,10 @@ class CoordinatorConfig:
     auth: Auth | None = None
     host: str = "0.0.0.0"
     port: int = DEFAULT_COORDINATOR_PORT
-    # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off.
+    # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off. Without an
+    # API key it listens on loopback only (see ``http_host_for``).
     http_port: int = DEFAULT_HTTP_PORT
+    http_host: str = "127.0.0.1"
     # Bearer key the HTTP API requires; empty means none.
     api_key: str = ""
     model: str = DEFAULT_MODEL
@@ -109,3 +117,13 @@ class CoordinatorConfig:
     retry_timeout: float = 120.0
     # The event logs (events/<cluster>.jsonl) live here.
     state_dir: Path = field(default_factory=lambda: default_state_dir() / "coordinator")
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def http_host_for(host: str, api_key: str, insecure_http: bool) -> str:
+    """Where the HTTP API listens: ``host`` with a key (or when told), else loopback only."""
+    if api_key or insecure_http or host in LOOPBACK_HOSTS or host.startswith("127."):
+        return host
+    return "127.0.0.1"

@@ -61,15 +61,26 @@ def _port_free(port: int) -> bool:
 PORT_RANGE = (20000, 32000)
 
 
-def free_port_pair(taken: set[int]) -> int:
-    """A port p with p and p + 1 free (gRPC and the MLX ring)."""
+def free_ports(taken: set[int], count: int) -> int:
+    """A port p with p .. p + count - 1 free, now marked ``taken``."""
     for _ in range(500):
         port = random.randrange(*PORT_RANGE)
-        if {port, port + 1} & taken or not (_port_free(port) and _port_free(port + 1)):
+        block = set(range(port, port + count))
+        if block & taken or not all(_port_free(p) for p in block):
             continue
-        taken.update((port, port + 1))
+        taken.update(block)
         return port
-    raise RuntimeError("no free pair of ports on loopback")
+    raise RuntimeError(f"no {count} free ports in a row on loopback")
+
+
+def free_port_pair(taken: set[int]) -> int:
+    """A port p with p and p + 1 free (the coordinator's gRPC port and a spare)."""
+    return free_ports(taken, 2)
+
+
+def free_worker_ports(taken: set[int]) -> int:
+    """A worker's port p: p (gRPC), p + 1 (the MLX ring) and p + 2 (a head runner) free."""
+    return free_ports(taken, 3)
 
 
 class LocalCluster:
@@ -115,7 +126,7 @@ class LocalCluster:
         self.children.append((name, proc, log_path))
 
     def start(self) -> None:
-        self.config = write_local_config(local_config_path().parent, self.cluster)
+        self.config = write_local_config(local_config_path().parent, self.cluster, self.port)
         if not _port_free(self.port):
             raise RuntimeError(f"port {self.port} is in use: pass --port with a free port")
         if self.http_port and not _port_free(self.http_port):
@@ -124,7 +135,7 @@ class LocalCluster:
             )
         taken = {self.port, self.http_port}
         for i in range(self.count):
-            port = free_port_pair(taken)
+            port = free_worker_ports(taken)
             self._spawn(
                 f"worker-{i + 1}",
                 [

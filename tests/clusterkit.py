@@ -22,7 +22,7 @@ from typing import TypeVar
 import grpc
 
 from pomona import rpc
-from pomona.local import free_port_pair
+from pomona.local import free_port_pair, free_worker_ports
 from pomona.security import Auth, write_local_config
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -133,7 +133,7 @@ class LocalCluster:
         model_dir: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> Proc:
-        port = port or free_port_pair(self.taken)
+        port = port or free_worker_ports(self.taken)
         args = [
             "worker", "--port", str(port), "--host", LOOPBACK, "--name", name,
             "--cluster", cluster or self.cluster, "--address", LOOPBACK,
@@ -193,7 +193,9 @@ def coordinator_stub(proc: Proc) -> coordinator_pb2_grpc.CoordinatorStub:
 
 
 def worker_stub(proc: Proc) -> worker_pb2_grpc.WorkerStub:
-    return worker_pb2_grpc.WorkerStub(rpc.channel(proc.address, proc.auth))
+    """A stub whose calls are signed for the worker's node id (learnt by Describe)."""
+    node_id = describe(proc).node_id
+    return worker_pb2_grpc.WorkerStub(rpc.channel(proc.address, proc.auth, node_id))
 
 
 def list_nodes(coordinator: Proc) -> coordinator_pb2.ListNodesReply:
@@ -211,7 +213,9 @@ def wait_serving(coordinator: Proc, timeout: float = 120.0) -> coordinator_pb2.L
 
 
 def describe(worker: Proc) -> worker_pb2.DescribeReply:
-    return worker_stub(worker).Describe(worker_pb2.DescribeRequest(), timeout=5)
+    """Describe is the one call a caller may sign without knowing the node id."""
+    stub = worker_pb2_grpc.WorkerStub(rpc.channel(worker.address, worker.auth))
+    return stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
 
 
 def generate_tokens(

@@ -23,6 +23,7 @@ from pomona.config import MAX_CHAT_TEMPLATE_CHARS, PROTOCOL_VERSION, WorkerConfi
 from pomona.mdns import make_zeroconf
 from pomona.model_profile import ModelProfile
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
+from pomona.tokens import describe_proof
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
 from pomona.worker.bandwidth import cached_bandwidth_gbs
@@ -37,6 +38,7 @@ from pomona.worker.telemetry import effective_interval, telemetry_stream
 log = logging.getLogger(__name__)
 
 BACKENDS = ("ring", "jaccl", "mpi", "nccl")
+MAX_CHALLENGE_BYTES = 64
 
 
 def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
@@ -124,6 +126,19 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
     # -- Worker service -------------------------------------------------------
 
     async def Describe(self, request, context):  # noqa: N802
+        if len(request.challenge) > MAX_CHALLENGE_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the challenge is over {MAX_CHALLENGE_BYTES} bytes",
+            )
+        reply = self._describe()
+        secrets = self.config.auth.secrets if self.config.auth else None
+        if secrets is not None:
+            body = reply.SerializeToString(deterministic=True)
+            reply.proof = describe_proof(secrets, request.challenge, self.node_id, body)
+        return reply
+
+    def _describe(self) -> worker_pb2.DescribeReply:
         hw = self.hardware
         return worker_pb2.DescribeReply(
             node_id=self.node_id,
@@ -237,7 +252,10 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 backend=request.backend or "ring",
                 workers=tuple(request.workers),
                 serve_host=self.config.host,
+                serve_port=self.config.effective_runner_port,
                 advertise_host=own,
+                node_id=self.node_id,
+                node_ids=tuple(request.node_ids),
                 max_context=request.max_context,
                 cluster_config=str(self.config.cluster_config or ""),
                 allow_remote_code=self.config.allow_remote_code,
@@ -265,6 +283,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return f"rank {r.rank} is outside a group of {r.world_size}"
         if len(r.ring_hosts) != r.world_size or len(r.workers) != r.world_size:
             return "ring_hosts and workers must list every rank"
+        if r.node_ids and len(r.node_ids) != r.world_size:
+            return "node_ids must list every rank"
         if not 0 <= r.start_layer < r.end_layer:
             return f"the layer range [{r.start_layer}, {r.end_layer}) is empty or negative"
         if not 0 <= r.max_batch <= 64 or not 0 <= r.max_queue <= 100_000:
@@ -351,7 +371,7 @@ async def serve(
 ) -> None:
     """Run a worker until ``stop`` is set (or forever)."""
     daemon = WorkerDaemon(config)
-    server = rpc.aio_server(config.auth)
+    server = rpc.aio_server(config.auth, target=daemon.node_id)
     worker_pb2_grpc.add_WorkerServicer_to_server(daemon, server)
     health_servicer = (
         health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

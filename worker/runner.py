@@ -39,9 +39,14 @@ class RunnerSpec:
     backend: str
     # Worker daemon addresses by rank: the head wakes the others through them.
     workers: tuple[str, ...]
-    # Where the head serves Generate (host to bind; the port is chosen).
+    # Where the head serves Generate (host and port to bind; 0: any free port).
     serve_host: str = "127.0.0.1"
+    serve_port: int = 0
     advertise_host: str = "127.0.0.1"
+    # This worker's node id and every rank's, in rank order: calls are signed
+    # for the one node they go to.
+    node_id: str = ""
+    node_ids: tuple[str, ...] = ()
     max_context: int = 0
     prefill_step: int = 512
     max_queue: int = 64
@@ -65,6 +70,7 @@ class RunnerSpec:
     def from_json(cls, text: str) -> RunnerSpec:
         data = json.loads(text)
         data["workers"] = tuple(data["workers"])
+        data["node_ids"] = tuple(data.get("node_ids", ()))
         return cls(**data)
 
 
@@ -129,10 +135,15 @@ def _run(spec: RunnerSpec) -> int:
     if scheduler is not None:
         return _serve_head(spec, engine, scheduler, shard.config)
     emit("ready")
+    session = 0
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("cmd") == "wake":
-            engine.follower_session()
+            # A session already run (a replayed or duplicated Wake) would leave
+            # this rank spinning in a collective the head never joins.
+            if int(command.get("session", 0)) > session:
+                session = int(command["session"])
+                engine.follower_session()
         elif command.get("cmd") == "stop":
             break
     return 0
@@ -208,6 +219,7 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
     import grpc
 
     from pomona import rpc
+    from pomona.tokens import runner_target
     from pomona.v1 import runner_pb2_grpc, worker_pb2, worker_pb2_grpc
     from pomona.worker.runner_service import RunnerService
 
@@ -218,11 +230,23 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
     from pomona.security import Auth
 
     auth = Auth.load(Path(spec.cluster_config)) if spec.cluster_config else Auth.none()
-    server = rpc.server(futures.ThreadPoolExecutor(max_workers=256), auth)
+    # No SO_REUSEPORT: a port another process holds must fail here, loudly.
+    server = rpc.server(
+        futures.ThreadPoolExecutor(max_workers=256),
+        auth,
+        target=runner_target(spec.node_id, spec.load_id),
+        options=[("grpc.so_reuseport", 0)],
+    )
     runner_pb2_grpc.add_RunnerServicer_to_server(
         RunnerService(scheduler, tokenizer, max_context, vocab_size), server
     )
-    port = rpc.add_port(server, f"{spec.serve_host}:0", auth)
+    address = f"{spec.serve_host}:{spec.serve_port}"
+    try:
+        port = rpc.add_port(server, address, auth)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise RuntimeError(f"cannot listen on {address} for requests: is --runner-port taken?")
     server.start()
 
     stopping = threading.Event()
@@ -235,7 +259,11 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
         scheduler.wake()
 
     threading.Thread(target=watch_stdin, daemon=True, name="stdin").start()
-    peers = [worker_pb2_grpc.WorkerStub(rpc.channel(w, auth)) for w in spec.workers[1:]]
+    targets = spec.node_ids or ("",) * spec.world_size
+    peers = [
+        worker_pb2_grpc.WorkerStub(rpc.channel(w, auth, target))
+        for w, target in zip(spec.workers[1:], targets[1:], strict=True)
+    ]
     emit("ready", address=f"{spec.advertise_host}:{port}")
     session = 0
     try:
