@@ -33,6 +33,7 @@ from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from pomona import rpc
 from pomona.config import PROTOCOL_VERSION, SERVICE_TYPE
+from pomona.coordinator.events import events_path
 from pomona.local import free_worker_ports
 from pomona.security import load_cluster_config
 from pomona.tokens import AUTH_METADATA_KEY, WRONG_BODY, WRONG_TARGET, sign
@@ -143,7 +144,7 @@ def test_a_rogue_worker_without_the_secret_is_never_admitted(tmp_path: Path) -> 
             assert [n.name for n in list_nodes(coord).nodes] == ["w0"]
             with rogue.lock:
                 assert set(rogue.calls) == {"Describe"}, rogue.calls
-            events = (tmp_path / "coordinator" / "events.jsonl").read_text().splitlines()
+            events = events_path(tmp_path / "coordinator", c.cluster).read_text().splitlines()
             joined = [json.loads(e) for e in events if "node_joined" in e]
             assert [e.get("node_name") for e in joined] == ["w0"], joined
             tokens = generate_tokens(coord, PROMPT, 6)[0]
