@@ -47,7 +47,7 @@ pytestmark = pytest.mark.cluster
 BASE_SEED = 1624
 PREFILL_STEP = 16
 MAX_TOKENS = 12
-REQUEST_TIMEOUT_S = 90.0
+REQUEST_TIMEOUT_S = 60.0
 # What people call their Macs: spaces, apostrophes, dots, non-ASCII, and the
 # same default name on two machines.
 NAMES = [
