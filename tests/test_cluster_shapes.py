@@ -255,6 +255,7 @@ def test_any_shape_of_cluster_gives_single_process_greedy_tokens(
             bounds = [0, *(end for _, end in held)]
             assert held == list(zip(bounds, bounds[1:], strict=False)), f"{shape}: {held}"
             assert bounds[-1] == shape.num_layers, f"{shape}: {held}"
+            assert all(start < end for start, end in held), f"{shape}: an idle worker: {held}"
             if shape.layers:
                 assert tuple(e - s for s, e in held) == shape.layers, f"{shape}: {held}"
 
@@ -276,6 +277,7 @@ def test_any_shape_of_cluster_gives_single_process_greedy_tokens(
             results = run_together(clients)
 
             errors = {k: _error(v) for k, v in results.items() if isinstance(v, Exception)}
+            errors.update({k: "still running" for k in clients if k not in results})
             assert not errors, f"{shape}: {errors}"
             for i, prompt in enumerate(prompts):
                 tokens, last = results[f"grpc {i}"]  # type: ignore[misc]
