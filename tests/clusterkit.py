@@ -132,16 +132,24 @@ class LocalCluster:
         config: Path | None = None,
         model_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        key: str = "",
     ) -> Proc:
+        """A worker named ``name``; ``key`` (default: the name) names its state dir
+        and log, so that two workers may share a name as two Macs may."""
+        key = key or name
         port = port or free_worker_ports(self.taken)
         args = [
             "worker", "--port", str(port), "--host", LOOPBACK, "--name", name,
             "--cluster", cluster or self.cluster, "--address", LOOPBACK,
-            "--mdns-interface", LOOPBACK, "--state-dir", str(self.root / f"state-{name}"),
+            "--mdns-interface", LOOPBACK, "--state-dir", str(self.state_dir(key)),
             "--model-dir", str(model_dir or self.root), *extra,
         ]  # fmt: skip
         config = config or cluster_config(self.root, cluster or self.cluster)
-        return self._spawn(f"worker-{name}", args, port, config, env)
+        return self._spawn(f"worker-{key}", args, port, config, env)
+
+    def state_dir(self, key: str) -> Path:
+        """Where the worker started with ``key`` keeps its node id."""
+        return self.root / f"state-{key}"
 
     def coordinator(
         self,
@@ -245,16 +253,26 @@ def generate_tokens(
 
 def reference_tokens(model_path: Path, prompt: str, max_tokens: int) -> list[int]:
     """Greedy tokens of single-process mlx-lm, up to its end of sequence."""
+    return reference_tokens_of(model_path, [prompt], max_tokens)[prompt]
+
+
+def reference_tokens_of(
+    model_path: Path, prompts: list[str], max_tokens: int
+) -> dict[str, list[int]]:
+    """``reference_tokens`` of each prompt, loading the model once."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
     model, tokenizer = load(str(model_path))
     bos = tokenizer.bos_token
-    ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    out = []
-    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
-        if token in tokenizer.eos_token_ids:
-            break
-        out.append(int(token))
-    return out
+    tokens: dict[str, list[int]] = {}
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+        out = []
+        for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+            if token in tokenizer.eos_token_ids:
+                break
+            out.append(int(token))
+        tokens[prompt] = out
+    return tokens

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from modelfactory import make_model
+from modelfactory import ARCHITECTURES, make_model
 
 from pomona.worker.shard import StageSpec, files_for_stage, load_stage, weight_map
 
@@ -57,7 +57,7 @@ def test_a_range_outside_the_model_is_refused(model: Path) -> None:
         load_stage(model, StageSpec(4, 9, rank=1, world_size=2))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_every_stage_agrees_on_what_crosses_a_boundary(
     arch: str, dtype: str, tmp_path: Path
