@@ -17,6 +17,7 @@ import pytest
 from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator.cluster import Cluster, Serving
+from pomona.coordinator.placement import Assignment
 from pomona.coordinator.router import GenerateError, Router
 from pomona.v1 import common_pb2, runner_pb2_grpc
 
@@ -47,7 +48,8 @@ async def _generate(head: FailingHead) -> GenerateError:
     server, address = _serve(head)
     try:
         cluster = Cluster(CoordinatorConfig(heartbeat_timeout=0.5, retry_timeout=5.0))
-        cluster.serving = Serving("load-1", address, (), 512)
+        head_stage = Assignment("0123456789ab", "w0", 0, 4, 0)
+        cluster.serving = Serving("load-1", address, (head_stage,), 512)
         request = common_pb2.GenerateRequest(prompt="hi", max_tokens=4)
         with pytest.raises(GenerateError) as caught:
             async for _ in Router(cluster).generate(request):

@@ -237,8 +237,12 @@ class RunnerProcess:
         self._proc.stdin.write((json.dumps(command) + "\n").encode())
         await self._proc.stdin.drain()
 
-    async def stop(self, grace: float = 3.0) -> None:
-        """Ask the runner to stop, then kill its process group."""
+    async def stop(self, grace: float = 1.0) -> None:
+        """Ask the runner to stop, then kill its process group.
+
+        An idle runner stops at once; one inside a torn-down group is stuck
+        in the ring and never reads the request, so the grace is short.
+        """
         self._stopping = True
         proc = self._proc
         if proc is None or proc.returncode is not None:
