@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,15 @@ from clusterkit import coordinator_stub, local_cluster, wait_for, wait_serving
 from modelfactory import VOCAB_SIZE, make_model
 
 from pomona.bench_cmd import bench_command, check_context, parse_concurrency
+from pomona.bench_view import bench_json
 from pomona.benchmark import (
     BenchSettings,
     Figure,
+    Predicted,
     StreamTiming,
     aggregate_tokens_per_s,
     random_prompt,
+    run_bench,
 )
 from pomona.model_profile import ModelProfile
 from pomona.v1 import coordinator_pb2
@@ -78,6 +82,72 @@ def test_every_request_must_fit_the_context() -> None:
         check_context(BenchSettings(prompt_tokens=200, gen_tokens=57, concurrency=()), 256)
     with pytest.raises(click.ClickException, match="second turn"):
         check_context(BenchSettings(prompt_tokens=100, gen_tokens=8, second_turn=True), 160)
+
+
+DOCS = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+
+
+class FakeStreamer:
+    """Every request takes 0.1 s to its first token, then 100 tok/s; prompts whose first
+    id is even end after half their tokens."""
+
+    def __init__(self) -> None:
+        self.prompts: list[list[int]] = []
+
+    def one(self, prompt: list[int], max_tokens: int) -> StreamTiming:
+        self.prompts.append(prompt)
+        made = max_tokens // 2 if prompt[0] % 2 == 0 and max_tokens > 2 else max_tokens
+        return StreamTiming(0.0, 0.1, 0.1 + (made - 1) / 100, made, max_tokens, "length")
+
+    def together(self, prompts: list[list[int]], max_tokens: int) -> list[StreamTiming]:
+        return [self.one(p, max_tokens) for p in prompts]
+
+
+def _documented_fields() -> set[str]:
+    """Every name in backticks in the table of `docs/benchmarks.md`'s JSON section."""
+    section = DOCS.read_text().split("schema `pomona.bench/v1`")[1]
+    rows = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    return set(re.findall(r"`([a-z_]+)", rows))
+
+
+def test_the_protocol_runs_every_part_and_its_json_is_as_documented() -> None:
+    settings = BenchSettings(
+        prompt_tokens=32, gen_tokens=9, repeats=5, concurrency=(1, 3), second_turn=True, seed=3
+    )
+    streamer, steps = FakeStreamer(), []
+
+    def predictor(prompt: int, context: int, streams: int) -> Predicted:
+        return Predicted(prompt / 1000, 50.0, 50.0 * streams)
+
+    result = run_bench(streamer, settings, 384, predictor, steps.append)  # type: ignore[arg-type]
+    assert len(steps) == settings.steps == 1 + 5 * (1 + 2 + 2)
+    assert len(streamer.prompts) == 1 + 5 + 5 * (1 + 3) + 2 * 5
+    firsts = [tuple(p[:8]) for p in streamer.prompts]
+    assert len(set(firsts)) == len(firsts) - 5  # only second turns repeat a prefix
+    early = sum(r.ended_early for r in result.runs)
+    assert 0 < early < 5  # seed 3 gives both kinds
+    assert len(result.decode.values) == 5 - early
+    assert result.decode.median == pytest.approx(100.0)
+    assert result.decode.ratio == pytest.approx(2.0)
+    assert result.ttft.predicted == pytest.approx(0.032)
+    assert [r.aggregate.predicted for r in result.sweep] == [50.0, 150.0]
+    assert result.second_turn is not None
+    assert result.second_turn.second.predicted == pytest.approx(0.096)
+    assert any("no prefix cache" in n for n in result.notes)
+
+    doc = bench_json(result, {"coordinator": "c", "cluster": "k", "model": "m", "load_id": "l",
+                              "stages": []}, ["a note"])  # fmt: skip
+    documented = _documented_fields()
+    assert set(doc) == {"schema", "coordinator", "cluster", "model", "load_id", "stages",
+                        "settings", "single_stream", "sweep", "second_turn", "notes"}  # fmt: skip
+    assert set(doc) <= documented
+    assert set(doc["settings"]) <= documented
+    assert set(doc["single_stream"]) <= documented
+    assert set(doc["single_stream"]["runs"][0]) <= documented
+    assert set(doc["sweep"][0]) <= documented
+    assert set(doc["second_turn"]) <= documented
+    assert doc["notes"][0] == "a note"
+    json.dumps(doc)
 
 
 def _bench(address: str, config: Path, *args: str) -> Any:
