@@ -123,9 +123,14 @@ def test_status_events_and_metrics_of_a_live_cluster(tmp_path: Path) -> None:
             30,
             "the node to return",
         )
-        events = pomona("events", "--json", "--coordinator", coord.address, config=coord.config)
-        returned = [json.loads(line) for line in events.stdout.splitlines()]
-        assert any(e["kind"] == "node_returned" and e["node_id"] == node_id for e in returned)
+
+        def returned() -> bool:
+            out = pomona("events", "--json", "--coordinator", coord.address, config=coord.config)
+            events = [json.loads(line) for line in out.stdout.splitlines()]
+            return any(e["kind"] == "node_returned" and e["node_id"] == node_id for e in events)
+
+        # The state changes as the first sample arrives; the event follows it.
+        wait_for(returned, 10, "the node_returned event")
         assert len(status_json(coord)["nodes"]) == 2
 
 
