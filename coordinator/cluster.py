@@ -23,6 +23,7 @@ import grpc
 from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator import events as ev
+from pomona.coordinator.distribution import Distributor, check_disk, prefer_holders, relabel
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
@@ -78,6 +79,7 @@ class Cluster:
         self._last_change = time.monotonic()
         self._serving_changed = asyncio.Condition()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.distribution = Distributor(self.monitor, self.channel)
 
     # -- membership -------------------------------------------------------------
 
@@ -163,7 +165,8 @@ class Cluster:
             return
         self.loading = True
         try:
-            info = await self._inspect(members[0])
+            await self.distribution.take_survey(members)
+            info = await self._inspect(self.distribution.inspector(members, self.config.model))
             if info is None:
                 return
             assignments, self.plan = place(
@@ -173,6 +176,16 @@ class Cluster:
                 context=self.config.context,
                 concurrency=self.config.concurrency,
                 objective=self.config.objective,
+            )
+            survey = self.distribution.survey
+            assignments = prefer_holders(
+                assignments, [m.describe for m in members], survey, self.config.model
+            )
+            self.plan = relabel(self.plan, assignments)
+            check_disk(assignments, survey, self.config.model)
+            self.problem = f"fetching the stages of {self.config.model} that workers lack"
+            await self.distribution.stage_all(
+                self.config.model, members, assignments, self.config.load_timeout
             )
             await self._load(info, members, assignments)
         except PlacementError as e:

@@ -23,6 +23,7 @@ from pomona.config import (
     DEFAULT_WORKER_PORT,
     CoordinatorConfig,
     WorkerConfig,
+    default_cache_dir,
     default_model_dirs,
     default_state_dir,
 )
@@ -89,6 +90,18 @@ INSECURE_OPTION = click.option(
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Node id, logs.")
 @click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(path_type=Path))
 @click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where stage folders fetched from other workers go [default: ~/.cache/pomona/models].",
+)
+@click.option(
+    "--cache-max-gb",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Evict least recently used stage folders beyond this many GB [default: no limit].",
+)
+@click.option(
     "--max-memory",
     type=click.FloatRange(min=0),
     default=0.0,
@@ -111,6 +124,8 @@ def worker(
     mdns: tuple[str, ...],
     state_dir: Path | None,
     model_dirs: tuple[Path, ...],
+    cache_dir: Path | None,
+    cache_max_gb: float,
     max_memory: float,
     config_path: Path | None,
     insecure: bool,
@@ -136,6 +151,8 @@ def worker(
         or (cluster_config.model_dirs if cluster_config else ())
         or default_model_dirs(),
         max_memory_bytes=int(max_memory * 1e9),
+        cache_dir=cache_dir or default_cache_dir(),
+        cache_max_bytes=int(cache_max_gb * 1e9),
     )
     _run_until_signal(lambda stop: serve(config, stop=stop))
 
