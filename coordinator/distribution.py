@@ -103,11 +103,14 @@ def prefer_holders(
     world = len(assignments)
     free = {d.node_id for d in nodes}
     order = sorted(range(world), key=lambda i: -assignments[i].weights_bytes)
+    planned = {a.node_id: i for i, a in enumerate(assignments)}
     chosen: dict[int, str] = {}
-    # Settle stages whose node already holds them first, so no one takes their node.
+    # A stage folder is of use for its own stage only: those stay first. A
+    # whole model is of use anywhere: its holder goes to the largest stage.
     for i in order:
         a = assignments[i]
-        if holds_stage(held_model(survey.get(a.node_id), model), StageNeed.of(a, i, world)):
+        held = held_model(survey.get(a.node_id), model)
+        if held is not None and not held.complete and holds_stage(held, StageNeed.of(a, i, world)):
             chosen[i] = a.node_id
             free.discard(a.node_id)
     for i in order:
@@ -119,13 +122,22 @@ def prefer_holders(
         holder = next(
             (n for n in same if holds_stage(held_model(survey.get(n), model), need)), None
         )
-        pick = holder or (a.node_id if a.node_id in free else same[0])
+        pick = holder or min(same, key=lambda n: _moves(n, a.node_id, planned, chosen))
         chosen[i] = pick
         free.discard(pick)
     return [
         replace(a, node_id=chosen[i], name=names.get(chosen[i], a.name))
         for i, a in enumerate(assignments)
     ]
+
+
+def _moves(node: str, own: str, planned: dict[str, int], chosen: dict[int, str]) -> int:
+    """How much taking ``node`` for a stage planned on ``own`` disturbs the plan."""
+    if node == own:
+        return 0
+    if node in planned and planned[node] in chosen:
+        return 1  # its own stage went to a holder: it is free to move
+    return 2 if node not in planned else 3
 
 
 def check_disk(

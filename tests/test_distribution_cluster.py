@@ -7,15 +7,28 @@ their stage's tensors from it before their runners start.
 from __future__ import annotations
 
 import json
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
-from clusterkit import generate_tokens, local_cluster, reference_tokens, wait_serving
+from clusterkit import (
+    describe,
+    generate_tokens,
+    local_cluster,
+    reference_tokens,
+    wait_for,
+    wait_serving,
+)
 from modelfactory import make_model
 
+from pomona import rpc
 from pomona.safetensors_layout import read_layout
+from pomona.v1 import transfer_pb2, transfer_pb2_grpc
 from pomona.worker.shard import weight_map
 from pomona.worker.stage_cache import StageKey, tensors_for_stage
+from pomona.worker.transfer_fetch import CHUNK_BYTES
 
 pytestmark = pytest.mark.cluster
 
@@ -75,3 +88,70 @@ def test_a_model_on_one_of_two_workers_serves_with_greedy_tokens_of_mlx_lm(tmp_p
 
 def test_three_workers_each_receive_only_their_share(tmp_path: Path) -> None:
     _run(tmp_path, 3, "2,2,2", 6)
+
+
+def _logged_bytes(partial: Path, model: Path) -> int:
+    """Bytes of the chunks a cut transfer had verified and recorded."""
+    sizes = {}
+    for file in set(weight_map(model).values()):
+        sizes.update({n: t.info.nbytes for n, t in read_layout(model / file).items()})
+    done = set()
+    for line in (partial / "chunks.log").read_text().splitlines():
+        key = line.rsplit(" ", 1)[0]
+        if line.startswith("-"):
+            done.discard(line[1:])
+        else:
+            done.add(key)
+    total = 0
+    for key in done:
+        tensor, offset = key.rsplit("@", 1)
+        total += min(CHUNK_BYTES, sizes[tensor] - int(offset))
+    return total
+
+
+def test_a_killed_source_restarted_resumes_without_resending_chunks(tmp_path: Path) -> None:
+    # About 130 MB, so that the transfer is still running when the source dies.
+    model = make_model(
+        tmp_path / "holder" / "big",
+        "llama",
+        num_layers=8,
+        shards=2,
+        overrides={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8},
+    )
+    key = StageKey.of(0, 8, 0, 1)
+    names, share = _share(model, key)
+    with local_cluster(tmp_path) as c:
+        holder_args = ("--model-dir", str(tmp_path / "holder"), "--cache-dir", str(tmp_path / "ch"))
+        source = c.worker("source", extra=holder_args)
+        receiver = c.worker("receiver", extra=("--cache-dir", str(tmp_path / "cache-r")))
+        stub = transfer_pb2_grpc.ModelTransferStub(rpc.channel(receiver.address, receiver.auth))
+        request = transfer_pb2.StageRequest(
+            model="big", start_layer=0, end_layer=8, rank=0, world_size=1, sources=[source.address]
+        )
+        wait_for(lambda: describe(source) and describe(receiver), 60, "the workers")
+        partial = tmp_path / "cache-r" / "stages"
+
+        def logged() -> bool:
+            logs = list(partial.glob("*/*.partial/chunks.log"))
+            return bool(logs) and logs[0].stat().st_size > 0
+
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(lambda: list(stub.Stage(request, timeout=120)))
+            wait_for(logged, 60, "the first chunks", interval=0.002)
+            source.stop(signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as cut:
+                running.result()
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        folder = next(partial.glob("*/*.partial"))
+        done = _logged_bytes(folder, model)
+        assert 0 < done < share
+        restarted = c.worker("source", port=source.port, extra=holder_args)
+        wait_for(lambda: describe(restarted), 60, "the restarted source")
+        progress = list(stub.Stage(request, timeout=120))
+    final = progress[-1]
+    assert final.state == "done"
+    assert final.bytes_received == share - done
+    assert final.chunks_refetched == 0
+    held = read_layout(Path(final.path) / "model.safetensors")
+    assert sorted(held) == names
+    assert sum(t.info.nbytes for t in held.values()) == share
