@@ -185,7 +185,11 @@ class Cluster:
             check_disk(assignments, survey, self.config.model)
             self.problem = f"fetching the stages of {self.config.model} that workers lack"
             await self.distribution.stage_all(
-                self.config.model, members, assignments, self.config.load_timeout
+                self.config.model,
+                members,
+                assignments,
+                self.config.load_timeout,
+                lambda line: setattr(self, "problem", line),
             )
             await self._load(info, members, assignments)
         except PlacementError as e:

@@ -24,7 +24,7 @@ from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError
 from pomona.coordinator.planner import Plan
 from pomona.units import format_bytes
-from pomona.v1 import transfer_pb2, transfer_pb2_grpc, worker_pb2
+from pomona.v1 import coordinator_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,9 @@ class Distributor:
         self._channel = channel
         # The last progress of every worker's transfer, by node id (for status).
         self.transfers: dict[str, transfer_pb2.TransferProgress] = {}
+        self.names: dict[str, str] = {}
         self.survey: dict[str, transfer_pb2.ListModelsReply] = {}
+        self._on_progress: Callable[[str], None] = lambda line: None
 
     def _stub(self, address: str) -> transfer_pb2_grpc.ModelTransferStub:
         return transfer_pb2_grpc.ModelTransferStub(self._channel(address))
@@ -229,15 +231,38 @@ class Distributor:
         held.sort(key=lambda mh: not mh[1].complete)
         return [m.address for m, _ in held]
 
+    def node_transfers(self) -> list[coordinator_pb2.NodeTransfer]:
+        return [
+            coordinator_pb2.NodeTransfer(node_id=n, name=self.names.get(n, n), progress=p)
+            for n, p in sorted(self.transfers.items(), key=lambda kv: self.names.get(kv[0], kv[0]))
+        ]
+
+    def progress_line(self) -> str:
+        """`fetching stages: mini-2 120 MB of 400 MB, 95 MB/s, 3 s left; ...`."""
+        parts = []
+        for n, p in sorted(self.transfers.items(), key=lambda kv: self.names.get(kv[0], kv[0])):
+            if p.state != "fetching":
+                continue
+            eta = f", {p.eta_s:.0f} s left" if p.HasField("eta_s") else ""
+            parts.append(
+                f"{self.names.get(n, n)} {format_bytes(p.bytes_done)} of "
+                f"{format_bytes(p.bytes_total)}, {format_bytes(int(p.bytes_per_s))}/s{eta}"
+            )
+        return "fetching stages: " + ("; ".join(parts) or "starting")
+
     async def stage_all(
         self,
         model: str,
         members: Sequence[Member],
         assignments: Sequence[Assignment],
         timeout: float,
+        on_progress: Callable[[str], None] = lambda line: None,
     ) -> None:
         """Every worker of the plan holds its stage, or TransferFailed says who does not."""
         by_id = {m.node_id: m for m in members}
+        self.names.update({m.node_id: m.name for m in members})
+        self.transfers.clear()
+        self._on_progress = on_progress
         world = len(assignments)
         jobs = []
         for rank, a in enumerate(assignments):
@@ -276,6 +301,7 @@ class Distributor:
             async for progress in self._stub(member.address).Stage(request, timeout=timeout):
                 last = progress
                 self.transfers[member.node_id] = progress
+                self._on_progress(self.progress_line())
                 if progress.state == "fetching" and not announced:
                     announced = True
                     self.monitor.events.record(
@@ -297,3 +323,25 @@ class Distributor:
                 f"{what}: {format_bytes(last.bytes_received)} received in {seconds:.1f} s "
                 f"({format_bytes(int(last.bytes_received / max(seconds, 1e-3)))}/s)",
             )
+
+
+def cluster_models(
+    survey: dict[str, transfer_pb2.ListModelsReply], names: dict[str, str]
+) -> coordinator_pb2.ClusterModels:
+    """Every model some worker holds, with who holds it and how much."""
+    models: dict[str, coordinator_pb2.ClusterModel] = {}
+    for node_id, reply in sorted(survey.items(), key=lambda kv: names.get(kv[0], kv[0])):
+        for held in reply.models:
+            entry = models.setdefault(held.model, coordinator_pb2.ClusterModel(model=held.model))
+            if held.complete:
+                entry.size_bytes = max(entry.size_bytes, held.bytes)
+            entry.holders.append(
+                coordinator_pb2.ModelHolder(
+                    node_id=node_id,
+                    name=names.get(node_id, node_id),
+                    complete=held.complete,
+                    bytes=held.bytes,
+                    stages=held.stages,
+                )
+            )
+    return coordinator_pb2.ClusterModels(models=[models[k] for k in sorted(models)])

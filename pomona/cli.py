@@ -406,6 +406,7 @@ def _register_commands() -> None:
     from pomona.chat import chat_command
     from pomona.coordinator.plan_cli import plan_command
     from pomona.init_cmd import init_command
+    from pomona.models_cmd import models_command, pull_command
     from pomona.status_cmd import events_command, status_command
 
     main.add_command(init_command, "init")
@@ -413,6 +414,8 @@ def _register_commands() -> None:
     main.add_command(chat_command, "chat")
     main.add_command(status_command, "status")
     main.add_command(events_command, "events")
+    main.add_command(models_command, "models")
+    main.add_command(pull_command, "pull")
 
 
 _register_commands()

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 from clusterkit import (
+    Proc,
     describe,
     generate_tokens,
     local_cluster,
@@ -24,6 +28,7 @@ from clusterkit import (
 from modelfactory import make_model
 
 from pomona import rpc
+from pomona.local import free_port_pair
 from pomona.safetensors_layout import read_layout
 from pomona.v1 import transfer_pb2, transfer_pb2_grpc
 from pomona.worker.shard import weight_map
@@ -60,6 +65,37 @@ def _check_only_its_share(model: Path, cache: Path, shard: object, world: int) -
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
 
 
+def pomona(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pomona", *args, "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _check_visible(tmp_path: Path, coord: Proc, http_port: int) -> None:
+    """Models, status, events and /metrics tell who holds what and what was fetched."""
+    listed = pomona("models", "--json", "--coordinator", coord.address, config=coord.config)
+    assert listed.returncode == 0, listed.stderr
+    tiny = next(m for m in json.loads(listed.stdout)["models"] if m["model"] == "tiny")
+    holders = {h["name"]: h for h in tiny["holders"]}
+    assert holders["w0"]["complete"] and not holders["w1"]["complete"]
+    assert [(s["start_layer"], s["end_layer"]) for s in holders["w1"]["stages"]] != []
+    status = pomona("status", "--json", "--coordinator", coord.address, config=coord.config)
+    transfers = json.loads(status.stdout)["transfers"]
+    assert [(t["name"], t["progress"]["state"]) for t in transfers] == [("w1", "done")]
+    events = pomona("events", "--coordinator", coord.address, config=coord.config).stdout
+    assert "transfer_started" in events and "transfer_finished" in events
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'pomona_transfer_bytes_received{node="w1"' in metrics
+    # A second model, pulled ahead of serving.
+    make_model(tmp_path / "holder" / "other", "llama", num_layers=4, shards=1, seed=3)
+    pulled = pomona("pull", "other", "--coordinator", coord.address, config=coord.config)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "every worker holds its stage" in pulled.stdout
+    assert len(list((tmp_path / "cache-w1" / "stages").glob("other-*/*"))) == 1
+
+
 def _run(tmp_path: Path, workers: int, layers: str, num_layers: int) -> None:
     model = make_model(
         tmp_path / "holder" / "tiny", "llama", num_layers=num_layers, shards=3, seed=7
@@ -72,7 +108,8 @@ def _run(tmp_path: Path, workers: int, layers: str, num_layers: int) -> None:
             if i == 0:
                 extra += ("--model-dir", str(tmp_path / "holder"))
             procs.append(c.worker(f"w{i}", extra=extra))
-        coord = c.coordinator("tiny", min_workers=workers, layers=layers)
+        http_port = free_port_pair(c.taken)
+        coord = c.coordinator("tiny", min_workers=workers, layers=layers, http_port=http_port)
         reply = wait_serving(coord)
         tokens, _, _ = generate_tokens(coord, PROMPT, max_tokens=24)
         assert tokens == expected
@@ -80,6 +117,8 @@ def _run(tmp_path: Path, workers: int, layers: str, num_layers: int) -> None:
         assert not _stage_folders(tmp_path / "cache-w0")
         for i in range(1, workers):
             _check_only_its_share(model, tmp_path / f"cache-w{i}", by_name[f"w{i}"].shard, workers)
+        if workers == 2:
+            _check_visible(tmp_path, coord, http_port)
 
 
 def test_a_model_on_one_of_two_workers_serves_with_greedy_tokens_of_mlx_lm(tmp_path: Path) -> None:
