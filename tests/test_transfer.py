@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import struct
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,13 @@ from pomona.security import Auth, ClusterSecrets
 from pomona.v1 import transfer_pb2, transfer_pb2_grpc
 from pomona.worker.model_store import ModelStore
 from pomona.worker.shard import StageSpec, load_stage, weight_map
-from pomona.worker.stage_cache import StageCache, StageKey, tensors_for_stage
+from pomona.worker.stage_cache import (
+    STAGE_META,
+    StageCache,
+    StageKey,
+    tensors_for_stage,
+    write_stage_meta,
+)
 from pomona.worker.transfer_fetch import TransferError, fetch_stage
 from pomona.worker.transfer_service import TransferService
 
@@ -333,3 +340,20 @@ async def test_transfers_need_the_cluster_credentials(models: Path, tmp_path: Pa
             "tiny", StageKey.of(0, 6, 0, 1), [address], StageCache(tmp_path / "y"), auth
         )
     assert path.is_dir()
+
+
+def test_the_cache_evicts_least_recently_used_folders_that_no_runner_uses(tmp_path: Path) -> None:
+    cache = StageCache(tmp_path, max_bytes=300)
+    folders = []
+    for i in range(3):
+        key = StageKey(i, i + 1, False, False)
+        path = cache.folder("m", key)
+        path.mkdir(parents=True)
+        write_stage_meta(path, "m", key, 3, 100, [])
+        os.utime(path / STAGE_META, (1000 + i, 1000 + i))
+        folders.append(path)
+    cache.touch(folders[1])  # used now: the most recent
+    removed = cache.evict(100, keep=[folders[0]])
+    assert removed == [folders[2]]
+    assert folders[0].exists() and folders[1].exists() and not folders[2].exists()
+    assert StageCache(tmp_path).evict(10**9) == []  # no limit, no eviction
