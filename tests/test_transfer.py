@@ -155,8 +155,8 @@ class Flipping(TransferService):
         self.sent: list[str] = []
         self.flipped_bytes = 0
 
-    def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes) -> transfer_pb2.Chunk:
-        out = super().chunk(ref, data)
+    def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes, digest: bytes) -> transfer_pb2.Chunk:
+        out = super().chunk(ref, data, digest)
         self.sent.append(f"{ref.tensor}@{ref.offset}")
         if self.flips and data:
             self.flips -= 1
@@ -198,12 +198,12 @@ class Dying(TransferService):
         self.sent: list[str] = []
         self.sent_bytes = 0
 
-    def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes) -> transfer_pb2.Chunk:
+    def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes, digest: bytes) -> transfer_pb2.Chunk:
         if len(self.sent) >= self.limit:
             raise RuntimeError("source killed")
         self.sent.append(f"{ref.tensor}@{ref.offset}")
         self.sent_bytes += len(data)
-        return super().chunk(ref, data)
+        return super().chunk(ref, data, digest)
 
 
 @run

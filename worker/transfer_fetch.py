@@ -238,6 +238,7 @@ class _Job:
         self._last_report = 0.0
         progress.bytes_total = sum(t.nbytes for t in infos)
         self.digests: dict[str, str] = {}
+        self.resumed: set[str] = set()
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -263,6 +264,7 @@ class _Job:
                     log.warning("%d chunks of %s failed the final check", len(bad), self.final)
                     for k in bad:
                         del self.digests[k]
+                        self.resumed.discard(k)
                     done_log.write("".join(f"-{k}\n" for k in bad))
                     done_log.flush()
                 else:
@@ -284,6 +286,7 @@ class _Job:
         plan_path = self.partial / PLAN_FILE
         if plan_path.is_file() and json.loads(plan_path.read_text()) == plan:
             self.digests = _read_done(self.partial / DONE_LOG)
+            self.resumed = set(self.digests)
             log.info(
                 "resuming %s: %d of %d chunks already here",
                 self.final,
@@ -385,8 +388,9 @@ class _Job:
                     raise TransferError(f"{source.address} sent a chunk that was not asked for")
                 self.progress.bytes_received += len(chunk.data)
                 self.progress._rate_bytes += len(chunk.data)
-                digest = hashlib.sha256(chunk.data).hexdigest()
-                if len(chunk.data) != span.length or digest != chunk.sha256.hex():
+                at = len(self.header) + self.offsets[span.tensor] + span.offset
+                digest = await asyncio.to_thread(_check_and_write, fd, chunk, span.length, at)
+                if digest is None:
                     self.progress.refetched += 1
                     source.bad_chunks += 1
                     log.warning(
@@ -398,8 +402,6 @@ class _Job:
                         source.dead = f"{source.bad_chunks} corrupted chunks"
                     todo.append(span)
                     continue
-                at = len(self.header) + self.offsets[span.tensor] + span.offset
-                await asyncio.to_thread(os.pwrite, fd, chunk.data, at)
                 self.digests[span.key] = digest
                 done_log.write(f"{span.key} {digest}\n")  # type: ignore[attr-defined]
                 done_log.flush()  # type: ignore[attr-defined]
@@ -413,8 +415,15 @@ class _Job:
         todo.extend(pending.values())
 
     def _verify(self, fd: int) -> list[str]:
+        """Chunks recorded by an earlier run whose bytes on disk no longer match.
+
+        Chunks written by this run were hashed just before being written; those
+        of a run that was cut off may have been recorded but not written.
+        """
         bad = []
         for span in self.spans:
+            if span.key not in self.resumed:
+                continue
             at = len(self.header) + self.offsets[span.tensor] + span.offset
             data = os.pread(fd, span.length, at)
             if hashlib.sha256(data).hexdigest() != self.digests.get(span.key):
@@ -434,6 +443,16 @@ class _Job:
             shutil.rmtree(self.final)
         self.partial.rename(self.final)
         log.info("stage folder %s complete (%s)", self.final, format_bytes(total))
+
+
+def _check_and_write(fd: int, chunk: transfer_pb2.Chunk, length: int, at: int) -> str | None:
+    """The chunk's sha256 once written at ``at``; None (nothing written) if it is corrupt."""
+    data = chunk.data
+    digest = hashlib.sha256(data)
+    if len(data) != length or digest.digest() != chunk.sha256:
+        return None
+    os.pwrite(fd, data, at)
+    return digest.hexdigest()
 
 
 def _take(todo: deque[ChunkSpan]) -> list[ChunkSpan]:

@@ -7,6 +7,7 @@ Thin: requests are checked here and answered from ``ModelStore`` (serving) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -139,26 +140,42 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
                     f"tensor has {loc.info.nbytes} bytes and a chunk at most {MAX_CHUNK_BYTES}",
                 )
         fds: dict[Path, int] = {}
+
+        def read(ref: transfer_pb2.ChunkRef) -> tuple[bytes, bytes]:
+            loc = h.tensors[ref.tensor]
+            if loc.path not in fds:
+                fds[loc.path] = os.open(loc.path, os.O_RDONLY)
+            data = os.pread(fds[loc.path], ref.length, loc.start + ref.offset)
+            return data, hashlib.sha256(data).digest()
+
+        refs = list(request.chunks)
+        # One chunk is read and hashed (in a thread) while the previous one is sent.
+        ahead = asyncio.ensure_future(asyncio.to_thread(read, refs[0])) if refs else None
         try:
-            for ref in request.chunks:
-                loc = h.tensors[ref.tensor]
-                if loc.path not in fds:
-                    fds[loc.path] = os.open(loc.path, os.O_RDONLY)
-                data = await asyncio.to_thread(
-                    os.pread, fds[loc.path], ref.length, loc.start + ref.offset
+            for i, ref in enumerate(refs):
+                assert ahead is not None
+                data, digest = await ahead
+                ahead = (
+                    asyncio.ensure_future(asyncio.to_thread(read, refs[i + 1]))
+                    if i + 1 < len(refs)
+                    else None
                 )
                 if len(data) != ref.length:
                     await context.abort(
                         grpc.StatusCode.DATA_LOSS,
-                        f"{loc.path.name} is shorter than its header says",
+                        f"the file of {ref.tensor!r} is shorter than its header says",
                     )
-                yield self.chunk(ref, data)
+                yield self.chunk(ref, data, digest)
         finally:
+            if ahead is not None:
+                with contextlib.suppress(BaseException):
+                    await ahead
             for fd in fds.values():
                 os.close(fd)
 
-    def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes) -> transfer_pb2.Chunk:
-        return transfer_pb2.Chunk(ref=ref, data=data, sha256=hashlib.sha256(data).digest())
+    def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes, digest: bytes) -> transfer_pb2.Chunk:
+        """The reply for one chunk (a seam for tests that corrupt or cut replies)."""
+        return transfer_pb2.Chunk(ref=ref, data=data, sha256=digest)
 
     async def Stage(self, request, context) -> AsyncIterator[transfer_pb2.TransferProgress]:  # noqa: N802
         problem = _check_stage(request)
