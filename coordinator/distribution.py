@@ -266,7 +266,9 @@ class Distributor:
         world = len(assignments)
         jobs = []
         for rank, a in enumerate(assignments):
-            held = held_model(self.survey.get(a.node_id), model)
+            if a.node_id not in self.survey:
+                continue  # it cannot say what it holds: it loads from its own model dirs
+            held = held_model(self.survey[a.node_id], model)
             if held is not None and held.complete:
                 continue
             jobs.append(self._stage_one(model, by_id[a.node_id], members, a, rank, world, timeout))

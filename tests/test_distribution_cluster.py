@@ -20,6 +20,7 @@ from clusterkit import (
     Proc,
     describe,
     generate_tokens,
+    list_nodes,
     local_cluster,
     reference_tokens,
     wait_for,
@@ -194,3 +195,25 @@ def test_a_killed_source_restarted_resumes_without_resending_chunks(tmp_path: Pa
     held = read_layout(Path(final.path) / "model.safetensors")
     assert sorted(held) == names
     assert sum(t.info.nbytes for t in held.values()) == share
+
+
+def test_a_worker_whose_cache_cannot_take_its_stage_is_refused_with_the_figure(
+    tmp_path: Path,
+) -> None:
+    make_model(tmp_path / "holder" / "tiny", "llama", num_layers=4, shards=3, seed=7)
+    with local_cluster(tmp_path) as c:
+        c.worker(
+            "w0",
+            extra=("--model-dir", str(tmp_path / "holder"), "--cache-dir", str(tmp_path / "c0")),
+        )
+        c.worker("w1", extra=("--cache-dir", str(tmp_path / "c1"), "--cache-max-gb", "0.0001"))
+        coord = c.coordinator("tiny", min_workers=2, layers="2,2")
+
+        def refused() -> str:
+            problem = list_nodes(coord).problem
+            return problem if "short" in problem else ""
+
+        problem = wait_for(refused, 60, "the plan to be refused")
+    assert "w1 would fetch layers" in problem and "100.0 KB" not in problem
+    assert "KiB free" in problem
+    assert not (tmp_path / "c1" / "stages").exists()

@@ -151,6 +151,7 @@ async def fetch_stage(
         if not needed:
             raise TransferError(f"{model!r} has no tensors for layers [{key.start}, {key.end})")
         infos = _agreed_infos(needed, found)
+        progress.source = found[0].address
         job = _Job(model, key, num_layers, infos, cache, chunk_bytes, progress, on_progress)
         await job.run(found, in_flight, keep)
         return job.final, progress
