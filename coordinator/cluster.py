@@ -165,7 +165,7 @@ class Cluster:
             return
         self.loading = True
         try:
-            await self.distribution.take_survey(members)
+            await self.distribution.take_survey(members, self.config.model)
             info = await self._inspect(self.distribution.inspector(members, self.config.model))
             if info is None:
                 return

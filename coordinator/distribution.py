@@ -194,14 +194,14 @@ class Distributor:
         return transfer_pb2_grpc.ModelTransferStub(self._channel(address))
 
     async def take_survey(
-        self, members: Sequence[Member]
+        self, members: Sequence[Member], model: str = ""
     ) -> dict[str, transfer_pb2.ListModelsReply]:
         """What each worker holds; a worker that cannot say holds nothing."""
 
         async def one(m: Member) -> transfer_pb2.ListModelsReply | None:
             try:
                 return await self._stub(m.address).ListModels(
-                    transfer_pb2.ListModelsRequest(), timeout=LIST_TIMEOUT
+                    transfer_pb2.ListModelsRequest(model=model), timeout=LIST_TIMEOUT
                 )
             except grpc.aio.AioRpcError as e:
                 log.warning(

@@ -28,7 +28,7 @@ async def plan_pull(cluster: Cluster, model: str, workers: int) -> list[Assignme
     if not members:
         raise PlacementError("there are no workers to pull to")
     dist = cluster.distribution
-    await dist.take_survey(members)
+    await dist.take_survey(members, model)
     inspector = dist.inspector(members, model)
     try:
         info = await inspector.stub.InspectModel(

@@ -357,3 +357,12 @@ def test_the_cache_evicts_least_recently_used_folders_that_no_runner_uses(tmp_pa
     assert removed == [folders[2]]
     assert folders[0].exists() and folders[1].exists() and not folders[2].exists()
     assert StageCache(tmp_path).evict(10**9) == []  # no limit, no eviction
+
+
+def test_a_worker_reports_a_model_by_the_name_it_is_asked_for(models: Path, tmp_path: Path) -> None:
+    store = store_for((models,), tmp_path / "cache")
+    assert [(h.model, h.complete) for h in store.held()] == [("tiny", True)]
+    absolute = str(models / "tiny")
+    held = store.held(absolute)
+    assert (held[0].model, held[0].complete) == (absolute, True)
+    assert store.held("elsewhere/unknown")[0].model == "tiny"

@@ -106,10 +106,27 @@ class ModelStore:
             tuple(f.key for f in folders),
         )
 
-    def held(self) -> list[Holding]:
-        """Every model held here, complete ones first; unreadable folders are skipped."""
+    def held(self, model: str = "") -> list[Holding]:
+        """Every model held here, complete ones first; unreadable folders are skipped.
+
+        ``model`` is also looked up by the name as given (a path, a repo id, the
+        demo), as ``Load`` would resolve it.
+        """
         out = []
         names = self._complete_names()
+        if model and model not in names:
+            try:
+                wanted = self.holding(model)
+            except (ModelNotFound, OSError, ValueError):
+                pass
+            else:
+                out.append(wanted)
+                if not wanted.complete:
+                    return out + [h for h in self._held(names) if h.model != model]
+        return out + self._held(names)
+
+    def _held(self, names: list[str]) -> list[Holding]:
+        out = []
         for name in names:
             try:
                 out.append(self.holding(name))

@@ -59,7 +59,13 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
         raise AssertionError("abort raises")
 
     async def ListModels(self, request, context):  # noqa: N802
-        held = await asyncio.to_thread(self.store.held)
+        model = request.model
+        if model:
+            try:
+                check_model_name(model)
+            except ModelNotFound as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        held = await asyncio.to_thread(self.store.held, model)
         cache = self.store.cache
         return transfer_pb2.ListModelsReply(
             models=[
@@ -211,6 +217,13 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
             finally:
                 task.cancel()
 
+    def _holds_whole(self, model: str) -> Holding | None:
+        try:
+            holding = self.store.holding(model)
+        except (ModelNotFound, OSError, LayoutError):
+            return None
+        return holding if holding.complete else None
+
     async def fetch(
         self, request: transfer_pb2.StageRequest, key: StageKey, report: Callable[[Progress], None]
     ) -> tuple[Path, Progress]:
@@ -225,6 +238,12 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
             self.transfers[label] = p
             report(p)
 
+        whole = await asyncio.to_thread(self._holds_whole, request.model)
+        if whole is not None:
+            progress = Progress(request.model, state="held", path=str(whole.files_dir))
+            progress.bytes_total = progress.bytes_done = whole.bytes
+            on_progress(progress)
+            return Path(str(whole.files_dir)), progress
         path, progress = await fetch_stage(
             request.model,
             key,
