@@ -165,8 +165,10 @@ class Cluster:
             return
         self.loading = True
         try:
-            await self.distribution.take_survey(members, self.config.model)
-            info = await self._inspect(self.distribution.inspector(members, self.config.model))
+            survey = await self.distribution.take_survey(members, self.config.model)
+            info = await self._inspect(
+                self.distribution.inspector(members, self.config.model, survey)
+            )
             if info is None:
                 return
             assignments, self.plan = place(
@@ -177,7 +179,6 @@ class Cluster:
                 concurrency=self.config.concurrency,
                 objective=self.config.objective,
             )
-            survey = self.distribution.survey
             assignments = prefer_holders(
                 assignments, [m.describe for m in members], survey, self.config.model
             )
@@ -188,6 +189,7 @@ class Cluster:
                 self.config.model,
                 members,
                 assignments,
+                survey,
                 self.config.load_timeout,
                 lambda line: setattr(self, "problem", line),
             )

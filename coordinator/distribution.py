@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 LIST_TIMEOUT = 10.0
 
 
+Survey = dict[str, transfer_pb2.ListModelsReply]  # by node id
+
+
 class Member(Protocol):
     node_id: str
     name: str
@@ -187,7 +190,6 @@ class Distributor:
         # The last progress of every worker's transfer, by node id (for status).
         self.transfers: dict[str, transfer_pb2.TransferProgress] = {}
         self.names: dict[str, str] = {}
-        self.survey: dict[str, transfer_pb2.ListModelsReply] = {}
         self._on_progress: Callable[[str], None] = lambda line: None
 
     def _stub(self, address: str) -> transfer_pb2_grpc.ModelTransferStub:
@@ -210,23 +212,24 @@ class Distributor:
                 return None
 
         replies = await asyncio.gather(*(one(m) for m in members))
-        self.survey = {m.node_id: r for m, r in zip(members, replies, strict=True) if r is not None}
-        return self.survey
+        return {m.node_id: r for m, r in zip(members, replies, strict=True) if r is not None}
 
-    def inspector(self, members: Sequence[Member], model: str) -> Member:
+    def inspector(self, members: Sequence[Member], model: str, survey: Survey) -> Member:
         """A member that holds ``model`` whole (it can profile it), else the first."""
         for m in members:
-            held = held_model(self.survey.get(m.node_id), model)
+            held = held_model(survey.get(m.node_id), model)
             if held is not None and held.complete:
                 return m
         return members[0]
 
-    def sources(self, members: Sequence[Member], model: str, exclude: str) -> list[str]:
+    def sources(
+        self, members: Sequence[Member], model: str, exclude: str, survey: Survey
+    ) -> list[str]:
         """Addresses of the members holding ``model``: whole first, then stage folders."""
         held = [
             (m, h)
             for m in members
-            if m.node_id != exclude and (h := held_model(self.survey.get(m.node_id), model))
+            if m.node_id != exclude and (h := held_model(survey.get(m.node_id), model))
         ]
         held.sort(key=lambda mh: not mh[1].complete)
         return [m.address for m, _ in held]
@@ -255,6 +258,7 @@ class Distributor:
         model: str,
         members: Sequence[Member],
         assignments: Sequence[Assignment],
+        survey: Survey,
         timeout: float,
         on_progress: Callable[[str], None] = lambda line: None,
     ) -> None:
@@ -266,12 +270,13 @@ class Distributor:
         world = len(assignments)
         jobs = []
         for rank, a in enumerate(assignments):
-            if a.node_id not in self.survey:
+            if a.node_id not in survey:
                 continue  # it cannot say what it holds: it loads from its own model dirs
-            held = held_model(self.survey[a.node_id], model)
+            held = held_model(survey[a.node_id], model)
             if held is not None and held.complete:
                 continue
-            jobs.append(self._stage_one(model, by_id[a.node_id], members, a, rank, world, timeout))
+            sources = self.sources(members, model, a.node_id, survey)
+            jobs.append(self._stage_one(model, by_id[a.node_id], sources, a, rank, world, timeout))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         if errors:
@@ -281,7 +286,7 @@ class Distributor:
         self,
         model: str,
         member: Member,
-        members: Sequence[Member],
+        sources: list[str],
         a: Assignment,
         rank: int,
         world: int,
@@ -293,7 +298,7 @@ class Distributor:
             end_layer=a.end,
             rank=rank,
             world_size=world,
-            sources=self.sources(members, model, member.node_id),
+            sources=sources,
         )
         what = f"layers [{a.start}, {a.end}) of {model}"
         started = time.monotonic()

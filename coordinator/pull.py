@@ -11,7 +11,7 @@ import grpc
 
 from pomona import rpc
 from pomona.coordinator.cluster import Cluster
-from pomona.coordinator.distribution import check_disk, prefer_holders
+from pomona.coordinator.distribution import Survey, check_disk, prefer_holders
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.v1 import coordinator_pb2, worker_pb2
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 
 
-async def plan_pull(cluster: Cluster, model: str, workers: int) -> list[Assignment]:
+async def plan_pull(cluster: Cluster, model: str, workers: int) -> tuple[list[Assignment], Survey]:
     """The stages ``model`` would have on ``workers`` workers (0: all), holders preferred."""
     members = cluster.usable()
     if workers:
@@ -28,8 +28,8 @@ async def plan_pull(cluster: Cluster, model: str, workers: int) -> list[Assignme
     if not members:
         raise PlacementError("there are no workers to pull to")
     dist = cluster.distribution
-    await dist.take_survey(members, model)
-    inspector = dist.inspector(members, model)
+    survey = await dist.take_survey(members, model)
+    inspector = dist.inspector(members, model, survey)
     try:
         info = await inspector.stub.InspectModel(
             worker_pb2.InspectModelRequest(model=model), timeout=rpc.INSPECT_TIMEOUT
@@ -44,16 +44,16 @@ async def plan_pull(cluster: Cluster, model: str, workers: int) -> list[Assignme
         concurrency=config.concurrency,
         objective=config.objective,
     )
-    assignments = prefer_holders(assignments, [m.describe for m in members], dist.survey, model)
-    check_disk(assignments, dist.survey, model)
-    return assignments
+    assignments = prefer_holders(assignments, [m.describe for m in members], survey, model)
+    check_disk(assignments, survey, model)
+    return assignments, survey
 
 
 async def pull(
     cluster: Cluster, model: str, workers: int
 ) -> AsyncIterator[coordinator_pb2.PullProgress]:
     """Progress of every worker's transfer until each holds its stage; PlacementError if not."""
-    assignments = await plan_pull(cluster, model, workers)
+    assignments, survey = await plan_pull(cluster, model, workers)
     plan = [
         coordinator_pb2.PlanStage(
             node_id=a.node_id,
@@ -67,7 +67,7 @@ async def pull(
     dist = cluster.distribution
     members = cluster.usable()
     task = asyncio.create_task(
-        dist.stage_all(model, members, assignments, cluster.config.load_timeout)
+        dist.stage_all(model, members, assignments, survey, cluster.config.load_timeout)
     )
     try:
         while not task.done():

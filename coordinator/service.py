@@ -83,7 +83,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: transfer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.ClusterModels:
         members = self.cluster.usable()
-        survey = await self.cluster.distribution.take_survey(members, self.cluster.config.model)
+        survey = await self.cluster.distribution.take_survey(members)
         return cluster_models(survey, {m.node_id: m.name for m in members})
 
     async def Pull(  # noqa: N802

@@ -109,21 +109,16 @@ class ModelStore:
     def held(self, model: str = "") -> list[Holding]:
         """Every model held here, complete ones first; unreadable folders are skipped.
 
-        ``model`` is also looked up by the name as given (a path, a repo id, the
-        demo), as ``Load`` would resolve it.
+        With ``model``, only that model, looked up by the name as given (a path, a
+        repo id, the demo) as ``Load`` would resolve it: what planning needs,
+        without reading the headers of every other model here.
         """
-        out = []
-        names = self._complete_names()
-        if model and model not in names:
+        if model:
             try:
-                wanted = self.holding(model)
+                return [self.holding(model)]
             except (ModelNotFound, OSError, ValueError):
-                pass
-            else:
-                out.append(wanted)
-                if not wanted.complete:
-                    return out + [h for h in self._held(names) if h.model != model]
-        return out + self._held(names)
+                return []
+        return self._held(self._complete_names())
 
     def _held(self, names: list[str]) -> list[Holding]:
         out = []
