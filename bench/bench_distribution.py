@@ -11,7 +11,8 @@ start with empty model directories and caches.
    folder with curl, all at once. Its figure is the wall time until the last
    download ends.
 2. Pomona: the same workers run ``pomona worker`` (worker 0 with the model in its
-   ``--model-dir``), then ``pomona coordinator`` starts on its own host. Its figure
+   ``--model-dir``); once every worker answers and has measured its memory
+   bandwidth, ``pomona coordinator`` starts on its own host. Its figure
    is the time from starting the coordinator to the first streamed token: planning,
    every receiver fetching its stage from worker 0, loading and the first token.
 
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench_model import default_cache_dir, ensure_model  # noqa: E402
-from clusterkit import coordinator_stub, list_nodes, wait_for  # noqa: E402
+from clusterkit import coordinator_stub, describe, list_nodes, wait_for  # noqa: E402
 from testbed import TestBed, unavailable_reason  # noqa: E402
 
 from pomona.safetensors_layout import read_layout  # noqa: E402
@@ -126,13 +127,21 @@ def pomona_run(bed: TestBed, model: Path, workers: int, root: Path, rate: float)
             os.link(f, held / f.name)
         except OSError:
             shutil.copy2(f, held / f.name)
+    procs = []
     for i in range(workers):
         empty = root / f"models-{i}"
         empty.mkdir()
         extra = ["--cache-dir", str(root / f"cache-{i}")]
         if i == 0:
             extra += ["--model-dir", str(root / "holder")]
-        bed.start_worker(i, f"w{i}", CLUSTER, empty, extra=extra)
+        procs.append(bed.start_worker(i, f"w{i}", CLUSTER, empty, extra=extra))
+    for proc in procs:
+        # Up and done measuring its memory bandwidth (once per machine, at start).
+        wait_for(
+            lambda p=proc: describe(p).hardware.HasField("measured_bandwidth_gbs"),
+            300,
+            f"{proc.name} to settle",
+        )
     rx_before = {i: rx_bytes(bed, i) for i in range(workers)}
     started = time.monotonic()
     started_wall = time.time()
