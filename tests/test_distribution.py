@@ -122,3 +122,15 @@ def test_the_cache_limit_counts_as_the_room_for_a_transfer() -> None:
     reply = transfer_pb2.ListModelsReply(cache_free_bytes=900 * GB, cache_max_bytes=5 * GB)
     with pytest.raises(PlacementError, match="short"):
         check_disk(plan("a"), {"a": reply}, "m")
+
+
+def test_measured_bandwidths_that_differ_by_noise_still_make_machines_interchangeable() -> None:
+    nodes = [node("a"), node("b"), node("c")]
+    for n, bw in zip(nodes, (1.8, 2.1, 1.9), strict=True):
+        n.hardware.chip = ""
+        n.hardware.measured_bandwidth_gbs = bw
+    assignments = plan("a", "b", "c", sizes=(9 * GB, 9 * GB, 6 * GB))
+    got = prefer_holders(assignments, nodes, {"c": holding()}, "m")
+    assert got[0].node_id == "c"
+    nodes[2].hardware.measured_bandwidth_gbs = 8.0  # a different machine
+    assert prefer_holders(assignments, nodes, {"c": holding()}, "m") == assignments
