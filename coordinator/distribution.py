@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -80,19 +79,12 @@ def holds_stage(held: transfer_pb2.HeldModel | None, need: StageNeed) -> bool:
 def _kind(d: worker_pb2.DescribeReply) -> tuple[object, ...]:
     """What makes two machines interchangeable to the planner (memory in use aside).
 
-    A measured memory bandwidth (machines whose chip is not in Apple's table) varies
-    from run to run on one machine: it counts in steps of 25%.
+    The chip and the memory. Bandwidth follows from the chip where Apple's table
+    knows it; elsewhere each worker measures it, and one machine measures values
+    apart by more than a third from run to run on a busy CPU: same chip, same kind.
     """
     hw = d.hardware
-    measured = hw.measured_bandwidth_gbs if hw.HasField("measured_bandwidth_gbs") else None
-    return (
-        hw.chip,
-        hw.total_memory_bytes,
-        hw.gpu_memory_limit_bytes,
-        hw.gpu_cores,
-        hw.rdma,
-        round(math.log(measured, 1.25)) if measured and measured > 0 else None,
-    )
+    return (hw.chip, hw.total_memory_bytes, hw.gpu_memory_limit_bytes, hw.gpu_cores, hw.rdma)
 
 
 def prefer_holders(
@@ -104,8 +96,8 @@ def prefer_holders(
     """The plan with interchangeable machines swapped so that holders keep what they hold.
 
     A tie-breaker only: a stage moves only to a machine of the same kind as the
-    one the planner chose (same chip and memory, bandwidth within a step), so
-    memory fit is unchanged. Stages are settled largest first.
+    one the planner chose (same chip and memory), so memory fit is unchanged.
+    Stages are settled largest first.
     """
     kinds = {d.node_id: _kind(d) for d in nodes}
     names = {d.node_id: d.name for d in nodes}
