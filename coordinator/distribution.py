@@ -303,7 +303,9 @@ class Distributor:
         announced = False
         last = None
         try:
-            async for progress in self._stub(member.address).Stage(request, timeout=timeout):
+            # A large stage on a slow link may take longer than a load: at least 10 MB/s.
+            deadline = max(timeout, 60.0 + a.weights_bytes / 10e6)
+            async for progress in self._stub(member.address).Stage(request, timeout=deadline):
                 last = progress
                 self.transfers[member.node_id] = progress
                 self._on_progress(self.progress_line())

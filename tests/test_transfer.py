@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import mlx.core as mx
 import pytest
-from modelfactory import make_model
+from modelfactory import ARCHITECTURES, make_model
 
 from pomona import rpc
 from pomona.models import resolve_model
@@ -366,3 +366,21 @@ def test_a_worker_reports_a_model_by_the_name_it_is_asked_for(models: Path, tmp_
     held = store.held(absolute)
     assert (held[0].model, held[0].complete) == (absolute, True)
     assert store.held("elsewhere/unknown") == []
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@run
+async def test_every_stage_of_every_architecture_loads_from_what_it_was_sent(
+    arch: str, tmp_path: Path
+) -> None:
+    model = make_model(tmp_path / "models" / arch, arch, num_layers=3, shards=2)
+    service = TransferService(store_for((tmp_path / "models",), tmp_path / "src"), None)
+    cache = StageCache(tmp_path / "cache")
+    async with source(service) as (address, _):
+        for rank, (start, end) in enumerate(((0, 1), (1, 2), (2, 3))):
+            key = StageKey.of(start, end, rank, 3)
+            path, progress = await fetch_stage(arch, key, [address], cache)
+            assert progress.bytes_received == share_bytes(model, key)
+            mine = load_stage(path, StageSpec(start, end, rank, 3))
+            theirs = load_stage(model, StageSpec(start, end, rank, 3))
+            assert mine.weights_bytes == theirs.weights_bytes, (arch, rank)
