@@ -23,7 +23,13 @@ import grpc
 from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator import events as ev
-from pomona.coordinator.distribution import Distributor, check_disk, prefer_holders, relabel
+from pomona.coordinator.distribution import (
+    Distributor,
+    TransferFailed,
+    check_disk,
+    prefer_holders,
+    relabel,
+)
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
@@ -32,6 +38,7 @@ from pomona.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 RETRY_PLAN_S = 2.0
+RETRY_TRANSFER_S = 10.0
 
 
 @dataclass
@@ -199,6 +206,9 @@ class Cluster:
             self.problem = str(e)
             self.monitor.events.record(ev.LOAD_FAILED, message=str(e))
             log.error("cannot place %s: %s", self.config.model, e)
+            if isinstance(e, TransferFailed):
+                # A cut transfer resumes where it stopped: try again shortly.
+                asyncio.get_running_loop().call_later(RETRY_TRANSFER_S, self.note_change)
         finally:
             self.loading = False
 
