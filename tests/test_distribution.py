@@ -134,3 +134,26 @@ def test_measured_bandwidths_that_differ_by_noise_still_make_machines_interchang
     assert got[0].node_id == "c"
     nodes[2].hardware.chip = "another CPU"  # a different machine
     assert prefer_holders(assignments, nodes, {"c": holding()}, "m") == assignments
+
+
+def test_models_and_transfers_read_as_one_line_each() -> None:
+    from pomona.coordinator.distribution import cluster_models
+    from pomona.models_cmd import models_text
+    from pomona.status_view import transfer_lines
+    from pomona.v1 import coordinator_pb2
+
+    survey = {
+        "a": holding(),
+        "b": holding(False, ((4, 8, False, True),)),
+        "c": transfer_pb2.ListModelsReply(),
+    }
+    survey["a"].models[0].bytes = 40 * GB
+    survey["b"].models[0].bytes = 12 * GB
+    reply = cluster_models(survey, {"a": "mini-1", "b": "mini-2", "c": "mini-3"})
+    assert models_text(reply) == ["m  37.3 GiB  mini-1 (whole), mini-2 (layers 4-7, 11.2 GiB)"]
+    assert models_text(coordinator_pb2.ClusterModels())[0].startswith("no worker holds a model")
+    progress = transfer_pb2.TransferProgress(
+        state="fetching", bytes_done=GB, bytes_total=4 * GB, bytes_per_s=100e6, eta_s=30.0
+    )
+    [line] = transfer_lines([coordinator_pb2.NodeTransfer(name="mini-2", progress=progress)])
+    assert str(line) == "mini-2: fetching its stage, 0.9 GiB of 3.7 GiB (25%), 95 MiB/s, 30 s left"
