@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -33,12 +35,19 @@ from pomona.coordinator.distribution import (
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
+from pomona.tokens import check_describe_proof, is_target, new_challenge
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 RETRY_PLAN_S = 2.0
 RETRY_TRANSFER_S = 10.0
+# A failed load is tried again after this, doubling up to RETRY_MAX_S; a
+# node whose load failed LEAVE_OUT_AFTER times in a row is left out of the
+# plan for LEAVE_OUT_S (or until it comes back after being lost).
+RETRY_MAX_S = 30.0
+LEAVE_OUT_AFTER = 2
+LEAVE_OUT_S = 300.0
 
 
 @dataclass
@@ -86,29 +95,46 @@ class Cluster:
         self._last_change = time.monotonic()
         self._serving_changed = asyncio.Condition()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Who this coordinator is to the workers' leases.
+        self.coordinator_id = f"{socket.gethostname()}:{config.port}/{uuid.uuid4().hex[:8]}"
+        # Loads that broke: never adopted again, whatever a worker still says.
+        self._dead_loads: set[str] = set()
+        # Consecutive failed loads per node, and the nodes left out for now.
+        self._load_failures: dict[str, int] = {}
+        self.left_out: dict[str, tuple[float, str]] = {}
+        self._retries = 0
         self.distribution = Distributor(self.monitor, self.channel)
 
     # -- membership -------------------------------------------------------------
 
     async def add_address(self, address: str, props: dict[str, str] | None = None) -> Member | None:
         """Describe the worker at ``address`` and keep it if it belongs here."""
+        challenge = new_challenge()
         stub = worker_pb2_grpc.WorkerStub(self.channel(address))
         try:
-            reply = await stub.Describe(worker_pb2.DescribeRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
+            reply = await stub.Describe(
+                worker_pb2.DescribeRequest(challenge=challenge), timeout=rpc.DESCRIBE_TIMEOUT
+            )
         except grpc.aio.AioRpcError as e:
             log.warning("cannot describe worker at %s: %s", address, rpc.describe_error(e, address))
             return None
         if reply.cluster != self.config.cluster:
             log.info("ignoring %s at %s: cluster %r", reply.name, address, reply.cluster)
             return None
+        if not self._proven(reply, challenge):
+            log.warning("ignoring %s at %s: no proof of the cluster secret", reply.name, address)
+            return None
         known = self.members.get(reply.node_id)
         if known is not None and known.address == address:
             known.describe = reply
             return known
+        stub = worker_pb2_grpc.WorkerStub(self.channel(address, reply.node_id))
         member = Member(reply.node_id, reply.name, address, reply, stub)
         if known is not None:
             log.info("worker %s (%s) is now at %s", reply.name, reply.node_id, address)
             member.state = known.state
+            self.members[reply.node_id] = member
+            await self.close_unused_channels()
         else:
             log.info("worker %s (node %s) joined at %s", reply.name, reply.node_id, address)
         self.members[reply.node_id] = member
@@ -116,9 +142,30 @@ class Cluster:
         self.note_change()
         return member
 
+    def needed(self) -> int:
+        """Workers to wait for before planning.
+
+        ``min_workers`` holds back the first plan only, less the nodes left
+        out for failing to load: after a failure the model is placed on
+        whatever remains, if it fits.
+        """
+        if self.ever_served:
+            return 1
+        return max(1, self.config.min_workers - len(self.left_out))
+
     def usable(self) -> list[Member]:
+        now = time.monotonic()
+        for node_id, (until, _) in list(self.left_out.items()):
+            if now >= until:
+                del self.left_out[node_id]
+                self._load_failures.pop(node_id, None)
         return sorted(
-            (m for m in self.members.values() if m.state != "lost"), key=lambda m: m.node_id
+            (
+                m
+                for m in self.members.values()
+                if m.state != "lost" and m.node_id not in self.left_out
+            ),
+            key=lambda m: m.node_id,
         )
 
     def returned(self, member: Member) -> None:
@@ -126,12 +173,38 @@ class Cluster:
         if member.state == "lost":
             log.info("worker %s (%s) is back", member.name, member.node_id)
             member.state = "idle"
+            # A restarted node gets a fresh chance to load.
+            self.left_out.pop(member.node_id, None)
+            self._load_failures.pop(member.node_id, None)
             self.note_change()
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = rpc.aio_channel(address, self.config.auth)
-        return self._channels[address]
+    def _proven(self, reply: worker_pb2.DescribeReply, challenge: bytes) -> bool:
+        """Whether the worker answered our challenge with the secret (or none is in use)."""
+        secrets = self.config.auth.secrets if self.config.auth else None
+        if secrets is None:
+            return True
+        if not reply.node_id or not is_target(reply.node_id):
+            return False  # no channel could sign calls for it
+        body = worker_pb2.DescribeReply()
+        body.CopyFrom(reply)
+        body.ClearField("proof")
+        data = body.SerializeToString(deterministic=True)
+        return check_describe_proof(secrets, challenge, reply.node_id, data, reply.proof)
+
+    def channel(self, address: str, target: str = "") -> grpc.aio.Channel:
+        """A channel to the server at ``address`` named ``target`` (a node id) in tokens."""
+        key = f"{address}|{target}"
+        if key not in self._channels:
+            self._channels[key] = rpc.aio_channel(address, self.config.auth, target)
+        return self._channels[key]
+
+    async def close_unused_channels(self) -> None:
+        """Close channels to addresses no member or pipeline uses any more."""
+        used = {m.address for m in self.members.values()}
+        if self.serving is not None:
+            used.add(self.serving.head_address)
+        for key in [k for k in self._channels if k.split("|", 1)[0] not in used]:
+            await self._channels.pop(key).close()
 
     def note_change(self) -> None:
         self._last_change = time.monotonic()
@@ -150,9 +223,7 @@ class Cluster:
                         m.state = "idle"
                 continue
             usable = self.usable()
-            # min_workers holds back the first plan only: after a failure the
-            # model is placed on whatever remains, if it fits.
-            needed = 1 if self.ever_served else self.config.min_workers
+            needed = self.needed()
             if len(usable) < needed:
                 self.reforming = False
                 self.problem = f"waiting for workers: {len(usable)} of {needed} available" + (
@@ -167,16 +238,18 @@ class Cluster:
             await self.plan_and_load()
 
     async def plan_and_load(self) -> None:
-        members = self.usable()
-        if await self._adopt(members):
+        members = await self._refresh(self.usable())
+        if not members:
             return
         self.loading = True
         try:
             survey = await self.distribution.take_survey(members, self.config.model)
             info = await self._inspect(
-                self.distribution.inspector(members, self.config.model, survey)
+                self.distribution.holders_first(members, self.config.model, survey)
             )
             if info is None:
+                return
+            if await self._adopt(members, info.num_layers):
                 return
             assignments, self.plan = place(
                 info,
@@ -212,11 +285,52 @@ class Cluster:
         finally:
             self.loading = False
 
-    async def _adopt(self, members: list[Member]) -> bool:
+    async def _refresh(self, members: list[Member]) -> list[Member]:
+        """Describe ``members`` again; those that answer and are not held elsewhere.
+
+        Plans and adoption must rest on what the workers say now, not on
+        what they said when they joined.
+        """
+        challenge = new_challenge()
+        replies = await asyncio.gather(
+            *(
+                m.stub.Describe(
+                    worker_pb2.DescribeRequest(challenge=challenge), timeout=rpc.DESCRIBE_TIMEOUT
+                )
+                for m in members
+            ),
+            return_exceptions=True,
+        )
+        fresh, held = [], []
+        for m, reply in zip(members, replies, strict=True):
+            if not isinstance(reply, worker_pb2.DescribeReply):
+                continue  # heartbeats decide whether it is lost
+            if reply.node_id != m.node_id or not self._proven(reply, challenge):
+                log.warning("%s at %s no longer proves it is %s", reply.name, m.address, m.name)
+                continue
+            m.describe = reply
+            if reply.held_by and reply.held_by != self.coordinator_id:
+                held.append(f"{m.name} (by coordinator {reply.held_by})")
+            else:
+                fresh.append(m)
+        needed = self.needed()
+        if held:
+            log.warning("workers held by another coordinator: %s", ", ".join(held))
+        if len(fresh) < needed:
+            self.reforming = False
+            self.problem = f"waiting for workers: {len(fresh)} of {needed} available" + (
+                f"; held by another coordinator of this cluster: {', '.join(held)}" if held else ""
+            )
+            asyncio.get_running_loop().call_later(RETRY_PLAN_S, self.note_change)
+            return []
+        return fresh
+
+    async def _adopt(self, members: list[Member], num_layers: int) -> bool:
         """Serve a pipeline that is already loaded (a restarted coordinator).
 
-        Adopts it when the workers' shards are all ready, of one load of this
-        model, and cover every layer in rank order from a head that answers.
+        Adopts it only when, as the workers describe themselves now, the
+        shards are all ready, of one load of this model that never broke, and
+        cover every layer of the model in rank order from a head that answers.
         """
         shards = [(m, m.describe.shard) for m in members]
         ready = [
@@ -226,10 +340,15 @@ class Cluster:
         ]
         if not ready or len({s.load_id for _, s in ready}) != 1:
             return False
+        if ready[0][1].load_id in self._dead_loads:
+            return False
         ready.sort(key=lambda ms: ms[1].rank)
         ends = [0] + [s.end_layer for _, s in ready]
-        if [s.rank for _, s in ready] != list(range(len(ready))) or any(
-            s.start_layer != ends[i] for i, (_, s) in enumerate(ready)
+        if (
+            [s.rank for _, s in ready] != list(range(len(ready)))
+            or any(s.start_layer != ends[i] for i, (_, s) in enumerate(ready))
+            or ends[-1] != num_layers
+            or any(s.world_size not in (0, len(ready)) for _, s in ready)
         ):
             return False
         head = ready[0][1]
@@ -260,20 +379,29 @@ class Cluster:
         )
         return True
 
-    async def _inspect(self, member: Member) -> worker_pb2.ModelInfo | None:
-        try:
-            return await member.stub.InspectModel(
-                worker_pb2.InspectModelRequest(model=self.config.model), timeout=rpc.INSPECT_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                # A busy or restarting worker: try again shortly.
-                asyncio.get_running_loop().call_later(RETRY_PLAN_S, self.note_change)
-            self.reforming = False
-            self.problem = e.details() or str(e.code())
-            self.monitor.events.record(ev.LOAD_FAILED, member.node_id, member.name, self.problem)
-            log.error("%s", self.problem)
-            return None
+    async def _inspect(self, members: list[Member]) -> worker_pb2.ModelInfo | None:
+        """The model's profile from the first member that can read it."""
+        problems = []
+        for member in members:
+            try:
+                return await member.stub.InspectModel(
+                    worker_pb2.InspectModelRequest(model=self.config.model),
+                    timeout=rpc.INSPECT_TIMEOUT,
+                )
+            except grpc.aio.AioRpcError as e:
+                problems.append((member, e))
+        member, error = problems[0]
+        self.reforming = False
+        self.problem = error.details() or str(error.code())
+        if any(
+            e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+            for _, e in problems
+        ):
+            # A busy or restarting worker: try again shortly.
+            asyncio.get_running_loop().call_later(RETRY_PLAN_S, self.note_change)
+        self.monitor.events.record(ev.LOAD_FAILED, member.node_id, member.name, self.problem)
+        log.error("%s", self.problem)
+        return None
 
     async def _load(
         self, info: worker_pb2.ModelInfo, members: list[Member], assignments: list[Assignment]
@@ -308,29 +436,27 @@ class Cluster:
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
                 prefill_step=self.config.prefill_step,
+                coordinator=self.coordinator_id,
+                chat_template=self.config.chat_template,
+                node_ids=[m.node_id for m in ordered],
             )
             for rank, a in enumerate(assignments)
         ]
         started = time.monotonic()
-        results = await asyncio.gather(
-            *(self._load_one(m, r) for m, r in zip(ordered, requests, strict=True)),
-            return_exceptions=True,
+        results = await _first_failure(
+            [self._load_one(m, r) for m, r in zip(ordered, requests, strict=True)]
         )
-        errors = [
-            f"{m.name}: {r}"
+        errors = {
+            m.node_id: f"{m.name}: {r}"
             for m, r in zip(ordered, results, strict=True)
-            if isinstance(r, BaseException)
-        ]
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+        }
         if errors or any(m.state == "lost" for m in ordered):
-            self.reforming = False
-            self.problem = "loading failed on " + ("; ".join(errors) or "a lost worker")
-            self.monitor.events.record(ev.LOAD_FAILED, message=self.problem)
-            log.error("%s", self.problem)
-            await self._unload(ordered, load_id)
-            for m in ordered:
-                if m.state != "lost":
-                    m.state = "idle"
+            await self._load_failed(ordered, load_id, errors)
             return
+        self._retries = 0
+        for m in ordered:
+            self._load_failures.pop(m.node_id, None)
         shards = {
             m.node_id: r
             for m, r in zip(ordered, results, strict=True)
@@ -348,6 +474,38 @@ class Cluster:
             ev.LOAD_FINISHED, message=f"load {load_id} in {time.monotonic() - started:.1f} s"
         )
         log.info("serving %s; requests enter at %s", self.config.model, head.runner_address)
+
+    async def _load_failed(
+        self, ordered: list[Member], load_id: str, errors: dict[str, str]
+    ) -> None:
+        """Tear down a failed load; try again later, without a node that keeps failing."""
+        self.reforming = False
+        self._dead_loads.add(load_id)
+        self.problem = "loading failed on " + ("; ".join(errors.values()) or "a lost worker")
+        self.monitor.events.record(ev.LOAD_FAILED, message=self.problem)
+        log.error("%s", self.problem)
+        await self._unload(ordered, load_id)
+        for m in ordered:
+            if m.state != "lost":
+                m.state = "idle"
+        for m in ordered:
+            if m.node_id not in errors:
+                continue
+            failures = self._load_failures.get(m.node_id, 0) + 1
+            self._load_failures[m.node_id] = failures
+            if failures >= LEAVE_OUT_AFTER and len(self.usable()) > 1:
+                reason = errors[m.node_id]
+                self.left_out[m.node_id] = (time.monotonic() + LEAVE_OUT_S, reason)
+                message = (
+                    f"left out of the plan after {failures} failed loads in a row, "
+                    f"for {LEAVE_OUT_S / 60:.0f} min or until it restarts: {reason}"
+                )
+                self.monitor.events.record(ev.NODE_LEFT_OUT, m.node_id, m.name, message)
+                log.error("%s %s", m.name, message)
+        self._retries += 1
+        delay = min(RETRY_MAX_S, RETRY_PLAN_S * 2 ** (self._retries - 1))
+        self.problem += f" (trying again in {delay:.0f} s)"
+        asyncio.get_running_loop().call_later(delay, self.note_change)
 
     async def _load_one(
         self, member: Member, request: worker_pb2.LoadRequest
@@ -372,7 +530,8 @@ class Cluster:
         async def one(m: Member) -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await m.stub.Unload(
-                    worker_pb2.UnloadRequest(load_id=load_id), timeout=rpc.CONTROL_TIMEOUT
+                    worker_pb2.UnloadRequest(load_id=load_id, coordinator=self.coordinator_id),
+                    timeout=rpc.CONTROL_TIMEOUT,
                 )
 
         await asyncio.gather(*(one(m) for m in members if m.state != "lost"))
@@ -389,6 +548,7 @@ class Cluster:
         if serving is None or not serving.holds(member.node_id):
             self.note_change()
             return
+        self._dead_loads.add(serving.load_id)
         self.failure = f"{member.name} ({member.node_id}) {reason}"
         self.problem = f"re-forming the pipeline: {self.failure}"
         self.reforming = True
@@ -401,6 +561,7 @@ class Cluster:
         for m in plan_members:
             if m.state != "lost":
                 m.state = "idle"
+        await self.close_unused_channels()
         self.note_change()
 
     async def _set_serving(self, serving: Serving | None) -> None:
@@ -429,3 +590,24 @@ class Cluster:
             self.serving = None
         for ch in self._channels.values():
             await ch.close()
+
+
+async def _first_failure(calls: list[Any]) -> list[object]:
+    """Run ``calls`` together; once one fails, cancel the rest.
+
+    Returns each call's result, exception, or ``CancelledError``. Ranks of a
+    group wait for each other in the ring: when one cannot load, the others
+    would otherwise wait out the whole load timeout.
+    """
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    results: list[object] = []
+    for task in tasks:
+        if task.cancelled():
+            results.append(asyncio.CancelledError())
+        else:
+            results.append(task.exception() or task.result())
+    return results

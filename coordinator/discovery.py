@@ -17,7 +17,7 @@ from zeroconf import ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
 
 from pomona.config import PROTOCOL_VERSION, SERVICE_TYPE
-from pomona.worker.advertise import make_zeroconf
+from pomona.mdns import make_zeroconf
 
 log = logging.getLogger(__name__)
 

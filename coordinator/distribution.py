@@ -182,7 +182,7 @@ class TransferFailed(PlacementError):
 
 
 class Distributor:
-    def __init__(self, monitor: Monitor, channel: Callable[[str], grpc.aio.Channel]) -> None:
+    def __init__(self, monitor: Monitor, channel: Callable[[str, str], grpc.aio.Channel]) -> None:
         self.monitor = monitor
         self._channel = channel
         # The last progress of every worker's transfer, by node id (for status).
@@ -190,8 +190,8 @@ class Distributor:
         self.names: dict[str, str] = {}
         self._on_progress: Callable[[str], None] = lambda line: None
 
-    def _stub(self, address: str) -> transfer_pb2_grpc.ModelTransferStub:
-        return transfer_pb2_grpc.ModelTransferStub(self._channel(address))
+    def _stub(self, m: Member) -> transfer_pb2_grpc.ModelTransferStub:
+        return transfer_pb2_grpc.ModelTransferStub(self._channel(m.address, m.node_id))
 
     async def take_survey(
         self, members: Sequence[Member], model: str = ""
@@ -200,7 +200,7 @@ class Distributor:
 
         async def one(m: Member) -> transfer_pb2.ListModelsReply | None:
             try:
-                return await self._stub(m.address).ListModels(
+                return await self._stub(m).ListModels(
                     transfer_pb2.ListModelsRequest(model=model), timeout=LIST_TIMEOUT
                 )
             except grpc.aio.AioRpcError as e:
@@ -212,17 +212,18 @@ class Distributor:
         replies = await asyncio.gather(*(one(m) for m in members))
         return {m.node_id: r for m, r in zip(members, replies, strict=True) if r is not None}
 
-    def inspector(self, members: Sequence[Member], model: str, survey: Survey) -> Member:
-        """A member that holds ``model`` whole (it can profile it), else the first."""
-        for m in members:
+    def holders_first(self, members: Sequence[Member], model: str, survey: Survey) -> list[Member]:
+        """``members``, those holding ``model`` whole first (they can profile it)."""
+
+        def whole(m: Member) -> bool:
             held = held_model(survey.get(m.node_id), model)
-            if held is not None and held.complete:
-                return m
-        return members[0]
+            return held is not None and held.complete
+
+        return sorted(members, key=lambda m: not whole(m))
 
     def sources(
         self, members: Sequence[Member], model: str, exclude: str, survey: Survey
-    ) -> list[str]:
+    ) -> list[tuple[str, str]]:
         """Addresses of the members holding ``model``: whole first, then stage folders."""
         held = [
             (m, h)
@@ -230,7 +231,7 @@ class Distributor:
             if m.node_id != exclude and (h := held_model(survey.get(m.node_id), model))
         ]
         held.sort(key=lambda mh: not mh[1].complete)
-        return [m.address for m, _ in held]
+        return [(m.address, m.node_id) for m, _ in held]
 
     def node_transfers(self) -> list[coordinator_pb2.NodeTransfer]:
         return [
@@ -284,7 +285,7 @@ class Distributor:
         self,
         model: str,
         member: Member,
-        sources: list[str],
+        sources: list[tuple[str, str]],
         a: Assignment,
         rank: int,
         world: int,
@@ -296,7 +297,8 @@ class Distributor:
             end_layer=a.end,
             rank=rank,
             world_size=world,
-            sources=sources,
+            sources=[address for address, _ in sources],
+            source_node_ids=[node_id for _, node_id in sources],
         )
         what = f"layers [{a.start}, {a.end}) of {model}"
         started = time.monotonic()
@@ -305,7 +307,7 @@ class Distributor:
         try:
             # A large stage on a slow link may take longer than a load: at least 10 MB/s.
             deadline = max(timeout, 60.0 + a.weights_bytes / 10e6)
-            async for progress in self._stub(member.address).Stage(request, timeout=deadline):
+            async for progress in self._stub(member).Stage(request, timeout=deadline):
                 last = progress
                 self.transfers[member.node_id] = progress
                 self._on_progress(self.progress_line())

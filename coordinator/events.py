@@ -2,15 +2,19 @@
 
 Nodes joining, being lost and returning, plans, loads and failed requests: whatever a
 person running the cluster would want to read back later. `pomona events` reads it
-through `Coordinator.Events`; Prometheus counts it by kind.
+through `Coordinator.Events`; Prometheus counts it by kind. Each cluster has its own
+file (`events_path`), so a coordinator shows its own cluster's history only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -36,14 +40,49 @@ LOAD_FAILED = "load_failed"
 REQUEST_FAILED = "request_failed"
 REQUEST_RETRIED = "request_retried"
 PIPELINE_FAILED = "pipeline_failed"
+NODE_LEFT_OUT = "node_left_out"
 TRANSFER_STARTED = "transfer_started"
 TRANSFER_FINISHED = "transfer_finished"
 TRANSFER_FAILED = "transfer_failed"
 EVENT_KINDS = (
     NODE_JOINED, NODE_LOST, NODE_RETURNED, NODE_DEGRADED, NODE_RECOVERED,
     PLAN_CHANGED, LOAD_STARTED, LOAD_FINISHED, LOAD_FAILED, REQUEST_FAILED,
-    REQUEST_RETRIED, PIPELINE_FAILED, TRANSFER_STARTED, TRANSFER_FINISHED, TRANSFER_FAILED,
+    REQUEST_RETRIED, PIPELINE_FAILED, NODE_LEFT_OUT, TRANSFER_STARTED, TRANSFER_FINISHED,
+    TRANSFER_FAILED,
 )  # fmt: skip
+
+
+# The logs of this many clusters are kept: `pomona up --local` names a new cluster
+# each time, and each would leave a file behind.
+EVENT_LOGS_KEPT = 8
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
+
+
+def events_path(state_dir: Path, cluster: str) -> Path:
+    """The event log of ``cluster`` under a coordinator's state directory."""
+    name = (
+        cluster
+        if _FILE_NAME.fullmatch(cluster)
+        else hashlib.sha256(cluster.encode()).hexdigest()[:16]
+    )
+    return state_dir / "events" / f"{name}.jsonl"
+
+
+def prune_event_logs(current: Path, keep: int = EVENT_LOGS_KEPT) -> list[Path]:
+    """Deletes the event logs beside ``current`` but those of the ``keep`` clusters
+    written most recently (``current`` always among them); returns what it deleted."""
+    logs = {}
+    for path in current.parent.glob("*.jsonl"):
+        with contextlib.suppress(OSError):
+            logs[path] = path.stat().st_mtime
+    others = sorted((p for p in logs if p != current), key=lambda p: logs[p], reverse=True)
+    deleted = []
+    for path in others[max(0, keep - 1) :]:
+        for file in (path, path.with_name(path.name + ".1")):
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+                deleted.append(file)
+    return deleted
 
 
 @dataclass(frozen=True)

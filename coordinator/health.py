@@ -32,7 +32,8 @@ SAMPLE_INTERVAL_S = 1.0
 # runner killed, a node lost) is usually reported within a second. Wait this
 # long for it before blaming the runner that saw the peer go.
 SYMPTOM_GRACE_S = 2.0
-PEER_LOST = "connection to a peer was lost"
+# What a runner reports when a peer failed, not itself.
+PEER_SYMPTOMS = ("connection to a peer was lost", "a peer stopped answering")
 PROBE_TIMEOUT_S = 2.0
 RECONNECT_S = 1.0
 
@@ -64,7 +65,11 @@ class HealthWatcher:
         monitor = self.cluster.monitor
         while True:
             member = self.cluster.members[node_id]
-            call = member.stub.Telemetry(worker_pb2.TelemetryRequest(interval_s=SAMPLE_INTERVAL_S))
+            call = member.stub.Telemetry(
+                worker_pb2.TelemetryRequest(
+                    interval_s=SAMPLE_INTERVAL_S, coordinator=self.cluster.coordinator_id
+                )
+            )
             try:
                 async for sample in call:
                     member = self.cluster.members[node_id]
@@ -93,7 +98,7 @@ class HealthWatcher:
             and shard.state in (worker_pb2.SHARD_STATE_FAILED, worker_pb2.SHARD_STATE_STOPPED)
         ):
             why = shard.error or "it stopped"
-            if PEER_LOST in why:
+            if any(symptom in why for symptom in PEER_SYMPTOMS):
                 await asyncio.sleep(SYMPTOM_GRACE_S)
                 if self.cluster.serving is not serving:
                     return  # the cause was found meanwhile

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pomona.chips import lookup_chip
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.model_profile import ModelProfile
 from pomona.units import format_bytes
 
 if TYPE_CHECKING:
@@ -61,6 +61,10 @@ class NodeBudget:
     bandwidth_gbs: float
     bandwidth_assumed: bool
     flops: float
+    gpu_cores: int
+    # What was not given and how it was filled in, for the plan's notes; empty: nothing.
+    cores_assumption: str = ""
+    memory_limit_assumed: bool = False
 
     @property
     def key(self) -> tuple[float, int, str]:
@@ -75,13 +79,36 @@ def resolve_node(spec: NodeSpec, os_reserve_bytes: int = DEFAULT_OS_RESERVE_BYTE
     budget = min(limit, total - os_reserve_bytes - spec.memory_in_use_bytes)
     chip = lookup_chip(spec.chip)
     bandwidth = spec.bandwidth_gbs or (chip.bandwidth_gbs(spec.gpu_cores) if chip else None)
-    cores = spec.gpu_cores or (chip.variant().gpu_cores if chip else DEFAULT_GPU_CORES)
+    cores, assumption = _gpu_cores(spec)
     return NodeBudget(
         spec=spec,
         budget=budget,
         bandwidth_gbs=bandwidth or DEFAULT_BANDWIDTH_GBS,
         bandwidth_assumed=bandwidth is None,
         flops=cores * FLOPS_PER_GPU_CORE,
+        gpu_cores=cores,
+        cores_assumption=assumption,
+        memory_limit_assumed=spec.gpu_memory_limit_bytes is None,
+    )
+
+
+def _gpu_cores(spec: NodeSpec) -> tuple[int, str]:
+    """The node's GPU core count, and, where it was not given, what was assumed."""
+    if spec.gpu_cores:
+        return spec.gpu_cores, ""
+    chip = lookup_chip(spec.chip)
+    variant = chip.variant() if chip else None
+    if chip is None or variant is None:
+        return DEFAULT_GPU_CORES, (
+            f"GPU cores of {spec.chip or 'an unknown chip'} not known: assumed "
+            f"{DEFAULT_GPU_CORES} (the smallest Apple GPU); give gpu_cores"
+        )
+    if len(chip.variants) == 1:
+        return variant.gpu_cores, ""
+    return variant.gpu_cores, (
+        f"GPU cores not given: assumed the {variant.gpu_cores}-core {chip.name} "
+        f"({variant.bandwidth_gbs:g} GB/s), the smaller variant; give gpu_cores "
+        f"({' or '.join(str(c) for c in chip.gpu_core_counts)})"
     )
 
 

@@ -149,6 +149,9 @@ def _node_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:
     seen = gauge("node_last_seen_seconds", "Seconds since the node's last sample.")
     rtt = gauge("node_heartbeat_rtt_seconds", "Round-trip time of the last heartbeat.")
     layers = gauge("node_layers", "Layers of the model the node holds.")
+    pipeline = gauge(
+        "node_pipeline_tokens_per_second", "Tokens per second of the pipeline the node serves."
+    )
     progress = gauge("node_loading_progress_ratio", "Share of the shard's weights loaded, 0..1.")
     pressure = gauge("node_memory_pressure", "Memory pressure: 0 normal, 1 warn, 2 critical.")
     thermal = gauge("node_thermal_state", "0 nominal, 1 fair, 2 serious, 3 critical.")
@@ -179,10 +182,13 @@ def _node_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:
             rtt.add_metric(labels, status.heartbeat_rtt_s)
         if node.shard.end_layer > node.shard.start_layer:
             layers.add_metric(labels, node.shard.end_layer - node.shard.start_layer)
+        if status.HasField("pipeline_tokens_per_s"):
+            pipeline.add_metric(labels, status.pipeline_tokens_per_s)
+        if status.HasField("sample") or node.state == coordinator_pb2.NODE_STATE_LOST:
+            seen.add_metric(labels, status.last_seen_s)
         if not status.HasField("sample"):
             continue
         sample = status.sample
-        seen.add_metric(labels, status.last_seen_s)
         if sample.HasField("shard"):
             progress.add_metric(labels, sample.shard.progress)
         for suffix, name, _ in _NODE_GAUGES:
@@ -204,7 +210,7 @@ def _node_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:
                 runner_counters[suffix].add_metric(labels, getattr(sample.runner, name))
             if sample.runner.HasField("ttft_s"):
                 runner_ttft.add_metric(labels, sample.runner.ttft_s)
-    yield from (up, state, seen, rtt, layers, progress, pressure, thermal)
+    yield from (up, state, seen, rtt, layers, pipeline, progress, pressure, thermal)
     yield from plain.values()
     yield from (*runner.values(), runner_ttft)
     yield from runner_counters.values()

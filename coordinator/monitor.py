@@ -369,7 +369,12 @@ def to_status_reply(
     now: float | None = None,
     wall_now: float | None = None,
 ) -> coordinator_pb2.StatusReply:
-    """The `Coordinator.Status` reply: nodes in plan order, then the others by name."""
+    """The `Coordinator.Status` reply: nodes in plan order, then the others by name.
+
+    A lost node has no sample and no shard: its last figures are stale. Every stage of
+    the plan that serves (ready, not lost) shows the pipeline's tokens/s, which only
+    the head runner counts.
+    """
     now = monitor.now() if now is None else now
     rank = {stage.node_id: i for i, stage in enumerate(plan)}
     ordered = sorted(nodes, key=lambda n: (rank.get(n.node_id, len(rank)), n.name, n.node_id))
@@ -405,13 +410,19 @@ def to_status_reply(
         node.state, node.mlx_version = health.state.to_proto(), info.mlx_version
         if info.hardware is not None:
             node.hardware.CopyFrom(info.hardware)
-        if sample is not None:
+        if sample is not None and health.state is not NodeState.LOST:
             status.sample.CopyFrom(sample)
             if sample.HasField("shard"):
                 node.shard.CopyFrom(sample.shard)
+            if info.node_id in rank and _serves(sample.shard, load_id):
+                status.pipeline_tokens_per_s = figures.tokens_per_s
         if monitor.knows(info.node_id):
             status.last_seen_s = monitor.seen_ago(info.node_id, now)
         rtt = monitor.rtt(info.node_id)
-        if rtt is not None:
+        if rtt is not None and health.state is not NodeState.LOST:
             status.heartbeat_rtt_s = rtt
     return reply
+
+
+def _serves(shard: worker_pb2.ShardStatus, load_id: str) -> bool:
+    return shard.state == worker_pb2.SHARD_STATE_READY and (not load_id or shard.load_id == load_id)

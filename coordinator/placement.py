@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pomona.coordinator.model_profile import ModelProfile
 from pomona.coordinator.planner import NodeSpec, Plan, PlanError, plan
+from pomona.model_profile import ModelProfile
 from pomona.units import format_bytes
 from pomona.v1 import worker_pb2
 

@@ -9,14 +9,16 @@ JSON output (`--json`) is the plan as one object:
     stages       [{node_id, name, chip, start_layer, end_layer (exclusive), num_layers,
                    weights_bytes, kv_bytes, activation_bytes, budget_bytes,
                    free_after_load_bytes, holds_embedding, holds_head, bandwidth_gbs,
-                   bandwidth_assumed, decode_seconds, share_of_time}]
+                   bandwidth_assumed, gpu_cores, gpu_cores_assumed, decode_seconds,
+                   share_of_time}]
     decode_tokens_per_s (per stream), aggregate_tokens_per_s, ttft_s, network_seconds
-    formula, notes
+    formula, notes (every input that was assumed rather than given, among others)
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,19 +27,22 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.config import DEFAULT_CONTEXT
 from pomona.coordinator.nodes_file import load_nodes_file
 from pomona.coordinator.planner import OBJECTIVES, NodeSpec, Objective, Plan, plan
 from pomona.credentials import CONFIG_OPTION
+from pomona.model_profile import ModelProfile
 
 GIB = 2**30
-DEFAULT_CONTEXT = 4096
 QUANT_GROUP_SIZE = 64
 
 
 def bundled_config_dirs() -> list[Path]:
-    """Folders of real model configs that MODEL may name (e.g. "llama-3.1-70b")."""
-    return [Path(__file__).resolve().parents[2] / "shared" / "model-configs"]
+    """Folders of real model configs that MODEL may name (e.g. "llama-3.1-70b").
+
+    They ship inside the package (package data), so an installed wheel finds them.
+    """
+    return [Path(str(resources.files("pomona") / "model_configs"))]
 
 
 def _bundled_names() -> list[str]:
@@ -88,15 +93,18 @@ def _load_nodes_from_coordinator(address: str, config_path: Path | None = None) 
     import grpc
 
     from pomona import rpc
+    from pomona.client import coordinator_error
     from pomona.coordinator.placement import node_spec
     from pomona.credentials import client_auth
     from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-    stub = coordinator_pb2_grpc.CoordinatorStub(rpc.channel(address, client_auth(config_path)))
+    stub = coordinator_pb2_grpc.CoordinatorStub(
+        rpc.channel(address, client_auth(config_path, address))
+    )
     try:
         reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
     except grpc.RpcError as e:
-        raise click.ClickException(rpc.describe_error(e, address)) from None
+        raise click.ClickException(coordinator_error(e, address, config_path)) from None
     nodes = [
         node_spec(n.node_id, n.name, n.hardware, n.address)
         for n in reply.nodes
@@ -130,7 +138,7 @@ def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
             f"{result.model} · {result.precision} · {_gib(profile.weight_bytes)} GiB · "
             f"{result.concurrency} x {result.context_length} tokens · {result.objective}"
         ),
-        caption="memory in GiB; time: predicted share of each decode step",
+        caption="memory in GiB; time: predicted share of each decode step; ?: assumed (see notes)",
         title_justify="left",
         caption_justify="left",
         box=box.SIMPLE_HEAD,
@@ -143,7 +151,7 @@ def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
         chip = (s.chip or "unknown").removeprefix("Apple ")
         table.add_row(
             s.name,
-            chip + ("?" if s.bandwidth_assumed else ""),
+            chip + ("?" if s.bandwidth_assumed or s.gpu_cores_assumed else ""),
             f"{s.start_layer}-{s.end_layer - 1} ({s.num_layers})",
             _gib(s.weights_bytes),
             _gib(s.kv_bytes),
@@ -180,7 +188,14 @@ def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
     "--context",
     type=click.IntRange(min=1),
     default=None,
-    help=f"Context length in tokens [default: {DEFAULT_CONTEXT} or the model's maximum].",
+    help=f"Context length in tokens [default: {DEFAULT_CONTEXT}, as the coordinator's, or "
+    "the model's maximum].",
+)
+@click.option(
+    "--prompt-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Prompt length TTFT is predicted for [default: 512, or the context if shorter].",
 )
 @click.option(
     "--concurrency",
@@ -214,6 +229,7 @@ def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
 def plan_command(
     model: str,
     context: int | None,
+    prompt_tokens: int | None,
     concurrency: int,
     objective: str,
     nodes_file: Path | None,
@@ -245,6 +261,7 @@ def plan_command(
             context_length=length,
             concurrency=concurrency,
             objective=cast("Objective", objective),
+            prompt_tokens=prompt_tokens,
         )
     except ValueError as e:
         raise click.ClickException(" ".join(str(e).split())) from e

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from pomona.config import DEFAULT_CONTEXT
 from pomona.coordinator.memory_fit import (
     DEFAULT_OS_RESERVE_BYTES,
     FLOPS_PER_GPU_CORE,
@@ -22,14 +23,17 @@ from pomona.coordinator.memory_fit import (
     resolve_node,
     split_layers,
 )
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.model_profile import ModelProfile
 
 __all__ = ["Link", "NodeSpec", "Plan", "PlanError", "Stage", "plan", "split_layers"]
 
 Objective = Literal["latency", "throughput"]
 OBJECTIVES: tuple[str, ...] = ("latency", "throughput")
 MEMORY_EFFICIENCY = 0.75  # share of the published bandwidth decode actually reaches
-COMPUTE_EFFICIENCY = 0.5  # share of peak FLOPs MLX matmuls reach in prefill
+# Share of FLOPS_PER_GPU_CORE that prefill reaches, calibrated on published mlx-lm runs
+# of Llama-3.x-70B 4-bit with a 4K prompt: ~170 tok/s on an M3 Ultra (80-core GPU),
+# ~83 tok/s on an M3 Max (40-core): both ~0.30 TFLOPS per core (docs/planning.md).
+COMPUTE_EFFICIENCY = 0.85
 DEFAULT_PROMPT_TOKENS = 512
 MAX_GROUPS = 2048  # node subsets the latency search tries before it goes greedy
 MAX_PERMUTED = 5  # ring orders are searched exhaustively up to this many nodes
@@ -101,6 +105,8 @@ class Stage:
     holds_head: bool
     bandwidth_gbs: float
     bandwidth_assumed: bool
+    gpu_cores: int
+    gpu_cores_assumed: bool
     decode_seconds: float
     share_of_time: float
 
@@ -157,18 +163,25 @@ def _ring_order(group: Sequence[NodeBudget], links: dict[frozenset[str], Link]) 
 
 @dataclass(frozen=True)
 class _Prefill:
-    """A prompt of `tokens` tokens: active parameters and bytes read, as prefix sums."""
+    """A prompt of `tokens` tokens: FLOPs and bytes read per layer, as prefix sums."""
 
     tokens: int
-    params: list[float]
+    flops: list[float]
     read: list[float]
 
     @classmethod
     def of(cls, profile: ModelProfile, tokens: int) -> _Prefill:
-        n = profile.num_layers
-        params = [profile.layer_active_params(j) for j in range(n)]
-        read = [profile.layer_active_bytes(j, tokens) for j in range(n)]
-        return cls(tokens, [0, *itertools.accumulate(params)], [0, *itertools.accumulate(read)])
+        flops = [_prefill_flops(profile, j, tokens) for j in range(profile.num_layers)]
+        read = [profile.layer_active_bytes(j, tokens) for j in range(profile.num_layers)]
+        return cls(tokens, [0, *itertools.accumulate(flops)], [0, *itertools.accumulate(read)])
+
+
+def _prefill_flops(profile: ModelProfile, layer: int, tokens: int) -> float:
+    """2 x active params per token, plus causal attention: QK^T and AV over the tokens
+    each one sees (its window at most), ~2 x tokens x seen x hidden size."""
+    window = profile.layers[layer].kv_window
+    seen = min(tokens, window) if window else tokens
+    return 2 * tokens * profile.layer_active_params(layer) + 2 * tokens * seen * profile.hidden_size
 
 
 @dataclass(frozen=True)
@@ -197,7 +210,7 @@ def _timing(
             read += p.head_bytes + p.embedding_bytes * p.tied_embeddings
         bandwidth = node.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY
         stage.append(read / bandwidth)
-        flops = 2 * prefill.tokens * (prefill.params[end] - prefill.params[start])
+        flops = prefill.flops[end] - prefill.flops[start]
         weights = prefill.read[end] - prefill.read[start]
         prompt.append(max(flops / (node.flops * COMPUTE_EFFICIENCY), weights / bandwidth))
     ids = [n.spec.node_id for n in order]
@@ -258,7 +271,7 @@ def plan(
     nodes: Sequence[NodeSpec],
     *,
     links: Sequence[Link] = (),
-    context_length: int = 4096,
+    context_length: int = DEFAULT_CONTEXT,
     concurrency: int = 1,
     objective: Objective = "latency",
     os_reserve_bytes: int = DEFAULT_OS_RESERVE_BYTES,
@@ -276,6 +289,11 @@ def plan(
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if context_length < 1 or concurrency < 1:
         raise ValueError("context length and concurrency must be at least 1")
+    if prompt_tokens is not None and not 1 <= prompt_tokens <= context_length:
+        raise ValueError(
+            f"a prompt of {prompt_tokens} tokens does not fit a context of {context_length}: "
+            "ask for a prompt of 1 to the context length"
+        )
     if profile.max_context and context_length > profile.max_context:
         raise ValueError(
             f"a context of {context_length} tokens exceeds {profile.name}'s maximum of "
@@ -295,6 +313,11 @@ def plan(
         raise PlanError(message, shortfall_bytes=short, suggestions=suggestions)
     order, ends, timing = found
     notes = _notes(resolved, order, by_pair)
+    if prompt_tokens is None:
+        notes.append(
+            f"TTFT predicted for a {prefill.tokens}-token prompt (the default): give "
+            "prompt_tokens (--prompt-tokens) to predict yours"
+        )
     return _make_plan(profile, order, ends, timing, demand, objective, prefill.tokens, notes)
 
 
@@ -302,12 +325,23 @@ def _notes(
     nodes: Sequence[NodeBudget], order: Sequence[NodeBudget], links: dict[frozenset[str], Link]
 ) -> list[str]:
     """What the prediction assumed, and nodes the plan leaves out."""
-    notes = [
-        f"{n.spec.name}: memory bandwidth of {n.spec.chip or 'an unknown chip'} assumed "
-        f"{n.bandwidth_gbs:g} GB/s; give bandwidth_gbs to predict better"
-        for n in order
-        if n.bandwidth_assumed
-    ]
+    assumed: dict[str, list[str]] = {}  # what was assumed -> the nodes it was assumed for
+    for n in order:
+        if n.bandwidth_assumed:
+            assumed.setdefault(
+                f"memory bandwidth of {n.spec.chip or 'an unknown chip'} assumed "
+                f"{n.bandwidth_gbs:g} GB/s; give bandwidth_gbs to predict better",
+                [],
+            ).append(n.spec.name)
+        if n.cores_assumption:
+            assumed.setdefault(n.cores_assumption, []).append(n.spec.name)
+        if n.memory_limit_assumed:
+            assumed.setdefault(
+                "GPU memory limit not given: assumed 75% of RAM (the macOS default); give "
+                "gpu_memory_gb where iogpu.wired_limit_mb is raised",
+                [],
+            ).append(n.spec.name)
+    notes = [f"{', '.join(names)}: {what}" for what, names in assumed.items()]
     ids = [n.spec.node_id for n in order]
     if len(ids) > 1 and any(frozenset(p) not in links for p in zip(ids, ids[1:], strict=False)):
         notes.append(
@@ -355,6 +389,8 @@ def _make_plan(
                 holds_head=head,
                 bandwidth_gbs=node.bandwidth_gbs,
                 bandwidth_assumed=node.bandwidth_assumed,
+                gpu_cores=node.gpu_cores,
+                gpu_cores_assumed=bool(node.cores_assumption),
                 decode_seconds=timing.stage_seconds[i],
                 share_of_time=timing.stage_seconds[i] / step,
             )
@@ -383,8 +419,9 @@ def formula_text(concurrency: int, prompt: int) -> str:
         f"t_token = sum over stages of (active weights + KV cache read) / (bandwidth x "
         f"{MEMORY_EFFICIENCY}) + sum over hops of (latency + {concurrency} x hidden x "
         f"dtype bytes / link bandwidth); tok/s per stream = 1 / t_token, aggregate = "
-        f"{concurrency} / t_token. TTFT = sum over stages of max(2 x active params x "
-        f"{prompt} tokens / (GPU cores x {FLOPS_PER_GPU_CORE / 1e12:g} TFLOPS x "
+        f"{concurrency} / t_token. TTFT = sum over stages of max((2 x active params x "
+        f"{prompt} tokens + 2 x {prompt} x tokens seen x hidden) / (GPU cores x "
+        f"{FLOPS_PER_GPU_CORE / 1e12:g} TFLOPS x "
         f"{COMPUTE_EFFICIENCY}), weights / (bandwidth x {MEMORY_EFFICIENCY})) + hops carrying "
         f"{prompt} tokens of activations"
     )

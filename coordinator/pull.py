@@ -29,7 +29,7 @@ async def plan_pull(cluster: Cluster, model: str, workers: int) -> tuple[list[As
         raise PlacementError("there are no workers to pull to")
     dist = cluster.distribution
     survey = await dist.take_survey(members, model)
-    inspector = dist.inspector(members, model, survey)
+    inspector = dist.holders_first(members, model, survey)[0]
     try:
         info = await inspector.stub.InspectModel(
             worker_pb2.InspectModelRequest(model=model), timeout=rpc.INSPECT_TIMEOUT

@@ -18,6 +18,7 @@ import grpc
 from pomona import rpc
 from pomona.coordinator import events as ev
 from pomona.coordinator.cluster import Cluster
+from pomona.tokens import runner_target
 from pomona.v1 import common_pb2, runner_pb2_grpc
 
 MAX_REQUEST_ID = 128
@@ -42,6 +43,11 @@ class GenerateError(Exception):
         return str(self)
 
 
+def _request_fault(e: grpc.aio.AioRpcError) -> bool:
+    """Whether the head runner ended this request alone, the pipeline unharmed."""
+    return any(key == rpc.REQUEST_FAULT for key, _ in (e.trailing_metadata() or ()))
+
+
 class Router:
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
@@ -57,7 +63,8 @@ class Router:
                 grpc.StatusCode.UNAVAILABLE,
                 f"the cluster is not serving {self.cluster.config.model}: {self.cluster.problem}",
             )
-        return runner_pb2_grpc.RunnerStub(self.cluster.channel(serving.head_address))
+        head = runner_target(serving.assignments[0].node_id, serving.load_id)
+        return runner_pb2_grpc.RunnerStub(self.cluster.channel(serving.head_address, head))
 
     async def generate(
         self, request: common_pb2.GenerateRequest
@@ -76,11 +83,10 @@ class Router:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         config = self.cluster.config
-        deadline = time.monotonic() + config.retry_timeout
         sent = 0
         while True:
             if self.cluster.serving is None and self.cluster.reforming:
-                await self.cluster.wait_serving("", max(0.0, deadline - time.monotonic()))
+                await self.cluster.wait_serving("", config.retry_timeout)
             serving = self.cluster.serving
             load_id = serving.load_id if serving is not None else ""
             call = self._head().Generate(request, timeout=rpc.GENERATE_TIMEOUT)
@@ -92,10 +98,22 @@ class Router:
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _PIPELINE_FAILURES:
                     raise
+                if _request_fault(e):
+                    self._record(ev.REQUEST_FAILED, request, e.details() or "")
+                    raise GenerateError(
+                        grpc.StatusCode.INTERNAL, f"the request failed: {e.details()}"
+                    ) from e
                 error = e
             finally:
                 call.cancel()
-            why = await self._why_broken(load_id) or error.details() or "the head runner failed"
+            why = await self._why_broken(load_id)
+            if not why:
+                # The pipeline still serves: this request failed on its own.
+                message = error.details() or error.code().name
+                self._record(ev.REQUEST_FAILED, request, message)
+                raise GenerateError(
+                    grpc.StatusCode.INTERNAL, f"the request failed: {message}"
+                ) from error
             if sent:
                 self._record(ev.REQUEST_FAILED, request, f"after {sent} tokens: {why}")
                 raise GenerateError(
@@ -103,24 +121,32 @@ class Router:
                     f"the generation was cut off after {sent} tokens because the pipeline broke: "
                     f"{why}; send the request again",
                 )
-            left = deadline - time.monotonic()
-            if left <= 0 or await self.cluster.wait_serving(load_id, left) is None:
+            # No token was sent: the request runs again once the pipeline has
+            # re-formed, however long the failed attempt had waited.
+            started = time.monotonic()
+            if await self.cluster.wait_serving(load_id, config.retry_timeout) is None:
+                waited = time.monotonic() - started
                 self._record(ev.REQUEST_FAILED, request, f"not retried: {why}")
                 raise GenerateError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the pipeline broke ({why}) and did not re-form within "
-                    f"{config.retry_timeout:.0f} s: {self.cluster.problem}",
+                    f"the pipeline broke ({why}) and has not re-formed after {waited:.0f} s: "
+                    f"{self.cluster.problem}",
                 )
             self._record(ev.REQUEST_RETRIED, request, why)
 
     async def _why_broken(self, load_id: str) -> str:
-        """What broke the pipeline of ``load_id``, once the coordinator knows."""
+        """What broke the pipeline of ``load_id``; "" if it still serves.
+
+        The coordinator learns of a failure from heartbeats and runner
+        reports within about a heartbeat timeout; a pipeline still serving
+        the same load after that did not break.
+        """
         wait = self.cluster.config.heartbeat_timeout + 3.0
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             serving = self.cluster.serving
             if serving is None or serving.load_id != load_id:
-                return self.cluster.failure
+                return self.cluster.failure or "the pipeline was re-formed"
             await asyncio.sleep(0.1)
         return ""
 

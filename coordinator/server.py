@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
-from pomona.config import CoordinatorConfig
+from pomona.config import LOOPBACK_HOSTS, CoordinatorConfig
 from pomona.coordinator.cluster import Cluster
 from pomona.coordinator.discovery import Browser
-from pomona.coordinator.events import EventLog
+from pomona.coordinator.events import EventLog, events_path, prune_event_logs
 from pomona.coordinator.health import HealthWatcher
 from pomona.coordinator.metrics import metrics_route
 from pomona.coordinator.monitor import Monitor, Thresholds
@@ -28,22 +29,24 @@ SEED_RETRY_SECONDS = 5.0
 
 
 async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> None:
+    # The port first: a coordinator that cannot have it touches nothing else
+    # (another one may be serving this cluster from this state folder).
+    server = rpc.aio_server(config.auth)
+    port = rpc.add_port(server, f"{config.host}:{config.port}", config.auth)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     # A sample is due every second: late (degraded) after 2.5 s, lost at the
     # heartbeat timeout.
     late = min(max(2.5, config.heartbeat_timeout / 2), 0.9 * config.heartbeat_timeout)
     thresholds = Thresholds(late_after_s=late, lost_after_s=config.heartbeat_timeout)
-    monitor = Monitor(EventLog(config.state_dir / "events.jsonl"), thresholds)
+    events = events_path(config.state_dir, config.cluster)
+    prune_event_logs(events)
+    monitor = Monitor(EventLog(events), thresholds)
     cluster = Cluster(config, monitor)
     router = Router(cluster)
     service = CoordinatorService(cluster, router)
-    server = rpc.aio_server(config.auth)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = rpc.add_port(server, f"{config.host}:{config.port}", config.auth)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
@@ -60,7 +63,12 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
                 await asyncio.sleep(SEED_RETRY_SECONDS)
 
     metrics = metrics_route(service.status_reply, monitor.events.counts)
-    http = await start_http(config, router, [metrics])
+    try:
+        http = await start_http(config, router, [metrics])
+    except OSError:
+        await server.stop(grace=None)  # or grpc complains at exit, with a traceback
+        monitor.events.close()
+        raise
     log.info("coordinator for cluster %r on port %d, model %s", config.cluster, port, config.model)
     watcher = HealthWatcher(cluster, config.heartbeat_timeout)
     tasks = [
@@ -97,11 +105,26 @@ async def start_http(
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.http_port)
+    host = config.http_host
+    site = web.TCPSite(runner, host, config.http_port)
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise OSError(f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror}") from e
-    log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {config.http_port} is in use; pass --http-port with a free port "
+                "(0: no HTTP API)"
+            ) from e
+        raise OSError(f"cannot serve HTTP on {host}:{config.http_port}: {e.strerror}") from e
+    log.info("OpenAI-compatible API on http://%s:%d/v1", host, config.http_port)
+    if host != config.host:
+        log.warning(
+            "the HTTP API has no key, so it listens on %s only: set one (`pomona init "
+            "--api-key`, --api-key-file) or pass --insecure-http to serve it on %s",
+            host,
+            config.host,
+        )
+    elif not config.api_key and host not in LOOPBACK_HOSTS:
+        log.warning("the HTTP API on %s has no key: anyone who can reach it can use it", host)
     return runner

@@ -106,6 +106,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             shard = m.describe.shard if m.describe.HasField("shard") else worker_pb2.ShardStatus()
             if cluster.serving is not None and m.node_id in cluster.serving.shards:
                 shard = cluster.serving.shards[m.node_id]
+            elif m.state == "lost" or cluster.serving is not None:
+                # What it said when it joined no longer holds: it serves nothing.
+                shard = worker_pb2.ShardStatus()
             nodes.append(
                 coordinator_pb2.Node(
                     node_id=m.node_id,

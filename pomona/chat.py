@@ -19,13 +19,16 @@ import click
 import grpc
 
 from pomona import rpc
-from pomona.client import coordinator_channel, coordinator_options
+from pomona.client import coordinator_channel, coordinator_error, coordinator_options
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 HELP = "/reset starts over, /exit quits (or Ctrl-D); Ctrl-C stops a reply."
 PROMPT = ">>> "
+# Most tokens in one reply when --max-tokens is not given; the cluster lowers it to
+# what the model's context leaves after the conversation.
+DEFAULT_MAX_TOKENS = 1024
 
 
 @dataclass
@@ -58,25 +61,31 @@ class Chat:
         stub: coordinator_pb2_grpc.CoordinatorStub,
         address: str,
         conversation: Conversation,
-        max_tokens: int,
+        max_tokens: int | None,
         temperature: float,
+        config_path: Path | None = None,
     ) -> None:
         self.stub = stub
         self.address = address
         self.conversation = conversation
+        # None: DEFAULT_MAX_TOKENS, lowered to fit the context.
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.config_path = config_path
 
     def reply(self, text: str) -> str | None:
         """Stream the reply to ``text`` to stdout; None when the user stopped it."""
+        max_tokens = self.max_tokens or DEFAULT_MAX_TOKENS
         request = common_pb2.GenerateRequest(
             messages=self.conversation.ask(text),
-            max_tokens=self.max_tokens,
+            max_tokens=max_tokens,
+            fit_max_tokens=self.max_tokens is None,
             sampling=common_pb2.SamplingParams(temperature=self.temperature),
         )
         call = None
         parts: list[str] = []
         finish: int = common_pb2.FINISH_REASON_UNSPECIFIED
+        produced = 0
         try:
             call = self.stub.Generate(request, timeout=rpc.GENERATE_TIMEOUT)
             for chunk in call:
@@ -85,6 +94,7 @@ class Chat:
                     click.echo(chunk.text, nl=False)
                     sys.stdout.flush()
                 finish = chunk.finish_reason or finish
+                produced = chunk.usage.completion_tokens or produced
         except KeyboardInterrupt:
             if call is not None:
                 call.cancel()
@@ -93,10 +103,13 @@ class Chat:
             return None
         except grpc.RpcError as e:
             _end_line(parts)
-            raise TurnFailed(rpc.describe_error(e, self.address)) from None
+            raise TurnFailed(coordinator_error(e, self.address, self.config_path)) from None
         click.echo()
         if finish == common_pb2.FINISH_REASON_LENGTH:
-            click.echo(f"(cut at {self.max_tokens} tokens: --max-tokens)", err=True)
+            if produced < max_tokens:
+                click.echo("(cut where the model's context ends: /reset starts over)", err=True)
+            else:
+                click.echo(f"(cut at {max_tokens} tokens: --max-tokens)", err=True)
         return "".join(parts)
 
     def run(self, interactive: bool) -> None:
@@ -145,14 +158,14 @@ def _end_line(parts: list[str]) -> None:
         click.echo()
 
 
-def _greet(stub: coordinator_pb2_grpc.CoordinatorStub, address: str) -> str:
+def _greet(
+    stub: coordinator_pb2_grpc.CoordinatorStub, address: str, config_path: Path | None
+) -> str:
     """Check the coordinator answers; the model it serves, and a warning if it does not yet."""
     try:
         reply = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT)
     except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
-            return "the cluster's model"
-        raise click.ClickException(rpc.describe_error(e, address)) from None
+        raise click.ClickException(coordinator_error(e, address, config_path)) from None
     if not reply.serving:
         problem = f": {reply.problem}" if reply.problem else ""
         click.echo(f"Warning: the cluster is not serving {reply.model} yet{problem}", err=True)
@@ -162,15 +175,16 @@ def _greet(stub: coordinator_pb2_grpc.CoordinatorStub, address: str) -> str:
 @click.command("chat")
 @coordinator_options
 @click.option("--system", default=None, help="A system message that opens the conversation.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Most tokens in one reply.")  # fmt: skip
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help=f"Most tokens in one reply [default: {DEFAULT_MAX_TOKENS}, or what the "
+              "model's context leaves].")  # fmt: skip
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True,
               help="0 for greedy replies.")  # fmt: skip
 def chat_command(
     coordinator: str,
     config_path: Path | None,
     system: str | None,
-    max_tokens: int,
+    max_tokens: int | None,
     temperature: float,
 ) -> None:
     """Chat with the cluster's model; the conversation is kept until /reset."""
@@ -178,12 +192,12 @@ def chat_command(
     channel = coordinator_channel(coordinator, config_path)
     try:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        model = _greet(stub, coordinator)
+        model = _greet(stub, coordinator, config_path)
         if interactive:
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401 - line editing and history for input()
             click.echo(f"Chatting with {model} at {coordinator}. {HELP}", err=True)
-        chat = Chat(stub, coordinator, Conversation(system), max_tokens, temperature)
+        chat = Chat(stub, coordinator, Conversation(system), max_tokens, temperature, config_path)
         chat.run(interactive)
     except KeyboardInterrupt:
         raise click.Abort() from None

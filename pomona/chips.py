@@ -24,33 +24,52 @@ class ChipVariant:
 
 @dataclass(frozen=True)
 class Chip:
-    """A chip as macOS names it, with each variant Apple sells."""
+    """A chip as macOS names it, with each variant Apple sells.
+
+    `all_variants` is False where Apple has published figures for some variants only:
+    then a GPU core count that is absent or matches none of them gives no variant.
+    """
 
     name: str
     variants: tuple[ChipVariant, ...]
+    all_variants: bool = True
 
     @property
     def gpu_core_counts(self) -> tuple[int, ...]:
         return tuple(v.gpu_cores for v in self.variants)
 
-    def variant(self, gpu_cores: int | None = None) -> ChipVariant:
-        """The variant with `gpu_cores`; unknown or absent -> the slowest (conservative)."""
+    def variant(self, gpu_cores: int | None = None) -> ChipVariant | None:
+        """The variant with `gpu_cores`; unknown or absent -> the slowest (conservative),
+        or None where not every variant is listed."""
         for v in self.variants:
             if v.gpu_cores == gpu_cores:
                 return v
+        if not self.all_variants:
+            return None
         return min(self.variants, key=lambda v: (v.bandwidth_gbs, v.gpu_cores))
 
-    def bandwidth_gbs(self, gpu_cores: int | None = None) -> float:
-        return self.variant(gpu_cores).bandwidth_gbs
+    def bandwidth_gbs(self, gpu_cores: int | None = None) -> float | None:
+        variant = self.variant(gpu_cores)
+        return None if variant is None else variant.bandwidth_gbs
 
 
-def _chip(name: str, bandwidth: float | tuple[float, ...], cores: tuple[int, ...]) -> Chip:
+def _chip(
+    name: str,
+    bandwidth: float | tuple[float, ...],
+    cores: tuple[int, ...],
+    *,
+    all_variants: bool = True,
+) -> Chip:
     bws = bandwidth if isinstance(bandwidth, tuple) else (bandwidth,) * len(cores)
-    return Chip(name, tuple(ChipVariant(c, bw) for c, bw in zip(cores, bws, strict=True)))
+    variants = tuple(ChipVariant(c, bw) for c, bw in zip(cores, bws, strict=True))
+    return Chip(name, variants, all_variants)
 
 
 # Bandwidth in GB/s; GPU core counts of the variants Apple sells. Where the variants
-# differ in bandwidth (M3 Max, M4 Max) each has its own figure.
+# differ in bandwidth (M3 Max, M4 Max) each has its own figure. M5 Pro and M5 Max: Apple's
+# announcement (March 2026) gives only the top variant ("up to 20 GPU cores, 307 GB/s";
+# "up to 40 GPU cores, 614 GB/s"; a real M5 Max reports gpu-core-count 40); their smaller
+# variants' figures are not listed, so those read as unknown (n/a), never guessed.
 CHIPS: tuple[Chip, ...] = (
     _chip("M1", 68.0, (7, 8)),
     _chip("M1 Pro", 200.0, (14, 16)),
@@ -68,6 +87,8 @@ CHIPS: tuple[Chip, ...] = (
     _chip("M4 Pro", 273.0, (16, 20)),
     _chip("M4 Max", (410.0, 546.0), (32, 40)),
     _chip("M5", 153.0, (10,)),
+    _chip("M5 Pro", 307.0, (20,), all_variants=False),
+    _chip("M5 Max", 614.0, (40,), all_variants=False),
 )
 
 _BY_KEY = {c.name.lower(): c for c in CHIPS}

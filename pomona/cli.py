@@ -14,18 +14,26 @@ import click
 import grpc
 
 from pomona import rpc
-from pomona.client import check_address, coordinator_options, coordinator_stub
+from pomona.client import (
+    check_address,
+    coordinator_error,
+    coordinator_options,
+    coordinator_stub,
+)
 from pomona.config import (
     DEFAULT_CLUSTER,
+    DEFAULT_CONTEXT,
     DEFAULT_COORDINATOR_PORT,
     DEFAULT_HTTP_PORT,
     DEFAULT_MODEL,
     DEFAULT_WORKER_PORT,
+    MAX_CHAT_TEMPLATE_CHARS,
     CoordinatorConfig,
     WorkerConfig,
     default_cache_dir,
     default_model_dirs,
     default_state_dir,
+    http_host_for,
 )
 from pomona.credentials import CONFIG_OPTION, config_for_daemon
 from pomona.security import Auth, ClusterConfig
@@ -70,6 +78,33 @@ HTTP_PORT_OPTION = click.option(
     help="Port of the OpenAI-compatible HTTP API and /metrics (0: off).",
 )
 
+CHAT_TEMPLATE_OPTION = click.option(
+    "--chat-template",
+    "chat_template_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Jinja chat template file replacing the model's own. Without one, a model that "
+    "has none gets mlx_lm.server's plain 'USER: ... ASSISTANT:' format.",
+)
+
+
+def read_chat_template(path: Path | None) -> str:
+    """The text of a --chat-template file ("" without one); a bad file is a one-line error."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"cannot read --chat-template {path}: {e}") from None
+    if not text.strip():
+        raise click.ClickException(f"--chat-template {path} is empty")
+    if len(text) > MAX_CHAT_TEMPLATE_CHARS:
+        raise click.ClickException(
+            f"--chat-template {path} is over {MAX_CHAT_TEMPLATE_CHARS} characters"
+        )
+    return text
+
+
 INSECURE_OPTION = click.option(
     "--insecure",
     is_flag=True,
@@ -80,6 +115,9 @@ INSECURE_OPTION = click.option(
 @main.command()
 @click.option("--port", default=DEFAULT_WORKER_PORT, show_default=True, help="gRPC port.")
 @click.option("--ring-port", default=0, help="MLX ring port [default: PORT+1].")
+@click.option(
+    "--runner-port", default=0, help="Port of a head runner's request API [default: PORT+2]."
+)
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option(
     "--name", default=socket.gethostname().split(".")[0], help="Name shown in the cluster."
@@ -117,6 +155,7 @@ INSECURE_OPTION = click.option(
 def worker(
     port: int,
     ring_port: int,
+    runner_port: int,
     host: str,
     name: str,
     cluster: str | None,
@@ -133,6 +172,7 @@ def worker(
 ) -> None:
     """Run the worker daemon of this machine."""
     from pomona.worker.daemon import serve
+    from pomona.worker.runs_dir import prune_runs, runs_dir
 
     cluster_config, config_file = config_for_daemon(config_path, insecure)
     config = WorkerConfig(
@@ -144,6 +184,7 @@ def worker(
         host=host,
         port=port,
         ring_port=ring_port,
+        runner_port=runner_port,
         addresses=addresses,
         mdns_interfaces=mdns,
         state_dir=state_dir or default_state_dir() / "worker",
@@ -154,6 +195,7 @@ def worker(
         cache_dir=cache_dir or default_cache_dir(),
         cache_max_bytes=int(cache_max_gb * 1e9),
     )
+    prune_runs(runs_dir(config.state_dir))  # logs of loads before a restart
     _run_until_signal(lambda stop: serve(config, stop=stop))
 
 
@@ -217,7 +259,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--context",
     type=click.IntRange(16, 1 << 22),
-    default=8192,
+    default=DEFAULT_CONTEXT,
     show_default=True,
     help="Longest prompt + output, in tokens (capped by the model's).",
 )
@@ -236,6 +278,11 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
     help="File holding the HTTP API's Bearer key (or set POMONA_API_KEY).",
 )
 @click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="Serve the HTTP API on --host without an API key (otherwise it stays on loopback).",
+)
+@click.option(
     "--heartbeat-timeout",
     type=click.FloatRange(0.5, 600),
     default=5.0,
@@ -252,6 +299,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--state-dir", type=click.Path(path_type=Path), default=None, help="Event log directory."
 )
+@CHAT_TEMPLATE_OPTION
 @CONFIG_OPTION
 @INSECURE_OPTION
 def coordinator(
@@ -271,9 +319,11 @@ def coordinator(
     concurrency: int,
     http_port: int,
     api_key_file: Path | None,
+    insecure_http: bool,
     heartbeat_timeout: float,
     retry_timeout: float,
     state_dir: Path | None,
+    chat_template_file: Path | None,
     config_path: Path | None,
     insecure: bool,
 ) -> None:
@@ -283,6 +333,7 @@ def coordinator(
     for seed in seeds:
         check_address(seed, "--worker")
     split = _parse_layers(layers)
+    chat_template = read_chat_template(chat_template_file)
     cluster_config, _ = config_for_daemon(config_path, insecure)
     api_key = os.environ.get("POMONA_API_KEY", "") or (
         cluster_config.api_key if cluster_config and cluster_config.api_key else ""
@@ -307,10 +358,12 @@ def coordinator(
         max_batch=max_batch,
         max_queue=max_queue,
         prefill_step=prefill_step,
+        chat_template=chat_template,
         objective=objective,
         context=context,
         concurrency=concurrency,
         http_port=http_port,
+        http_host=http_host_for(host, api_key, insecure_http),
         api_key=api_key,
         heartbeat_timeout=heartbeat_timeout,
         retry_timeout=retry_timeout,
@@ -331,7 +384,7 @@ def nodes(coordinator: str, config_path: Path | None, as_json: bool) -> None:
             coordinator_pb2.ListNodesRequest(), timeout=rpc.DESCRIBE_TIMEOUT
         )
     except grpc.RpcError as e:
-        raise click.ClickException(rpc.describe_error(e, coordinator)) from None
+        raise click.ClickException(coordinator_error(e, coordinator, config_path)) from None
     print_nodes(reply, as_json)
 
 
@@ -360,6 +413,7 @@ def generate(
     request = common_pb2.GenerateRequest(
         prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=list(stop)
     )
+    written = False
     try:
         for chunk in coordinator_stub(coordinator, config_path).Generate(
             request, timeout=rpc.GENERATE_TIMEOUT
@@ -367,8 +421,11 @@ def generate(
             if chunk.text:
                 click.echo(chunk.text, nl=False)
                 sys.stdout.flush()
+                written = True
     except grpc.RpcError as e:
-        raise click.ClickException(rpc.describe_error(e, coordinator)) from None
+        if written:  # the error goes on a line of its own
+            click.echo()
+        raise click.ClickException(coordinator_error(e, coordinator, config_path)) from None
     except KeyboardInterrupt:
         raise click.Abort() from None
     click.echo()
@@ -389,15 +446,29 @@ def generate(
 @HTTP_PORT_OPTION
 @click.option("--layers", default=None, help="Layers per worker, e.g. 3,5.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
+@CHAT_TEMPLATE_OPTION
 def up(
-    count: int, model: str, port: int, http_port: int, layers: str | None, timeout: float
+    count: int,
+    model: str,
+    port: int,
+    http_port: int,
+    layers: str | None,
+    timeout: float,
+    chat_template_file: Path | None,
 ) -> None:
     """Start a cluster of local workers and a coordinator on this machine."""
     from pomona.local import LocalCluster
 
     _parse_layers(layers)
+    read_chat_template(chat_template_file)  # a bad file fails here, not in the coordinator
     cluster = LocalCluster(
-        count, model, port, layers, state_dir=default_state_dir() / "local", http_port=http_port
+        count,
+        model,
+        port,
+        layers,
+        state_dir=default_state_dir() / "local",
+        http_port=http_port,
+        chat_template=chat_template_file.resolve() if chat_template_file else None,
     )
     sys.exit(cluster.run(timeout))
 

@@ -17,6 +17,12 @@ DEFAULT_COORDINATOR_PORT = 50150
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_WORKER_PORT = 50151
 DEFAULT_MODEL = "pomona-demo"
+# A chat template travels to each runner inside its spec, one command-line argument,
+# which Linux caps at 128 KiB; real templates are a few KiB.
+MAX_CHAT_TEMPLATE_CHARS = 64 * 1024
+# Tokens of context (prompt + output) the coordinator reserves KV cache for, and the
+# context `pomona plan` plans for unless told otherwise.
+DEFAULT_CONTEXT = 8192
 
 
 def default_state_dir() -> Path:
@@ -48,6 +54,8 @@ class WorkerConfig:
     port: int = DEFAULT_WORKER_PORT
     # The port of this machine's MLX ring listener; 0 means port + 1.
     ring_port: int = 0
+    # The port a head runner of this machine serves requests on; 0 means port + 2.
+    runner_port: int = 0
     # Addresses to advertise and to give the ring; empty means every
     # non-loopback IPv4 address of this machine.
     addresses: tuple[str, ...] = ()
@@ -67,6 +75,10 @@ class WorkerConfig:
     def effective_ring_port(self) -> int:
         return self.ring_port or self.port + 1
 
+    @property
+    def effective_runner_port(self) -> int:
+        return self.runner_port or self.port + 2
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -74,8 +86,10 @@ class CoordinatorConfig:
     auth: Auth | None = None
     host: str = "0.0.0.0"
     port: int = DEFAULT_COORDINATOR_PORT
-    # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off.
+    # The OpenAI-compatible HTTP API (and /metrics); 0 turns it off. Without an
+    # API key it listens on loopback only (see ``http_host_for``).
     http_port: int = DEFAULT_HTTP_PORT
+    http_host: str = "127.0.0.1"
     # Bearer key the HTTP API requires; empty means none.
     api_key: str = ""
     model: str = DEFAULT_MODEL
@@ -94,11 +108,14 @@ class CoordinatorConfig:
     max_batch: int = 16
     max_queue: int = 64
     prefill_step: int = 512
+    # A Jinja chat template replacing the model's own (the text, read at the CLI);
+    # empty: the model's, or a plain role format for a model without one.
+    chat_template: str = ""
     # The planner: "latency" uses the fewest, fastest nodes that fit;
     # "throughput" uses every node that fits. KV cache is reserved for
     # ``concurrency`` sequences of ``context`` tokens.
     objective: str = "latency"
-    context: int = 8192
+    context: int = DEFAULT_CONTEXT
     concurrency: int = 4
     # A node whose heartbeats stop for this long (and that then fails a
     # direct probe) is lost.
@@ -106,5 +123,15 @@ class CoordinatorConfig:
     # A request that had no token yet when the pipeline broke waits this long
     # for the pipeline to re-form, then is retried; otherwise it fails.
     retry_timeout: float = 120.0
-    # The event log (events.jsonl) lives here.
+    # The event logs (events/<cluster>.jsonl) live here.
     state_dir: Path = field(default_factory=lambda: default_state_dir() / "coordinator")
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def http_host_for(host: str, api_key: str, insecure_http: bool) -> str:
+    """Where the HTTP API listens: ``host`` with a key (or when told), else loopback only."""
+    if api_key or insecure_http or host in LOOPBACK_HOSTS or host.startswith("127."):
+        return host
+    return "127.0.0.1"

@@ -1,9 +1,10 @@
 """Finding this machine's cluster configuration, at the CLI edge.
 
 Daemons need one (or ``--insecure``); client commands use one when there is
-one. Looked for in order: ``--config`` / ``POMONA_CONFIG``, the user's
-config directory (``pomona init`` writes there), then the configuration of a
-``pomona up --local`` cluster on this machine.
+one. Looked for in order: ``--config`` / ``POMONA_CONFIG``; for a client of a
+``pomona up --local`` coordinator on this machine, that cluster's configuration
+(it records its coordinator's port); the user's config directory (``pomona
+init`` writes there); then the local cluster's configuration.
 """
 
 from __future__ import annotations
@@ -68,6 +69,25 @@ def config_for_daemon(
     return config, found
 
 
-def client_auth(path: Path | None) -> Auth:
-    config = find_config(path)
+def client_auth(path: Path | None, coordinator: str = "") -> Auth:
+    """The credentials for a client of the coordinator at ``coordinator`` ("host:port").
+
+    Without ``--config``, a ``pomona up --local`` cluster's own configuration is used
+    for its coordinator (on loopback, at the port it records), whatever else
+    ``pomona init`` wrote on this machine.
+    """
+    config = _local_config_for(coordinator) if path is None else None
+    config = config or find_config(path)
     return Auth(config.secrets) if config is not None else Auth.none()
+
+
+def _local_config_for(coordinator: str) -> ClusterConfig | None:
+    host, _, port = coordinator.rpartition(":")
+    local = local_config_path()
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit() or not local.exists():
+        return None
+    try:
+        config = load_cluster_config(local)
+    except ClusterConfigError:
+        return None
+    return config if config.coordinator_port == int(port) else None

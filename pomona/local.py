@@ -38,8 +38,11 @@ from pomona.security import Auth, write_local_config
 from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
+# A child's log grows across runs of `pomona up` up to this, then starts anew
+# (the previous one kept as NAME.log.1).
+LOG_MAX_BYTES = 8 << 20
 # Problems the cluster does not get over by waiting.
-FATAL = ("unknown model", "loading failed", "cannot", "the checkpoint")
+FATAL = ("unknown model", "cannot", "the checkpoint")
 
 
 def _port_free(port: int) -> bool:
@@ -58,15 +61,26 @@ def _port_free(port: int) -> bool:
 PORT_RANGE = (20000, 32000)
 
 
-def free_port_pair(taken: set[int]) -> int:
-    """A port p with p and p + 1 free (gRPC and the MLX ring)."""
+def free_ports(taken: set[int], count: int) -> int:
+    """A port p with p .. p + count - 1 free, now marked ``taken``."""
     for _ in range(500):
         port = random.randrange(*PORT_RANGE)
-        if {port, port + 1} & taken or not (_port_free(port) and _port_free(port + 1)):
+        block = set(range(port, port + count))
+        if block & taken or not all(_port_free(p) for p in block):
             continue
-        taken.update((port, port + 1))
+        taken.update(block)
         return port
-    raise RuntimeError("no free pair of ports on loopback")
+    raise RuntimeError(f"no {count} free ports in a row on loopback")
+
+
+def free_port_pair(taken: set[int]) -> int:
+    """A port p with p and p + 1 free (the coordinator's gRPC port and a spare)."""
+    return free_ports(taken, 2)
+
+
+def free_worker_ports(taken: set[int]) -> int:
+    """A worker's port p: p (gRPC), p + 1 (the MLX ring) and p + 2 (a head runner) free."""
+    return free_ports(taken, 3)
 
 
 class LocalCluster:
@@ -78,12 +92,14 @@ class LocalCluster:
         layers: str | None,
         state_dir: Path,
         http_port: int = 0,
+        chat_template: Path | None = None,
     ):
         self.count = count
         self.http_port = http_port
         self.model = model
         self.port = port
         self.layers = layers
+        self.chat_template = chat_template
         self.state_dir = state_dir
         self.cluster = f"local-{secrets.token_hex(3)}"
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -95,6 +111,8 @@ class LocalCluster:
         log_dir = self.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{name}.log"
+        if log_path.exists() and log_path.stat().st_size > LOG_MAX_BYTES:
+            log_path.replace(log_path.with_suffix(".log.1"))
         log = log_path.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pomona", *args],
@@ -108,7 +126,7 @@ class LocalCluster:
         self.children.append((name, proc, log_path))
 
     def start(self) -> None:
-        self.config = write_local_config(local_config_path().parent, self.cluster)
+        self.config = write_local_config(local_config_path().parent, self.cluster, self.port)
         if not _port_free(self.port):
             raise RuntimeError(f"port {self.port} is in use: pass --port with a free port")
         if self.http_port and not _port_free(self.http_port):
@@ -117,7 +135,7 @@ class LocalCluster:
             )
         taken = {self.port, self.http_port}
         for i in range(self.count):
-            port = free_port_pair(taken)
+            port = free_worker_ports(taken)
             self._spawn(
                 f"worker-{i + 1}",
                 [
@@ -137,6 +155,8 @@ class LocalCluster:
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]
+        if self.chat_template is not None:
+            args += ["--chat-template", str(self.chat_template)]
         self._spawn("coordinator", args)
 
     def _model_dir_args(self) -> list[str]:
@@ -146,12 +166,52 @@ class LocalCluster:
             return ["--model-dir", str(path.resolve().parent)]
         return []
 
-    def _dead_child(self) -> str:
+    def _dead_child(self, among: str = "") -> str:
         for name, proc, log_path in self.children:
-            if proc.poll() is not None:
+            if name.startswith(among) and proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 return f"{name} exited with code {proc.returncode}: " + " | ".join(tail)
         return ""
+
+    def _follow(self) -> int:
+        """While up: report workers that die and how the cluster re-forms.
+
+        A worker that dies is not restarted: this is where people try the
+        self-healing, and a restart would hide it (on real Macs, launchd or
+        systemd restarts the daemon). The cluster serves on the rest; only
+        the coordinator's death ends ``up``.
+        """
+        assert self.config is not None
+        stub = coordinator_pb2_grpc.CoordinatorStub(
+            rpc.channel(f"{LOOPBACK}:{self.port}", Auth.load(self.config))
+        )
+        gone: set[str] = set()
+        shown = ""
+        while not self._stop:
+            if dead := self._dead_child("coordinator"):
+                self.console.print(f"[red]error:[/red] {dead}")
+                return 1
+            for name, proc, _ in self.children:
+                if name.startswith("worker") and proc.poll() is not None and name not in gone:
+                    gone.add(name)
+                    self.console.print(
+                        f"[yellow]{name} exited with code {proc.returncode}[/yellow]; the "
+                        f"coordinator re-forms the pipeline on the {self.count - len(gone)} "
+                        "workers left (it is not restarted)",
+                        soft_wrap=True,
+                    )
+            if gone:
+                try:
+                    reply = stub.Status(coordinator_pb2.StatusRequest(), timeout=2.0)
+                except grpc.RpcError:
+                    reply = None
+                if reply is not None:
+                    line = _layout(reply)
+                    if line != shown:
+                        self.console.print(line, soft_wrap=True, markup=False)
+                        shown = line
+            time.sleep(0.5)
+        return 0
 
     def wait_ready(self, timeout: float) -> coordinator_pb2.StatusReply:
         """Wait for the cluster to serve, with a progress bar per worker."""
@@ -229,12 +289,7 @@ class LocalCluster:
                 "Ctrl-C stops)",
                 flush=True,
             )
-            while not self._stop:
-                if dead := self._dead_child():
-                    self.console.print(f"[red]error:[/red] {dead}")
-                    return 1
-                time.sleep(0.5)
-            return 0
+            return self._follow()
         except RuntimeError as e:
             self.console.print(f"[red]error:[/red] {e} (logs in {self.state_dir / 'logs'})")
             return 1
@@ -242,3 +297,11 @@ class LocalCluster:
             self.stop()
             if self.config is not None:
                 self.config.unlink(missing_ok=True)
+
+
+def _layout(reply: coordinator_pb2.StatusReply) -> str:
+    """One line: where the layers are now, or why none serve."""
+    if not reply.serving:
+        return f"not serving: {reply.problem}"
+    where = ", ".join(f"{p.name} layers {p.start_layer}-{p.end_layer - 1}" for p in reply.plan)
+    return f"serving on {len(reply.plan)} workers: {where}"

@@ -1,9 +1,12 @@
-"""The cluster's secret, its configuration file, and proof of the secret on every gRPC call.
+"""The cluster's secret, its configuration file, TLS, and what servers and channels get.
 
-Every call carries ``x-pomona-auth: v1.<cluster>.<unix_ms>.<nonce>.<hmac>`` where the
-HMAC-SHA256 under the cluster secret covers the cluster, the full method name, the time
-and the nonce. Servers check it in an interceptor (constant-time compare, a window of
-±300 s, each nonce once) and answer ``UNAUTHENTICATED`` otherwise. TLS with a cluster CA
+Every call carries ``x-pomona-auth: v2.<cluster>.<target>.<unix_ms>.<nonce>.<body>.<hmac>``
+where the HMAC-SHA256 under the cluster secret covers the cluster, the server the call is
+for (a worker's node id; empty for the coordinator), the full method name, the time, the
+nonce and the SHA-256 of the serialized request. Servers check it in an interceptor
+(constant-time compare, their own target, a window of ±300 s, each nonce once, then the
+body's digest before it is parsed) and answer ``UNAUTHENTICATED`` otherwise. Workers
+prove the secret back in ``Describe`` (``describe_proof``). TLS with a cluster CA
 (``pomona init --tls``) adds encryption and mutual certificate checks on top.
 """
 
@@ -12,17 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import heapq
-import hmac
 import json
 import logging
 import os
 import re
 import secrets as random
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,37 +30,17 @@ from typing import Any
 import grpc
 
 from pomona.config import DEFAULT_COORDINATOR_PORT, DEFAULT_WORKER_PORT
+from pomona.tokens import CLUSTER_NAME, Verifier
 
 log = logging.getLogger(__name__)
 
-AUTH_METADATA_KEY = "x-pomona-auth"
-TOKEN_VERSION = "v1"
-MAX_SKEW_SECONDS = 300
-REPLAY_CACHE_SIZE = 100_000
 SECRET_BYTES = 32
 CONFIG_FILE = "cluster.json"
-# Services any caller may reach: load balancers and probes call health without secrets.
-EXEMPT_SERVICES: frozenset[str] = frozenset({"grpc.health.v1.Health"})
 # Every node certificate carries this name and channels check it: addresses come from
 # Bonjour and change, and any certificate the cluster's own CA signed is a member.
 TLS_SERVER_NAME = "pomona-node"
 
-MISSING = (
-    "missing cluster credentials: run `pomona init` on one machine and copy its "
-    f"{CONFIG_FILE} to this machine (see docs/security.md)"
-)
-MALFORMED = "malformed cluster credentials"
-WRONG_SECRET = (
-    "wrong cluster secret: copy this cluster's cluster.json from the machine where "
-    "`pomona init` ran"
-)
-REPLAYED = "replayed request: these credentials were already used"
-
-_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-# <cluster>.<unix_ms>.<nonce>.<hmac>, after "v1."; cluster names may hold dots.
-_TOKEN = re.compile(rf"({_CLUSTER_NAME.pattern})\.(\d{{1,15}})\.([0-9a-f]{{32}})\.([0-9a-f]{{64}})")
-
-
+_CLUSTER_NAME = re.compile(CLUSTER_NAME)
 _TLS_KEYS = ("ca_cert", "node_cert", "node_key")
 
 
@@ -239,90 +219,6 @@ def _port(value: object) -> int:
     return value
 
 
-# --- Proof of the secret ------------------------------------------------------------
-
-
-def sign(
-    secrets: ClusterSecrets, method: str, *, unix_ms: int | None = None, nonce: str | None = None
-) -> str:
-    """The ``x-pomona-auth`` value for one call of ``method`` (e.g. ``/pomona.v1.Worker/Load``)."""
-    unix_ms = int(time.time() * 1000) if unix_ms is None else unix_ms
-    nonce = random.token_hex(16) if nonce is None else nonce
-    mac = _mac(secrets, method, unix_ms, nonce)
-    return f"{TOKEN_VERSION}.{secrets.cluster}.{unix_ms}.{nonce}.{mac}"
-
-
-def _mac(secrets: ClusterSecrets, method: str, unix_ms: int, nonce: str) -> str:
-    message = f"{secrets.cluster}|{method}|{unix_ms}|{nonce}".encode()
-    return hmac.new(secrets.secret, message, hashlib.sha256).hexdigest()
-
-
-class Verifier:
-    """Checks ``x-pomona-auth`` values; one per server, as it remembers nonces."""
-
-    def __init__(
-        self,
-        secrets: ClusterSecrets,
-        clock: Callable[[], float] = time.time,
-        cache_size: int = REPLAY_CACHE_SIZE,
-    ) -> None:
-        self.secrets = secrets
-        self._clock = clock
-        self._cache_size = cache_size
-        self._seen: set[str] = set()
-        self._expiry: list[tuple[int, str]] = []  # heap of (forget after, in ms; nonce)
-        self._lock = threading.Lock()
-
-    def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-        """None if the call may proceed, else why not (one line for the caller)."""
-        parts = method.split("/")
-        if len(parts) == 3 and parts[1] in EXEMPT_SERVICES:
-            return None
-        value = next((v for k, v in metadata or () if k == AUTH_METADATA_KEY), None)
-        if value is None:
-            return MISSING
-        if isinstance(value, bytes):
-            value = value.decode("ascii", errors="replace")
-        version, _, rest = value.partition(".")
-        if version != TOKEN_VERSION:
-            if re.fullmatch(r"v\d{1,3}", version):
-                return f"credentials of version {version}: use the same pomona on both machines"
-            return MALFORMED
-        match = _TOKEN.fullmatch(rest) if len(rest) < 256 else None
-        if match is None:
-            return MALFORMED
-        cluster, ms, nonce, mac = match.groups()
-        if cluster != self.secrets.cluster:
-            return f"credentials of cluster {cluster!r}, this is cluster {self.secrets.cluster!r}"
-        if not hmac.compare_digest(_mac(self.secrets, method, int(ms), nonce), mac):
-            return WRONG_SECRET
-        now = int(self._clock() * 1000)
-        skew = (int(ms) - now) / 1000
-        if abs(skew) > MAX_SKEW_SECONDS:
-            return (
-                f"stale credentials: the caller's clock is {skew:+.0f} s off this machine's "
-                f"(at most {MAX_SKEW_SECONDS} s): turn on network time on both machines"
-            )
-        return self._remember(nonce, int(ms) + MAX_SKEW_SECONDS * 1000, now)
-
-    @property
-    def remembered(self) -> int:
-        """How many nonces are remembered."""
-        return len(self._seen)
-
-    def _remember(self, nonce: str, forget_after: int, now: int) -> str | None:
-        with self._lock:
-            while self._expiry and (
-                self._expiry[0][0] < now or len(self._expiry) >= self._cache_size
-            ):
-                self._seen.discard(heapq.heappop(self._expiry)[1])
-            if nonce in self._seen:
-                return REPLAYED
-            self._seen.add(nonce)
-            heapq.heappush(self._expiry, (forget_after, nonce))
-        return None
-
-
 # --- TLS ------------------------------------------------------------------------------
 
 
@@ -386,9 +282,9 @@ class Auth:
     def tls(self) -> bool:
         return self.secrets is not None and self.secrets.tls
 
-    def verifier(self, clock: Callable[[], float] = time.time) -> Verifier | None:
-        """A fresh verifier (with its own replay cache): one per server."""
-        return Verifier(self.secrets, clock) if self.secrets else None
+    def verifier(self, clock: Callable[[], float] = time.time, target: str = "") -> Verifier | None:
+        """A fresh verifier (with its own replay cache) for the server named ``target``."""
+        return Verifier(self.secrets, clock, target=target) if self.secrets else None
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         return server_credentials(self.secrets) if self.secrets else None
@@ -400,8 +296,14 @@ class Auth:
         return [("grpc.ssl_target_name_override", TLS_SERVER_NAME)] if self.tls else []
 
 
-def write_local_config(directory: Path, cluster: str) -> Path:
-    """An ephemeral configuration for ``pomona up --local``: a fresh secret, mode 0600."""
+def write_local_config(
+    directory: Path, cluster: str, coordinator_port: int = DEFAULT_COORDINATOR_PORT
+) -> Path:
+    """An ephemeral configuration for ``pomona up --local``: a fresh secret, mode 0600.
+
+    It records the coordinator's port, so that clients of that coordinator find it.
+    """
     path = directory / CONFIG_FILE
-    save_cluster_config(path, ClusterConfig(ClusterSecrets.generate(cluster)))
+    config = ClusterConfig(ClusterSecrets.generate(cluster), coordinator_port=coordinator_port)
+    save_cluster_config(path, config)
     return path

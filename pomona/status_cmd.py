@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from pomona import rpc
-from pomona.client import coordinator_options, coordinator_stub
+from pomona.client import coordinator_error, coordinator_options, coordinator_stub
 from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 __all__ = ["EVENT_SCHEMA", "event_json", "event_line", "events_command", "status_command"]
@@ -32,8 +32,8 @@ def _stub(address: str, config_path: Path | None) -> coordinator_pb2_grpc.Coordi
         raise click.ClickException(f"--coordinator: {address!r} is not HOST:PORT") from e
 
 
-def _fail(err: grpc.RpcError, address: str) -> click.ClickException:
-    return click.ClickException(rpc.describe_error(err, address))
+def _fail(err: grpc.RpcError, address: str, config_path: Path | None) -> click.ClickException:
+    return click.ClickException(coordinator_error(err, address, config_path))
 
 
 @click.command("status")
@@ -64,7 +64,7 @@ def status_command(
     try:
         reply = fetch()
     except grpc.RpcError as e:
-        raise _fail(e, coordinator) from None
+        raise _fail(e, coordinator, config_path) from None
     if not watch:
         if as_json:
             click.echo(json.dumps(status_json(reply), indent=2))
@@ -72,7 +72,7 @@ def status_command(
             print_status(reply)
         return
     if as_json:
-        _watch_json(fetch, interval, coordinator)
+        _watch_json(fetch, interval, coordinator, config_path)
         return
     if not sys.stdout.isatty():
         raise click.ClickException("--watch needs a terminal; --watch --json streams JSON lines")
@@ -81,13 +81,16 @@ def status_command(
         try:
             return fetch()
         except grpc.RpcError as e:
-            raise RuntimeError(rpc.describe_error(e, coordinator)) from None
+            raise RuntimeError(coordinator_error(e, coordinator, config_path)) from None
 
     run_live(fetch_for_view, refresh_s=interval, title=f"pomona status · {coordinator}")
 
 
 def _watch_json(
-    fetch: Callable[[], coordinator_pb2.StatusReply], interval: float, coordinator: str
+    fetch: Callable[[], coordinator_pb2.StatusReply],
+    interval: float,
+    coordinator: str,
+    config_path: Path | None,
 ) -> None:
     from pomona.status_view import status_json
 
@@ -97,7 +100,7 @@ def _watch_json(
             try:
                 click.echo(json.dumps(status_json(fetch()), separators=(",", ":")))
             except grpc.RpcError as e:
-                raise _fail(e, coordinator) from None
+                raise _fail(e, coordinator, config_path) from None
             sys.stdout.flush()
             time.sleep(max(0.0, interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
@@ -163,7 +166,7 @@ def events_command(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     grpc.StatusCode.UNAVAILABLE,
                 ):
-                    raise _fail(e, coordinator) from None
+                    raise _fail(e, coordinator, config_path) from None
                 if code == grpc.StatusCode.UNAVAILABLE:
                     time.sleep(RECONNECT_S)
     except KeyboardInterrupt:

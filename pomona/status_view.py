@@ -17,7 +17,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -101,26 +101,32 @@ def _layers(start: int, end: int) -> str:
     return str(start) if end == start + 1 else f"{start}-{end - 1}"
 
 
-def _cells(status: coordinator_pb2.NodeStatus) -> dict[str, Text]:
+def _cells(
+    status: coordinator_pb2.NodeStatus, plan: Sequence[coordinator_pb2.PlanStage] = ()
+) -> dict[str, Text]:
     node, sample = status.node, status.sample
     state = state_name(node.state)
     label = state
-    shard = node.shard
-    if node.state == coordinator_pb2.NODE_STATE_LOADING and status.HasField("sample"):
+    has_sample = status.HasField("sample")  # none yet, or lost: its figures are stale
+    start, end = node.shard.start_layer, node.shard.end_layer
+    if not has_sample:  # the layers the plan in force gives it, if any
+        planned = [s for s in plan if s.node_id == node.node_id]
+        start, end = (planned[0].start_layer, planned[0].end_layer) if planned else (0, 0)
+    if node.state == coordinator_pb2.NODE_STATE_LOADING and has_sample:
         label = f"loading {sample.shard.progress * 100:.0f}%"
-    has_sample = status.HasField("sample")
-    runner = sample.runner if has_sample and sample.HasField("runner") else None
     total = sample.memory_total_bytes or node.hardware.total_memory_bytes
     cells = {
         "name": node.name or node.node_id[:8],
-        "layers": _layers(shard.start_layer, shard.end_layer),
+        "layers": _layers(start, end),
         "memory": f"{_gib(sample.memory_used_bytes)}/{_gib(total)} GiB" if has_sample else "n/a",
         "swap": _size(sample.swap_used_bytes) if has_sample else "n/a",
         "cpu": f"{sample.cpu_percent:.0f}%" if has_sample else "n/a",
         "gpu": f"{sample.gpu_utilization_percent:.0f}%"
         if sample.HasField("gpu_utilization_percent")
         else "n/a",
-        "tokens": f"{runner.tokens_per_s:.1f}" if runner is not None else "-",
+        "tokens": f"{status.pipeline_tokens_per_s:.1f}"
+        if status.HasField("pipeline_tokens_per_s")
+        else "-",
         "rtt": f"{status.heartbeat_rtt_s * 1000:.1f} ms"
         if status.HasField("heartbeat_rtt_s")
         else "n/a",
@@ -142,7 +148,7 @@ def _table(reply: coordinator_pb2.StatusReply, keys: list[str]) -> Table:
                 max_width=_NAME_MAX if column.key == "name" else None,
             )
     for status in reply.nodes:
-        cells = _cells(status)
+        cells = _cells(status, reply.plan)
         lost = status.node.state == coordinator_pb2.NODE_STATE_LOST
         table.add_row(*(cells[k] for k in keys), style="dim" if lost else None)
     return table

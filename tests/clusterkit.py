@@ -22,7 +22,7 @@ from typing import TypeVar
 import grpc
 
 from pomona import rpc
-from pomona.local import free_port_pair
+from pomona.local import free_port_pair, free_worker_ports
 from pomona.security import Auth, write_local_config
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -99,8 +99,16 @@ class LocalCluster:
     procs: list[Proc] = field(default_factory=list)
     taken: set[int] = field(default_factory=set)
 
-    def _spawn(self, name: str, args: list[str], port: int, config: Path) -> Proc:
-        log = self.root / f"{name}.log"
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        config: Path,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        same = sum(p.name == name for p in self.procs)
+        log = self.root / (f"{name}.log" if not same else f"{name}.{same}.log")
         with log.open("ab") as f:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pomona", "-v", *args, "--config", str(config)],
@@ -108,6 +116,7 @@ class LocalCluster:
                 stdout=f,
                 stderr=f,
                 start_new_session=True,
+                env={**os.environ, **env} if env else None,
             )
         proc = Proc(name, popen, log, port, config)
         self.procs.append(proc)
@@ -121,16 +130,26 @@ class LocalCluster:
         port: int = 0,
         extra: tuple[str, ...] = (),
         config: Path | None = None,
+        model_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        key: str = "",
     ) -> Proc:
-        port = port or free_port_pair(self.taken)
+        """A worker named ``name``; ``key`` (default: the name) names its state dir
+        and log, so that two workers may share a name as two Macs may."""
+        key = key or name
+        port = port or free_worker_ports(self.taken)
         args = [
             "worker", "--port", str(port), "--host", LOOPBACK, "--name", name,
             "--cluster", cluster or self.cluster, "--address", LOOPBACK,
-            "--mdns-interface", LOOPBACK, "--state-dir", str(self.root / f"state-{name}"),
-            "--model-dir", str(self.root), *extra,
+            "--mdns-interface", LOOPBACK, "--state-dir", str(self.state_dir(key)),
+            "--model-dir", str(model_dir or self.root), *extra,
         ]  # fmt: skip
         config = config or cluster_config(self.root, cluster or self.cluster)
-        return self._spawn(f"worker-{name}", args, port, config)
+        return self._spawn(f"worker-{key}", args, port, config, env)
+
+    def state_dir(self, key: str) -> Path:
+        """Where the worker started with ``key`` keeps its node id."""
+        return self.root / f"state-{key}"
 
     def coordinator(
         self,
@@ -141,13 +160,16 @@ class LocalCluster:
         extra: tuple[str, ...] = (),
         http_port: int = 0,
         config: Path | None = None,
+        port: int = 0,
+        state_dir: Path | None = None,
     ) -> Proc:
-        port = free_port_pair(self.taken)
+        port = port or free_port_pair(self.taken)
         args = [
             "coordinator", "--port", str(port), "--host", LOOPBACK, "--model", model,
             "--cluster", self.cluster, "--min-workers", str(min_workers),
             "--mdns-interface", LOOPBACK, "--objective", "throughput",
-            "--http-port", str(http_port), "--state-dir", str(self.root / "coordinator"), *extra,
+            "--http-port", str(http_port),
+            "--state-dir", str(state_dir or self.root / "coordinator"), *extra,
         ]  # fmt: skip
         if layers:
             args += ["--layers", layers]
@@ -179,7 +201,9 @@ def coordinator_stub(proc: Proc) -> coordinator_pb2_grpc.CoordinatorStub:
 
 
 def worker_stub(proc: Proc) -> worker_pb2_grpc.WorkerStub:
-    return worker_pb2_grpc.WorkerStub(rpc.channel(proc.address, proc.auth))
+    """A stub whose calls are signed for the worker's node id (learnt by Describe)."""
+    node_id = describe(proc).node_id
+    return worker_pb2_grpc.WorkerStub(rpc.channel(proc.address, proc.auth, node_id))
 
 
 def list_nodes(coordinator: Proc) -> coordinator_pb2.ListNodesReply:
@@ -197,7 +221,9 @@ def wait_serving(coordinator: Proc, timeout: float = 120.0) -> coordinator_pb2.L
 
 
 def describe(worker: Proc) -> worker_pb2.DescribeReply:
-    return worker_stub(worker).Describe(worker_pb2.DescribeRequest(), timeout=5)
+    """Describe is the one call a caller may sign without knowing the node id."""
+    stub = worker_pb2_grpc.WorkerStub(rpc.channel(worker.address, worker.auth))
+    return stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
 
 
 def generate_tokens(
@@ -227,16 +253,26 @@ def generate_tokens(
 
 def reference_tokens(model_path: Path, prompt: str, max_tokens: int) -> list[int]:
     """Greedy tokens of single-process mlx-lm, up to its end of sequence."""
+    return reference_tokens_of(model_path, [prompt], max_tokens)[prompt]
+
+
+def reference_tokens_of(
+    model_path: Path, prompts: list[str], max_tokens: int
+) -> dict[str, list[int]]:
+    """``reference_tokens`` of each prompt, loading the model once."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
     model, tokenizer = load(str(model_path))
     bos = tokenizer.bos_token
-    ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    out = []
-    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
-        if token in tokenizer.eos_token_ids:
-            break
-        out.append(int(token))
-    return out
+    tokens: dict[str, list[int]] = {}
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+        out = []
+        for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+            if token in tokenizer.eos_token_ids:
+                break
+            out.append(int(token))
+        tokens[prompt] = out
+    return tokens

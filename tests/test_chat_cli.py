@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
+import pytest
 
 from pomona import rpc
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -98,6 +100,18 @@ def test_history_is_sent_with_each_turn_and_reset_clears_it() -> None:
         ]
         assert roles(third) == [system, ("user", "third")]
         assert first.max_tokens == 7
+        assert not first.fit_max_tokens  # a number the user gave is kept, or refused
+
+    with_coordinator(scenario)
+
+
+def test_the_default_max_tokens_is_lowered_to_what_the_context_leaves() -> None:
+    async def scenario(fake: FakeCoordinator, address: str) -> None:
+        chat = await start_chat(address)
+        out, err = await asyncio.wait_for(chat.communicate(b"hello\n"), 20)
+        assert chat.returncode == 0, err.decode()
+        (request,) = fake.requests
+        assert request.max_tokens == 1024 and request.fit_max_tokens
 
     with_coordinator(scenario)
 
@@ -145,3 +159,21 @@ def test_an_unreachable_coordinator_is_one_line_and_exit_1() -> None:
     assert result.stderr.startswith("Error: cannot reach 127.0.0.1:1")
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.cluster
+def test_chat_with_the_demo_model_works_with_the_default_max_tokens(tmp_path: Path) -> None:
+    """The demo model's context is 1024 tokens: a default of 1024 more must be lowered."""
+    from clusterkit import local_cluster, wait_serving
+
+    with local_cluster(tmp_path) as c:
+        c.worker("w0")
+        coord = c.coordinator("pomona-demo")
+        wait_serving(coord)
+        result = subprocess.run(
+            [*CHAT, "--coordinator", coord.address, "--config", str(coord.config),
+             "--temperature", "0"],
+            input="Once upon a time\n", capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip()

@@ -164,11 +164,19 @@ def test_a_killed_source_restarted_resumes_without_resending_chunks(tmp_path: Pa
         holder_args = ("--model-dir", str(tmp_path / "holder"), "--cache-dir", str(tmp_path / "ch"))
         source = c.worker("source", extra=holder_args)
         receiver = c.worker("receiver", extra=("--cache-dir", str(tmp_path / "cache-r")))
-        stub = transfer_pb2_grpc.ModelTransferStub(rpc.channel(receiver.address, receiver.auth))
-        request = transfer_pb2.StageRequest(
-            model="big", start_layer=0, end_layer=8, rank=0, world_size=1, sources=[source.address]
-        )
         wait_for(lambda: describe(source) and describe(receiver), 60, "the workers")
+        stub = transfer_pb2_grpc.ModelTransferStub(
+            rpc.channel(receiver.address, receiver.auth, describe(receiver).node_id)
+        )
+        request = transfer_pb2.StageRequest(
+            model="big",
+            start_layer=0,
+            end_layer=8,
+            rank=0,
+            world_size=1,
+            sources=[source.address],
+            source_node_ids=[describe(source).node_id],
+        )
         partial = tmp_path / "cache-r" / "stages"
 
         def logged() -> bool:

@@ -65,9 +65,17 @@ def test_a_transfer_cut_by_a_pulled_cable_resumes_once_it_is_back(
     wait_for(lambda: describe(source) and describe(receiver), 120, "the workers")
     # About 65 MB at 100 Mbit/s: several seconds, so the cable is pulled mid-way.
     bed.throttle(1, rate="100mbit", burst="256kb", latency="400ms")
-    stub = transfer_pb2_grpc.ModelTransferStub(rpc.channel(receiver.address, receiver.auth))
+    stub = transfer_pb2_grpc.ModelTransferStub(
+        rpc.channel(receiver.address, receiver.auth, describe(receiver).node_id)
+    )
     request = transfer_pb2.StageRequest(
-        model="big", start_layer=0, end_layer=4, rank=0, world_size=1, sources=[source.grpc_address]
+        model="big",
+        start_layer=0,
+        end_layer=4,
+        rank=0,
+        world_size=1,
+        sources=[source.grpc_address],
+        source_node_ids=[describe(source).node_id],
     )
     stages = tmp_path / "c1" / "stages"
 

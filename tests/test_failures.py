@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 from clusterkit import coordinator_stub, generate_tokens, reference_tokens, wait_for, wait_serving
+from drills import FIGURES, PROMPT, RECOVERY_TIMEOUT, drill, figures_table
 from modelfactory import make_model
 from testbed import BedProc, TestBed, bed_fixture
 
-from pomona.v1 import common_pb2, coordinator_pb2
+from pomona.v1 import coordinator_pb2
 
 pytestmark = [pytest.mark.netns, pytest.mark.cluster]
 
-PROMPT = "The lab has four machines and"
-SHORT = "Once the cable was pulled"
 HEARTBEAT_TIMEOUT = 3.0
-# Detection (heartbeat timeout + a probe) plus the time to re-form on a busy
-# 2-core machine.
-RECOVERY_TIMEOUT = 120.0
 
 bed = bed_fixture(4, scope="module")
 
@@ -93,108 +86,6 @@ def cluster(bed: TestBed, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
     )  # fmt: skip
     wait_serving(c.coord, timeout=240)
     return c
-
-
-FIGURES: list[dict[str, object]] = []
-
-
-@dataclass
-class Stream:
-    """A long streaming generation consumed in the background."""
-
-    tokens: int = 0
-    error: grpc.RpcError | None = None
-    finish: int = 0
-    ended: float = 0.0
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def start_stream(coord: BedProc, max_tokens: int = 3000) -> Stream:
-    stream = Stream()
-    request = common_pb2.GenerateRequest(prompt=PROMPT, max_tokens=max_tokens)
-
-    def consume() -> None:
-        try:
-            for chunk in coordinator_stub(coord).Generate(request, timeout=300):
-                stream.tokens += len(chunk.tokens)
-                stream.finish = chunk.finish_reason or stream.finish
-        except grpc.RpcError as e:
-            stream.error = e
-        finally:
-            stream.ended = time.monotonic()
-            stream.done.set()
-
-    threading.Thread(target=consume, daemon=True).start()
-    wait_for(lambda: stream.tokens >= 5 or stream.done.is_set(), 60, "the stream to start")
-    assert not stream.done.is_set(), "the stream ended before the fault"
-    return stream
-
-
-def drill(
-    c: Cluster, fault: str, inject: Callable[[], str], *, breaks: bool = True
-) -> dict[str, object]:
-    """Inject a fault during a long stream; check the ending, the recovery, the story."""
-    assert c.coord is not None
-    before = c.status()
-    last_seq = max((e.seq for e in c.events()), default=0)
-    stream = start_stream(c.coord)
-    fault_wall, fault_at = time.time(), time.monotonic()
-    victim = inject()
-    # A request with no token yet: it must be retried on the re-formed pipeline.
-    waiting: dict[str, object] = {}
-
-    def late_request() -> None:
-        try:
-            waiting["tokens"] = generate_tokens(c.coord, SHORT, max_tokens=8)[0]
-        except grpc.RpcError as e:
-            waiting["error"] = e
-
-    late = threading.Thread(target=late_request, daemon=True)
-    late.start()
-    if not breaks:
-        assert stream.done.wait(RECOVERY_TIMEOUT), "the stream hung under the fault"
-        assert stream.error is None, stream.error
-        assert stream.finish == common_pb2.FINISH_REASON_LENGTH and stream.tokens == 3000
-        late.join(RECOVERY_TIMEOUT)
-        assert waiting.get("tokens") == reference_tokens(c.model, SHORT, 8)
-        figures = {"fault": fault, "detect_s": "-", "serve_again_s": "-", "errors": 0,
-                   "retried": 0, "silent": 0}  # fmt: skip
-        FIGURES.append(figures)
-        return figures
-    assert stream.done.wait(RECOVERY_TIMEOUT), "the stream hung after the fault"
-    # It ended with an error that names what broke, never as a normal finish.
-    assert stream.error is not None, f"the stream ended normally after {stream.tokens} tokens"
-    assert stream.error.code() == grpc.StatusCode.UNAVAILABLE
-    assert victim in stream.error.details(), stream.error.details()
-    reply = wait_for(
-        lambda: (s := c.status()).serving and s.load_id != before.load_id and s,
-        RECOVERY_TIMEOUT,
-        "the cluster to serve again",
-    )
-    serving_at = time.monotonic()
-    late.join(RECOVERY_TIMEOUT)
-    assert waiting.get("tokens") == reference_tokens(c.model, SHORT, 8), waiting
-    # A new request is served correctly.
-    assert generate_tokens(c.coord, PROMPT, 16)[0] == reference_tokens(c.model, PROMPT, 16)
-    story = [e for e in c.events(last_seq)]
-    kinds = [e.kind for e in story]
-    assert "pipeline_failed" in kinds and "load_finished" in kinds
-    broke = next(e for e in story if e.kind == "pipeline_failed")
-    assert victim in broke.node_name or victim in broke.message
-    retried = kinds.count("request_retried")
-    failed = kinds.count("request_failed")
-    figures = {
-        "fault": fault,
-        "detect_s": round(broke.timestamp - fault_wall, 1),
-        "serve_again_s": round(serving_at - fault_at, 1),
-        "stream_ended_s": round(stream.ended - fault_at, 1),
-        "errors": failed,
-        "retried": retried,
-        "silent": 0,
-        "stages": len(reply.plan),
-    }
-    FIGURES.append(figures)
-    return figures
 
 
 def test_worker_killed(cluster: Cluster, bed: TestBed) -> None:
@@ -324,11 +215,4 @@ def test_restarted_coordinator_rediscovers_the_running_cluster(
 
 def test_figures_table(cluster: Cluster) -> None:
     """Prints (and with POMONA_FIGURES writes) the table of the drills above."""
-    columns = ["fault", "detect_s", "serve_again_s", "errors", "retried", "silent"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(f.get(k, "")) for k in columns) + " |" for f in FIGURES]
-    table = "\n".join(lines)
-    print("\n" + table)
-    if path := os.environ.get("POMONA_FIGURES"):
-        Path(path).write_text(table + "\n")
-    assert all(f["silent"] == 0 for f in FIGURES)
+    figures_table(FIGURES, os.environ.get("POMONA_FIGURES"))

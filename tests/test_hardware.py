@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from macos_recordings import recorded, recordings, sysctl_lines
 
+from pomona.chips import chip_bandwidth_gbs, lookup_chip
 from pomona.worker import hardware
 from pomona.worker.hardware import (
     SOURCE_CPU_BACKEND,
@@ -24,31 +26,49 @@ from pomona.worker.hardware import (
     default_gpu_memory_limit,
     gpu_memory_limit,
     interface_kind,
+    read_hardware,
+)
+from pomona.worker.hardware_parsers import (
+    CoreTier,
     parse_cpuinfo_model_name,
     parse_int,
     parse_ioreg_gpu_cores,
     parse_networksetup_ports,
+    parse_perf_levels,
     parse_rdma_ctl_status,
     parse_sw_vers,
     parse_sysctl,
     parse_system_profiler_gpu_cores,
     port_kind,
-    read_hardware,
+    split_core_tiers,
 )
 
-MACOS = Path(__file__).parent / "data" / "macos"
 GiB = 1024**3
 
-
-def recorded(name: str) -> str:
-    return (MACOS / name).read_text()
+SW_VERS = "sw_vers__tirekick_github-runner-macos26_about.txt"
+SYSTEM_PROFILER = (
+    "system_profiler_SPDisplaysDataType__tirekick-via-osquery7486_M1Pro_3displays.json"
+)
+IOREG = "ioreg_AGXAccelerator__headstate_M2Max_trimmed.txt"
+RDMA_ENABLED = "rdma_ctl_status__omlx-issue-3037_TB4_enabled.txt"
+MAC_STUDIO_PORTS = (
+    "networksetup_listallhardwareports__knurlogic_Mac15-14_M3Ultra_MacStudio_trimmed.txt"
+)
+LAPTOP_PORTS = (
+    "networksetup_listallhardwareports__alfred-network-workflow-20_MBP14-2021_macOS12.1_excerpt.txt"
+)
 
 
 class RecordedMac:
-    """A `CommandRunner` answering from the recorded M2 Ultra outputs; counts calls."""
+    """A `CommandRunner` answering each command from a recording; counts calls.
 
-    def __init__(self, **sysctl_overrides: str) -> None:
-        self.sysctl = parse_sysctl(recorded("sysctl_m2_ultra.txt"))
+    No one Mac was recorded whole, so each command answers from its own recording
+    (see RECORDINGS.md); `sysctl -n` answers from `sysctl_file`, by default the
+    hand-written M2 Ultra file, the only one with every name the reader asks for.
+    """
+
+    def __init__(self, sysctl_file: str = "sysctl_m2_ultra.txt", **sysctl_overrides: str) -> None:
+        self.sysctl = parse_sysctl(sysctl_lines(sysctl_file))
         self.sysctl.update({k.replace("__", "."): v for k, v in sysctl_overrides.items()})
         self.calls: list[tuple[str, ...]] = []
 
@@ -59,13 +79,11 @@ class RecordedMac:
             value = self.sysctl.get(argv[2])
             return None if value is None else value + "\n"
         outputs = {
-            ("sw_vers",): "sw_vers.txt",
-            ("system_profiler", "SPDisplaysDataType", "-json"): (
-                "system_profiler_SPDisplaysDataType.json"
-            ),
-            ("ioreg", "-r", "-c", "AGXAccelerator", "-d", "1"): "ioreg_AGXAccelerator.txt",
-            ("rdma_ctl", "status"): "rdma_ctl_status_enabled.txt",
-            ("networksetup", "-listallhardwareports"): "networksetup_listallhardwareports.txt",
+            ("sw_vers",): SW_VERS,
+            ("system_profiler", "SPDisplaysDataType", "-json"): SYSTEM_PROFILER,
+            ("ioreg", "-r", "-c", "AGXAccelerator", "-d", "1"): IOREG,
+            ("rdma_ctl", "status"): RDMA_ENABLED,
+            ("networksetup", "-listallhardwareports"): MAC_STUDIO_PORTS,
         }
         return recorded(outputs[argv]) if argv in outputs else None
 
@@ -99,21 +117,140 @@ def test_parse_int_rejects_what_is_not_one_integer() -> None:
 
 
 def test_sw_vers_gives_the_macos_version() -> None:
-    assert parse_sw_vers(recorded("sw_vers.txt")) == "macOS 15.1"
+    assert parse_sw_vers(recorded(SW_VERS)) == "macOS 26.6.2"
     assert parse_sw_vers("") is None
 
 
+# Every recorded sysctl output: (chip, machine model, CPU tiers, (performance,
+# efficiency) cores, wired limit in MB) as the recording shows them; None where absent.
+SYSCTL_RECORDINGS = {
+    "sysctl_perflevels__tirekick-via-macmon47_Mac17-6_M5Max.txt": (
+        None,
+        None,
+        (CoreTier("Super", 6), CoreTier("Performance", 12)),
+        (18, 0),
+        None,
+    ),
+    "sysctl__tirekick_github-runner-macos26_VirtualMac2-1.txt": (
+        "Apple M1 (Virtual)",
+        "VirtualMac2,1",
+        (CoreTier("Standard", 3),),
+        (3, 0),
+        None,
+    ),
+    "sysctl_a_hw__cpufetch-issue-139_M1Pro_excerpt.txt": (
+        None,
+        None,
+        (CoreTier("Performance", 8), CoreTier("Efficiency", 2)),
+        (8, 2),
+        None,
+    ),
+    "sysctl_iogpu_wired_limit__validation-log_Mac14-12_M2Pro_macOS26.5.1.txt": (
+        None,
+        "Mac14,12",
+        (),
+        (None, None),
+        0,
+    ),
+    "sysctl_machdep_cpu__archspec-issue-38_M1_macOS11-early.txt": (
+        "Apple processor",
+        None,
+        (),
+        (None, None),
+        None,
+    ),
+    "sysctl_machdep_cpu__sysinfo-pr-497_M1.txt": ("Apple M1", None, (), (None, None), None),
+    "sysctl_m2_ultra.txt": (
+        "Apple M2 Ultra",
+        "Mac14,14",
+        (CoreTier("Performance", 16), CoreTier("Efficiency", 8)),
+        (16, 8),
+        0,
+    ),
+}
+
+
+def test_every_sysctl_recording_is_in_the_table() -> None:
+    assert set(recordings("sysctl")) == set(SYSCTL_RECORDINGS)
+
+
+@pytest.mark.parametrize("name", sorted(SYSCTL_RECORDINGS))
+def test_each_recorded_sysctl_output_is_read_as_the_mac_printed_it(name: str) -> None:
+    chip, model, tiers, (performance, efficiency), wired_mb = SYSCTL_RECORDINGS[name]
+    values = parse_sysctl(sysctl_lines(name))
+    assert parse_perf_levels(values) == tiers
+    assert parse_int(values.get("iogpu.wired_limit_mb")) == wired_mb
+
+    info = HardwareReader(RecordedMac(name), system="Darwin").read()
+    assert info.chip == chip
+    assert info.machine_model == model
+    assert info.core_tiers == tiers
+    assert (info.performance_cores, info.efficiency_cores) == (performance, efficiency)
+    # A wired limit of 0 is "the system default", never "no GPU memory".
+    if wired_mb == 0:
+        assert info.gpu_memory_limit_source == SOURCE_DEFAULT_RULE
+
+
+def test_m5_max_has_no_efficiency_cores_and_a_virtual_mac_one_tier() -> None:
+    m5 = parse_sysctl(recorded("sysctl_perflevels__tirekick-via-macmon47_Mac17-6_M5Max.txt"))
+    assert [t.name for t in parse_perf_levels(m5)] == ["Super", "Performance"]
+    assert split_core_tiers(parse_perf_levels(m5)) == (18, 0)
+    # A level said to exist but unreadable gives no picture rather than half of one.
+    del m5["hw.perflevel1.physicalcpu"]
+    assert parse_perf_levels(m5) == ()
+
+
+def test_chips_named_by_recorded_sysctl_outputs_are_known_or_said_unknown() -> None:
+    assert lookup_chip("Apple M1") is not None
+    assert lookup_chip("Apple processor") is None  # macOS 11.0's first M1 release
+    assert lookup_chip("Apple M1 (Virtual)") is None  # a VM's memory is not the chip's
+
+
+def test_m5_pro_and_max_are_known_with_only_their_published_bandwidth() -> None:
+    # The recorded M5 Max reports 40 GPU cores.
+    cores = parse_ioreg_gpu_cores(recorded("ioreg_gpu-core-count__stats-3047_M5Max_grep.txt"))
+    assert chip_bandwidth_gbs("Apple M5 Max", cores) == 614.0
+    assert chip_bandwidth_gbs("Apple M5 Pro", 20) == 307.0
+    # Apple published no figure for the smaller variants: unknown, not guessed.
+    assert chip_bandwidth_gbs("Apple M5 Max", 32) is None
+    assert chip_bandwidth_gbs("Apple M5 Max") is None
+    assert chip_bandwidth_gbs("Apple M5 Pro", 16) is None
+
+
+SYSTEM_PROFILER_RECORDINGS = {SYSTEM_PROFILER: 14}
+
+
 def test_gpu_cores_come_from_system_profiler_json() -> None:
-    display = recorded("system_profiler_SPDisplaysDataType.json")
-    assert parse_system_profiler_gpu_cores(display) == 76
-    headless = recorded("system_profiler_SPDisplaysDataType_headless.json")
+    assert set(recordings("system_profiler")) == {
+        *SYSTEM_PROFILER_RECORDINGS,
+        "system_profiler_SPDisplaysDataType_headless.json",
+    }
+    for name, cores in SYSTEM_PROFILER_RECORDINGS.items():
+        assert parse_system_profiler_gpu_cores(recorded(name)) == cores, name
+    headless = recorded("system_profiler_SPDisplaysDataType_headless.json")  # hand-written
     assert parse_system_profiler_gpu_cores(headless) == 20
     assert parse_system_profiler_gpu_cores('{"SPDisplaysDataType": []}') is None
     assert parse_system_profiler_gpu_cores("not json") is None
 
 
+IOREG_RECORDINGS = {
+    IOREG: 38,
+    "ioreg_gpu-core-count__stats-3047_M5Max_grep.txt": 40,
+    "ioreg_IOAccelerator__stats-1094_M1Pro-MBP16_macOS12.6_excerpt.txt": None,  # cut before
+    "ioreg_IOPlatformExpertDevice__unidentified-doc_masked.txt": None,  # not the GPU
+}
+
+
+def test_every_ioreg_recording_is_in_the_table() -> None:
+    assert set(recordings("ioreg")) == set(IOREG_RECORDINGS)
+
+
+@pytest.mark.parametrize("name", sorted(IOREG_RECORDINGS))
+def test_gpu_cores_from_each_recorded_ioreg_output(name: str) -> None:
+    assert parse_ioreg_gpu_cores(recorded(name)) == IOREG_RECORDINGS[name]
+
+
 def test_gpu_cores_come_from_ioreg_when_system_profiler_fails() -> None:
-    assert parse_ioreg_gpu_cores(recorded("ioreg_AGXAccelerator.txt")) == 76
     assert parse_ioreg_gpu_cores("+-o IOResources  <class IOResources>") is None
 
     mac = RecordedMac()
@@ -122,43 +259,70 @@ def test_gpu_cores_come_from_ioreg_when_system_profiler_fails() -> None:
         return None if argv[0] == "system_profiler" else mac(argv)
 
     info = HardwareReader(no_profiler, system="Darwin").read()
-    assert info.gpu_cores == 76
+    assert info.gpu_cores == 38
 
 
-def test_networksetup_ports_classify_thunderbolt_ethernet_and_wifi() -> None:
-    ports = parse_networksetup_ports(recorded("networksetup_listallhardwareports.txt"))
-    kinds = {device: port_kind(port) for device, port in ports.items()}
-    assert kinds == {
+# Every recorded `networksetup -listallhardwareports`: each device's kind. Idle
+# "Ethernet Adapter (enN)" ports (one per USB-C port) are not Ethernet; a USB NIC
+# named after its chip (AX88179A) is.
+NETWORKSETUP_RECORDINGS = {
+    MAC_STUDIO_PORTS: {
         "en0": "ethernet",
-        "bridge0": "thunderbolt",
+        **{f"en{n}": "other" for n in range(8, 14)},
         "en1": "wifi",
+        **{f"en{n}": "thunderbolt" for n in range(2, 8)},
+    },
+    LAPTOP_PORTS: {
+        "en4": "other",
+        "en5": "other",
+        "en6": "other",
+        "en8": "ethernet",
+        "en0": "wifi",
+        "en1": "thunderbolt",
         "en2": "thunderbolt",
         "en3": "thunderbolt",
-        "en4": "thunderbolt",
-        "en5": "thunderbolt",
-        "en6": "thunderbolt",
-        "en7": "thunderbolt",
-    }
-
-
-def test_a_docks_thunderbolt_ethernet_is_ethernet_not_a_thunderbolt_link() -> None:
-    ports = parse_networksetup_ports(recorded("networksetup_listallhardwareports_laptop_dock.txt"))
-    kinds = {device: port_kind(port) for device, port in ports.items()}
-    assert kinds == {
+        "bridge0": "thunderbolt",
+    },
+    # Hand-written (no recording shows a dock's NIC or a tethered iPhone).
+    "networksetup_listallhardwareports_laptop_dock.txt": {
         "en0": "wifi",
-        "en8": "ethernet",
-        "en10": "ethernet",
-        "en4": "ethernet",
-        "en9": "other",
+        "en8": "ethernet",  # USB 10/100/1G/2.5G LAN
+        "en10": "ethernet",  # "Thunderbolt Ethernet Slot 0": a dock's NIC, not a TB link
+        "en4": "other",  # Ethernet Adapter (en4)
+        "en9": "other",  # iPhone USB
         "bridge0": "thunderbolt",
         "en1": "thunderbolt",
-    }
+    },
+}
+
+
+def test_every_networksetup_recording_is_in_the_table() -> None:
+    assert set(recordings("networksetup")) == set(NETWORKSETUP_RECORDINGS)
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKSETUP_RECORDINGS))
+def test_each_recorded_port_list_classifies_every_device(name: str) -> None:
+    ports = parse_networksetup_ports(recorded(name))
+    assert {device: port_kind(port) for device, port in ports.items()} == (
+        NETWORKSETUP_RECORDINGS[name]
+    )
+
+
+def test_usb_nics_named_after_their_chip_are_ethernet() -> None:
+    assert [port_kind(n) for n in ("AX88179A", "AX88772", "RTL8153", "RTL8156B")] == [
+        "ethernet"
+    ] * 4
+    assert port_kind("Ethernet Adapter (en12)") == "other"
+    assert port_kind("Ethernet") == "ethernet"
+
+
+RDMA_RECORDINGS = {RDMA_ENABLED: True, "rdma_ctl_status_disabled.txt": False}
 
 
 def test_rdma_ctl_status_is_true_only_when_enabled() -> None:
-    assert parse_rdma_ctl_status(recorded("rdma_ctl_status_enabled.txt")) is True
-    assert parse_rdma_ctl_status(recorded("rdma_ctl_status_disabled.txt")) is False
-    assert parse_rdma_ctl_status(None) is False
+    assert set(recordings("rdma_ctl")) == set(RDMA_RECORDINGS)
+    for name, enabled in RDMA_RECORDINGS.items():
+        assert parse_rdma_ctl_status(recorded(name)) is enabled, name
 
 
 def test_cpuinfo_model_name() -> None:
@@ -212,11 +376,11 @@ def test_gpu_memory_limit_prefers_measured_figures_and_says_where_it_came_from()
 
 def test_recorded_mac_is_described_from_its_commands() -> None:
     info = HardwareReader(RecordedMac(), system="Darwin").read()
-    assert info.os == "macOS 15.1"
+    assert info.os == "macOS 26.6.2"
     assert info.machine_model == "Mac14,14"
     assert info.chip == "Apple M2 Ultra"
     assert (info.performance_cores, info.efficiency_cores) == (16, 8)
-    assert info.gpu_cores == 76
+    assert info.gpu_cores == 14  # the recorded M1 Pro's system_profiler
     assert info.rdma_enabled is True
     # Memory is psutil's (this machine's); the wired limit is 0 and MLX here has no
     # Metal, so the documented default rule applies, and says so.
@@ -256,14 +420,14 @@ def test_mac_interfaces_take_their_kind_from_networksetup(monkeypatch: pytest.Mo
     addrs = {
         "lo0": [addr(socket.AF_INET, "127.0.0.1")],
         "en0": [addr(socket.AF_INET, "10.0.1.20"), addr(psutil.AF_LINK, "3a:00:00:00:00:01")],
-        "bridge0": [addr(socket.AF_INET6, "fe80::1%bridge0")],
+        "en8": [addr(socket.AF_INET6, "fe80::1%en8")],
         "en2": [addr(socket.AF_INET, "169.254.3.7")],
         "utun0": [],
     }
     stats = {
         "lo0": stat(True, 0, "up,loopback,running"),
         "en0": stat(True, 10000, "up,broadcast,running"),
-        "bridge0": stat(True, 0, "up,running"),
+        "en8": stat(True, 0, "up,running"),
         "en2": stat(False, 0, "broadcast"),
         "utun0": stat(True, 0, "up,running"),
     }
@@ -273,15 +437,15 @@ def test_mac_interfaces_take_their_kind_from_networksetup(monkeypatch: pytest.Mo
     info = HardwareReader(RecordedMac(), system="Darwin").read()
     by_name = {i.name: i for i in info.interfaces}
     assert {n: i.kind for n, i in by_name.items()} == {
-        "bridge0": "thunderbolt",
         "en0": "ethernet",
         "en2": "thunderbolt",
+        "en8": "other",  # an idle USB-C port's "Ethernet Adapter (en8)"
         "lo0": "loopback",
         "utun0": "other",
     }
     assert by_name["en0"].addresses == ("10.0.1.20",)
     assert by_name["en0"].speed_mbps == 10000
-    assert by_name["bridge0"].speed_mbps is None  # 0 from the OS means "not reported"
+    assert by_name["en8"].speed_mbps is None  # 0 from the OS means "not reported"
     assert by_name["en2"].is_up is False
 
 

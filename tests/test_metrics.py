@@ -110,6 +110,9 @@ def test_node_figures_agree_with_the_status_reply() -> None:
     )
     assert value(samples, "pomona_runner_mlx_active_bytes", node="linux-box") == 30 * GB
     assert value(samples, "pomona_node_layers", node="linux-box") == 40
+    # Only the head counts tokens; both stages of its pipeline show the pipeline's rate.
+    for node in ("studio", "linux-box"):
+        assert value(samples, "pomona_node_pipeline_tokens_per_second", node=node) == 23.5
     assert value(samples, "pomona_node_memory_pressure", node="studio") == 1
     assert (
         value(samples, "pomona_node_network_transmit_bytes_total", node="studio", interface="en0")
@@ -161,7 +164,9 @@ def test_figures_not_known_are_absent_not_zero() -> None:
     assert nodes_with("pomona_node_memory_pressure") == {"studio"}
     assert nodes_with("pomona_node_heartbeat_rtt_seconds") == {"studio"}
     assert nodes_with("pomona_runner_ttft_seconds") == {"studio"}
-    assert nodes_with("pomona_node_memory_used_bytes") == {"studio", "linux-box", "gone"}
+    # A lost node's last figures are stale: absent too.
+    assert nodes_with("pomona_node_memory_used_bytes") == {"studio", "linux-box"}
+    assert nodes_with("pomona_node_last_seen_seconds") == {"studio", "linux-box", "gone"}
     assert nodes_with("pomona_runner_mlx_active_bytes") == {"studio", "linux-box"}
 
 

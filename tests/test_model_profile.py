@@ -13,14 +13,14 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model
 
-from pomona.coordinator.model_profile import ModelProfile, read_safetensors_header
+from pomona.model_profile import ModelProfile, read_safetensors_header
 
-CONFIGS = Path(__file__).parents[2] / "shared" / "model-configs"
+CONFIGS = Path(__file__).parents[1] / "pomona" / "model_configs"
 needs_configs = pytest.mark.skipif(
     not CONFIGS.is_dir(), reason=f"real model configs not found at {CONFIGS}"
 )
 
-# Parameter counts as published (shared/model-configs/README.md).
+# Parameter counts as published (pomona/model_configs/README.md).
 PUBLISHED_PARAMS = {
     "llama-3.1-8b": 8.0e9,
     "llama-3.1-70b": 70.6e9,

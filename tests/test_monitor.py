@@ -285,6 +285,51 @@ def test_status_reply_lists_nodes_in_plan_order_with_their_samples() -> None:
     assert not reply.HasField("ttft_s")
 
 
+def test_every_stage_serving_shows_the_pipelines_tokens_per_second() -> None:
+    """Only the head runner counts tokens; every stage of its pipeline shares the figure."""
+    monitor = Monitor()
+    for node_id in ("head", "mid", "tail", "spare"):
+        monitor.add_node(node_id, node_id, now=0.0)
+    monitor.observe_sample(
+        "head", sample(shard=shard(rank=0), runner=head_runner(42.0, 1)), now=1.0
+    )
+    monitor.observe_sample("mid", sample(shard=shard(rank=1), runner=head_runner(0.0, 0)), now=1.0)
+    monitor.observe_sample("tail", sample(shard=shard(LOADING, rank=2)), now=1.0)
+    monitor.observe_sample("spare", sample(), now=1.0)
+    plan = [Assignment(n, n, 8 * i, 8 * i + 8, GB) for i, n in enumerate(("head", "mid", "tail"))]
+    nodes = [NodeInfo(n, n, "", "serving") for n in ("head", "mid", "tail")]
+    reply = to_status_reply(
+        monitor, cluster="lab", model="m", serving=True, problem="", load_id="L1", now=1.5,
+        nodes=[*nodes, NodeInfo("spare", "spare", "", "idle")], plan=plan,
+    )  # fmt: skip
+    rates = {
+        n.node.name: n.pipeline_tokens_per_s if n.HasField("pipeline_tokens_per_s") else None
+        for n in reply.nodes
+    }
+    assert rates == {"head": 42.0, "mid": 42.0, "tail": None, "spare": None}
+
+
+def test_a_lost_node_shows_no_stale_figures() -> None:
+    monitor = Monitor()
+    for node_id in ("a", "b"):
+        monitor.add_node(node_id, node_id, now=0.0)
+        monitor.observe_sample(node_id, sample(shard=shard(rank=0)), now=1.0)
+        monitor.observe_rtt(node_id, 0.002)
+    monitor.mark_lost("b", "telemetry stream closed")
+    nodes = [NodeInfo("a", "a", "", "serving"), NodeInfo("b", "b", "", "serving")]
+    plan = [Assignment("a", "a", 0, 8, GB), Assignment("b", "b", 8, 16, GB)]
+    reply = to_status_reply(
+        monitor, cluster="lab", model="m", serving=True, problem="", nodes=nodes, plan=plan,
+        load_id="L1", now=1.5,
+    )  # fmt: skip
+    a, b = reply.nodes
+    assert a.HasField("sample") and a.HasField("heartbeat_rtt_s")
+    assert b.node.state == coordinator_pb2.NODE_STATE_LOST
+    assert not b.HasField("sample") and not b.HasField("heartbeat_rtt_s")
+    assert not b.node.HasField("shard") and not b.HasField("pipeline_tokens_per_s")
+    assert b.last_seen_s == pytest.approx(0.5)
+
+
 # ---- the event log -------------------------------------------------------------------
 
 
@@ -411,3 +456,32 @@ def test_stream_without_follow_sends_only_the_past() -> None:
         assert isinstance(events[0], coordinator_pb2.Event)
 
     asyncio.run(main())
+
+
+def test_each_cluster_has_its_own_event_log(tmp_path: Path) -> None:
+    from pomona.coordinator.events import events_path
+
+    lab, local = events_path(tmp_path, "lab"), events_path(tmp_path, "local-1a2b3c")
+    assert lab.parent == local.parent and lab != local
+    # A name that is no file name still gets a file of its own under the directory.
+    odd = events_path(tmp_path, "../../etc")
+    assert odd.parent == lab.parent and odd not in (lab, local)
+
+
+def test_only_the_event_logs_of_the_latest_clusters_are_kept(tmp_path: Path) -> None:
+    import os
+
+    from pomona.coordinator.events import events_path, prune_event_logs
+
+    paths = [events_path(tmp_path, f"local-{i}") for i in range(12)]
+    for i, path in enumerate(paths):
+        log = EventLog(path, max_file_bytes=200)
+        for _ in range(5):
+            log.record("node_joined", message="x" * 60)
+        log.close()
+        os.utime(path, (1_000 + i, 1_000 + i))
+    current = paths[0]  # the oldest, but the one starting now
+    deleted = prune_event_logs(current, keep=4)
+    left = sorted(p.name for p in current.parent.iterdir())
+    assert left == sorted(name for p in (paths[0], *paths[9:]) for name in (p.name, p.name + ".1"))
+    assert len(deleted) == 2 * 8

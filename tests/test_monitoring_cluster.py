@@ -69,6 +69,8 @@ def test_status_events_and_metrics_of_a_live_cluster(tmp_path: Path) -> None:
             assert abs(int(sample["runner"]["rss_bytes"]) - rss) < 0.25 * rss
             assert int(sample["runner"]["mlx_active_bytes"]) > 0
             assert "gpu_power_watts" not in sample  # n/a on this machine, never 0
+            # Only the head runner counts tokens; every stage shows the pipeline's rate.
+            assert node["pipeline_tokens_per_s"] == data["tokens_per_s"]
 
         # The table fits 80 columns.
         table = pomona("status", "--coordinator", coord.address, config=coord.config)
@@ -103,6 +105,12 @@ def test_status_events_and_metrics_of_a_live_cluster(tmp_path: Path) -> None:
 
         wait_for(lambda: "node_lost" in kinds(), 5, "the node_lost event")
         assert "pipeline_failed" in kinds()
+        # Its last figures are stale: none are shown.
+        (lost,) = [n for n in status_json(coord)["nodes"] if n["node"]["node_id"] == node_id]
+        assert "sample" not in lost and "shard" not in lost["node"], lost
+        table = pomona("status", "--coordinator", coord.address, config=coord.config).stdout
+        (row,) = [line for line in table.splitlines() if line.startswith("w1 ")]
+        assert row.split()[1:] == ["lost", "-", "n/a", "n/a", "n/a", "n/a", "-", "n/a"], table
 
         # Restarted, it returns under the same id.
         again = c.worker("w1", port=w1.port)
@@ -119,3 +127,25 @@ def test_status_events_and_metrics_of_a_live_cluster(tmp_path: Path) -> None:
         returned = [json.loads(line) for line in events.stdout.splitlines()]
         assert any(e["kind"] == "node_returned" and e["node_id"] == node_id for e in returned)
         assert len(status_json(coord)["nodes"]) == 2
+
+
+def event_node_names(coord) -> set[str]:  # type: ignore[no-untyped-def]
+    out = pomona("events", "--json", "--coordinator", coord.address, config=coord.config)
+    return {json.loads(line)["node_name"] for line in out.stdout.splitlines()}
+
+
+def test_events_show_only_the_history_of_this_coordinators_cluster(tmp_path: Path) -> None:
+    """`pomona up --local` names a new cluster each time, with one state directory."""
+    model = make_model(tmp_path / "llama", "llama", num_layers=4)
+    seen: dict[str, set[str]] = {}
+    for run in ("first", "second"):
+        with local_cluster(tmp_path, f"local-{run}") as c:
+            worker = c.worker(f"{run}-w").name.removeprefix("worker-")
+            # Two workers wanted, one started: the coordinator never plans.
+            coord = c.coordinator(str(model), min_workers=2)
+            seen[run] = wait_for(
+                lambda w=worker, c=coord: w in (names := event_node_names(c)) and names,
+                60,
+                "node_joined",
+            )
+    assert seen["second"] == {"second-w"}, seen

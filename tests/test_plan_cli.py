@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
 from pomona.coordinator.nodes_file import NodesFileError, parse_nodes
-from pomona.coordinator.plan_cli import bundled_config_dirs, plan_command
+from pomona.coordinator.plan_cli import plan_command
 
 GIB = 2**30
 # Llama 3.1 70B's architecture: planning needs no weights, so the test carries the config.
@@ -70,7 +70,7 @@ def llama_70b(tmp_path: Path) -> Path:
 
 
 def test_table_shows_every_stage_and_the_prediction(lab: Path, llama_70b: Path) -> None:
-    result = run(str(llama_70b), "--nodes", str(lab))
+    result = run(str(llama_70b), "--nodes", str(lab), "--context", "4096")
     assert result.exit_code == 0, result.output
     for text in ("llama-70b", "mbp", "mini-1", "mini-2", "0-37 (38)", "M3 Max", "free after load"):
         assert text in result.output
@@ -120,9 +120,6 @@ def test_a_model_folder_is_planned_from_its_safetensors_headers(tmp_path: Path, 
     assert run(str(folder), "--nodes", str(lab), "--bits", "4").exit_code != 0
 
 
-@pytest.mark.skipif(
-    not any(d.is_dir() for d in bundled_config_dirs()), reason="bundled model configs not found"
-)
 def test_a_bundled_config_is_found_by_name(lab: Path) -> None:
     result = run("qwen3-235b-a22b", "--nodes", str(lab), "--bits", "4")
     assert result.exit_code == 0, result.output
@@ -220,3 +217,22 @@ def test_nodes_file_expands_counts_and_reads_every_field() -> None:
 def test_nodes_file_refuses_duplicate_names() -> None:
     with pytest.raises(NodesFileError, match="two nodes are named 'a'"):
         parse_nodes([{"name": "a", "chip": "M4", "memory_gb": 16}] * 2)
+
+
+def test_context_defaults_to_the_coordinators_and_prompt_tokens_set_ttft(
+    lab: Path, llama_70b: Path
+) -> None:
+    from pomona.cli import main
+
+    coordinator = next(p for p in main.commands["coordinator"].params if p.name == "context")
+    default = json.loads(run(str(llama_70b), "--nodes", str(lab), "--json").output)
+    assert default["context_length"] == coordinator.default == 8192
+    assert default["prompt_tokens"] == 512
+    asked = json.loads(
+        run(str(llama_70b), "--nodes", str(lab), "--json", "--prompt-tokens", "4096").output
+    )
+    assert asked["prompt_tokens"] == 4096 and asked["ttft_s"] > default["ttft_s"]
+    too_long = run(
+        str(llama_70b), "--nodes", str(lab), "--context", "1024", "--prompt-tokens", "2048"
+    )
+    assert too_long.exit_code == 1 and "does not fit a context" in too_long.output

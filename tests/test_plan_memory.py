@@ -8,8 +8,8 @@ import pytest
 from clusterkit import local_cluster, wait_serving
 from modelfactory import make_model
 
-from pomona.coordinator.model_profile import ModelProfile
 from pomona.coordinator.plan_cli import _load_nodes_from_coordinator
+from pomona.model_profile import ModelProfile
 
 pytestmark = pytest.mark.cluster
 

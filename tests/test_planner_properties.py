@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from pomona.chips import CHIPS
 from pomona.coordinator.memory_fit import Demand, fit_stages, resolve_node
-from pomona.coordinator.model_profile import LayerProfile, ModelProfile
 from pomona.coordinator.planner import NodeSpec, PlanError, plan, split_layers
+from pomona.model_profile import LayerProfile, ModelProfile
 
 MIB = 2**20
 GIB = 2**30

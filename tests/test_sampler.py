@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 import sys
 import time
@@ -14,6 +15,7 @@ import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from macos_recordings import macmon_lines, recorded_bytes, recordings
 
 from pomona.worker.power_sources import (
     MacmonSource,
@@ -38,21 +40,12 @@ from pomona.worker.sampler import (
     rate,
 )
 
-MACOS = Path(__file__).parent / "data" / "macos"
 # The "real figures here" tests describe a Linux machine without NVIDIA GPUs (like CI's).
 linux_without_gpu = pytest.mark.skipif(
     sys.platform != "linux" or importlib.util.find_spec("pynvml") is not None,
     reason="expects Linux without pynvml",
 )
 T = TypeVar("T")
-
-
-def recorded_bytes(name: str) -> bytes:
-    return (MACOS / name).read_bytes()
-
-
-def macmon_lines(name: str) -> list[str]:
-    return (MACOS / name).read_text().splitlines()
 
 
 def wait_until(get: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 5.0) -> T:
@@ -100,15 +93,26 @@ class FixedSource:
 # ---- powermetrics --------------------------------------------------------------------
 
 
-def test_powermetrics_plist_gives_gpu_busy_power_and_thermal_state() -> None:
-    figures = parse_powermetrics_plist(recorded_bytes("powermetrics_m2_ultra.plist"))
-    assert figures == {
-        "gpu_utilization_percent": 93.75,
-        "gpu_power_watts": 41.25,
-        "gpu_temperature_c": None,
-        "cpu_power_watts": 5.125,
-        "thermal_state": "nominal",
-    }
+M4_MAX_PLIST = "powermetrics_plist__pause-monitor_Mac16-5_M4Max_macOS26.2.plist"
+SOCPOWER_PLIST = "powermetrics_plist__macadmins-osquery-ext_socpower_trimmed.plist"
+THERMAL_PLIST = "powermetrics_plist__macadmins-osquery-ext_thermal_Mac16-6_trimmed.plist"
+
+# Every recorded powermetrics plist: what the record shows (power in mW / 1000).
+POWERMETRICS_RECORDINGS = {
+    M4_MAX_PLIST: reading(100 * (1 - 0.877343), 0.269614, None, 2.97845, "nominal"),
+    SOCPOWER_PLIST: reading(100 * (1 - 0.901357), 0.169958, None, 9.92435, None),
+    THERMAL_PLIST: reading(thermal="nominal"),
+}
+
+
+def test_every_powermetrics_recording_is_in_the_table() -> None:
+    assert set(recordings("powermetrics_plist")) == set(POWERMETRICS_RECORDINGS)
+
+
+@pytest.mark.parametrize("name", sorted(POWERMETRICS_RECORDINGS))
+def test_each_recorded_powermetrics_plist_gives_its_figures(name: str) -> None:
+    figures = parse_powermetrics_plist(recorded_bytes(name))
+    assert figures == pytest.approx(POWERMETRICS_RECORDINGS[name])
 
 
 def test_powermetrics_energy_only_releases_give_power_from_energy_over_time() -> None:
@@ -120,12 +124,21 @@ def test_powermetrics_energy_only_releases_give_power_from_energy_over_time() ->
     assert figures["thermal_state"] == "fair"
 
 
+def powermetrics_stream() -> bytes:
+    """What a continuous `powermetrics -f plist` prints: records, each ended by a NUL."""
+    return b"".join(
+        recorded_bytes(n) + b"\x00" for n in (SOCPOWER_PLIST, THERMAL_PLIST, M4_MAX_PLIST)
+    )
+
+
 def test_powermetrics_record_with_its_nul_separator_still_parses() -> None:
-    stream = recorded_bytes("powermetrics_stream_m2_ultra.bin")
-    first, second, tail = stream.split(b"\x00")
+    first, second, third, tail = powermetrics_stream().split(b"\x00")
     assert tail == b""
-    assert parse_powermetrics_plist(b"\x00" + second)["thermal_state"] == "serious"
-    assert parse_powermetrics_plist(first + b"\x00")["gpu_power_watts"] == 41.25
+    assert parse_powermetrics_plist(b"\x00" + second)["thermal_state"] == "nominal"
+    assert parse_powermetrics_plist(first + b"\x00")["gpu_power_watts"] == pytest.approx(0.169958)
+    assert parse_powermetrics_plist(b"\x00" + third + b"\x00")["cpu_power_watts"] == pytest.approx(
+        2.97845
+    )
 
 
 def test_powermetrics_garbage_is_a_value_error() -> None:
@@ -150,27 +163,39 @@ def test_thermal_pressure_names_map_to_the_four_thermal_states() -> None:
 # ---- macmon ----------------------------------------------------------------------------
 
 
-def test_macmon_lines_give_gpu_busy_power_and_temperature() -> None:
-    lines = macmon_lines("macmon_pipe_m2_ultra.jsonl")
-    idle, busy, busier = (parse_macmon_line(line) for line in lines)
-    assert busier == {
-        "gpu_utilization_percent": 93.75,
-        "gpu_power_watts": 61.25,
-        "gpu_temperature_c": 51.25,
-        "cpu_power_watts": 5.5,
-        "thermal_state": None,
-    }
-    assert busy["gpu_utilization_percent"] == 87.5
-    assert idle["gpu_utilization_percent"] == pytest.approx(3.2)
-    assert idle["gpu_temperature_c"] == 38.25
+BESZEL = "macmon_pipe__beszel-issue-1796_16GB.jsonl"
+ISSUE_26 = "macmon_pipe__macmon-issue-26_annotated_24GB.jsonc"
+M1_MAX = "macmon_pipe__apple-silicon-monitor_M1Max_v0.8_pydict.py"
+
+# Every recorded macmon sample. Busy is `gpu_active_ratio` where macmon 0.8+ gives it
+# (the M1 Max: 69 %, where the frequency-scaled `gpu_usage[1]` says 21 %), else
+# `gpu_usage[1]`; 0.0 °C is macmon finding no sensor.
+MACMON_RECORDINGS = {
+    BESZEL: reading(100 * 0.004153179936110973, 0.004442947451025248, None, 0.25233203172683716),
+    ISSUE_26: reading(100 * 0.021497859, 0.017451683, 36.95167, 0.20486385),
+    M1_MAX: reading(
+        100 * 0.6921621561050415, 1.1298161745071411, 52.1805419921875, 1.3708608150482178
+    ),
+}
 
 
-def test_macmon_zero_degrees_means_no_sensor_not_a_temperature() -> None:
-    (line,) = macmon_lines("macmon_pipe_no_temperature_sensor.jsonl")
-    figures = parse_macmon_line(line)
-    assert figures["gpu_temperature_c"] is None
-    assert figures["gpu_utilization_percent"] == 0.0
-    assert figures["gpu_power_watts"] == 0.0
+def test_every_macmon_recording_is_in_the_table() -> None:
+    assert set(recordings("macmon_pipe")) == set(MACMON_RECORDINGS)
+
+
+@pytest.mark.parametrize("name", sorted(MACMON_RECORDINGS))
+def test_each_recorded_macmon_sample_gives_its_figures(name: str) -> None:
+    (line,) = macmon_lines(name)
+    assert parse_macmon_line(line) == pytest.approx(MACMON_RECORDINGS[name])
+
+
+@pytest.mark.parametrize("celsius", [0.0, 5.0, 3.5, -1.0, -40.0])
+def test_macmon_gpu_temperatures_no_working_gpu_has_are_not_readings(celsius: float) -> None:
+    doc = json.loads(macmon_lines(ISSUE_26)[0])
+    doc["temp"]["gpu_temp_avg"] = celsius
+    assert parse_macmon_line(json.dumps(doc))["gpu_temperature_c"] is None
+    doc["temp"]["gpu_temp_avg"] = 5.5
+    assert parse_macmon_line(json.dumps(doc))["gpu_temperature_c"] == 5.5
 
 
 def test_macmon_garbage_is_a_value_error() -> None:
@@ -252,38 +277,50 @@ def test_merged_readings_take_each_figure_from_the_first_source_that_has_it() ->
 # ---- streaming sources, through real processes ------------------------------------------
 
 
-def test_macmon_source_streams_the_latest_line() -> None:
-    source = MacmonSource(["cat", str(MACOS / "macmon_pipe_m2_ultra.jsonl")])
+@pytest.fixture
+def macmon_pipe(tmp_path: Path) -> Path:
+    """The recorded samples, one line each, as `macmon pipe` prints them; M1 Max last."""
+    path = tmp_path / "macmon.jsonl"
+    path.write_text("".join(macmon_lines(n)[0] + "\n" for n in (BESZEL, ISSUE_26, M1_MAX)))
+    return path
+
+
+def test_macmon_source_streams_the_latest_line(macmon_pipe: Path) -> None:
+    source = MacmonSource(["cat", str(macmon_pipe)])
     try:
         assert source.available()
-        figures = wait_until(source.read, lambda r: r is not None and r["gpu_power_watts"] == 61.25)
-        assert figures is not None and figures["gpu_temperature_c"] == 51.25
+        figures = wait_until(
+            source.read, lambda r: r is not None and r["gpu_power_watts"] == 1.1298161745071411
+        )
+        assert figures is not None and figures["gpu_temperature_c"] == 52.1805419921875
     finally:
         source.close()
 
 
-def test_powermetrics_source_splits_its_stream_on_nul_bytes() -> None:
-    source = PowermetricsSource(["cat", str(MACOS / "powermetrics_stream_m2_ultra.bin")])
+def test_powermetrics_source_splits_its_stream_on_nul_bytes(tmp_path: Path) -> None:
+    stream = tmp_path / "powermetrics.bin"
+    stream.write_bytes(powermetrics_stream())
+    source = PowermetricsSource(["cat", str(stream)])
     try:
         assert source.available()
         figures = wait_until(
-            source.read, lambda r: r is not None and r["thermal_state"] == "serious"
+            source.read, lambda r: r is not None and r["gpu_power_watts"] == pytest.approx(0.269614)
         )
         assert figures is not None
-        assert figures["thermal_state"] == "serious"
-        assert figures["gpu_utilization_percent"] == 75.0
-        assert figures["cpu_power_watts"] == 4.25
+        assert figures["thermal_state"] == "nominal"
+        assert figures["gpu_utilization_percent"] == pytest.approx(12.2657)
+        assert figures["cpu_power_watts"] == pytest.approx(2.97845)
     finally:
         source.close()
 
 
 def test_a_stream_skips_garbage_lines_and_keeps_reading() -> None:
-    good = macmon_lines("macmon_pipe_m2_ultra.jsonl")[1]
+    (good,) = macmon_lines(ISSUE_26)
     script = f"print('macmon: warming up'); print({good!r}, flush=True)"
     source = MacmonSource([sys.executable, "-c", script])
     try:
         figures = wait_until(source.read, lambda r: r is not None)
-        assert figures is not None and figures["gpu_power_watts"] == 52.75
+        assert figures is not None and figures["gpu_power_watts"] == 0.017451683
     finally:
         source.close()
 
@@ -410,10 +447,10 @@ def test_sampler_merges_its_sources_and_names_the_ones_that_answered() -> None:
     assert macmon.closed and powermetrics.closed and silent.closed
 
 
-def test_sampler_with_a_streaming_macmon_source_end_to_end() -> None:
-    source = MacmonSource(["cat", str(MACOS / "macmon_pipe_m2_ultra.jsonl")])
+def test_sampler_with_a_streaming_macmon_source_end_to_end(macmon_pipe: Path) -> None:
+    source = MacmonSource(["cat", str(macmon_pipe)])
     with Sampler(sources=[source]) as sampler:
-        sample = wait_until(sampler.sample, lambda s: s.gpu_power_watts == 61.25)
+        sample = wait_until(sampler.sample, lambda s: s.gpu_power_watts == 1.1298161745071411)
     assert sample.power_sources == ("macmon",)
-    assert sample.gpu_temperature_c == 51.25
+    assert sample.gpu_temperature_c == 52.1805419921875
     assert sample.thermal_state is None

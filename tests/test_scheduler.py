@@ -282,3 +282,33 @@ def test_removal_indices_stay_those_of_the_ranks_rows() -> None:
     reqs[1].cancel()  # row 1 cancelled before the next step
     st = s.next_step()
     assert st is not None and st.remove == (0, 1) and st.tokens == (ord("x"),)
+
+
+def test_a_control_vector_out_of_step_is_named_not_misread() -> None:
+    from pomona.worker.lockstep import CTRL_LEN, Desynchronized
+
+    # What a rank read when it took a neighbour's activations for control.
+    garbage = [-1114464048, -1093116217, -1098602321, 1069046730] + [7] * (CTRL_LEN - 4)
+    with pytest.raises(Desynchronized, match="disagree"):
+        decode_ctrl(garbage)
+    with pytest.raises(Desynchronized):
+        decode_ctrl([0] * CTRL_LEN)  # no magic: not a leave either
+
+
+def test_the_step_watchdog_follows_the_measured_pace() -> None:
+    from pomona.worker.lockstep import StepWatch
+
+    watch = StepWatch(first=60.0, floor=5.0, factor=3.0)
+    watch.begin(8)
+    assert watch.budget == 60.0  # nothing measured yet
+    watch.since = 100.0
+    watch.end(8)  # ~seconds per token measured against a fake start
+    pace = max(watch._paces)
+    watch.begin(1000)  # a long prefill chunk gets more time
+    assert watch.budget == max(5.0, 3.0 * pace * 1000)
+    watch.begin(1)
+    assert watch.budget >= 5.0
+    assert watch.overdue(watch.since + watch.budget - 1) < 0
+    assert watch.overdue(watch.since + watch.budget + 1) > 0
+    watch.idle()
+    assert watch.overdue(1e12) < 0

@@ -26,19 +26,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pomona import rpc
 from pomona.init_cmd import init_command
 from pomona.security import (
-    AUTH_METADATA_KEY,
-    MALFORMED,
-    MISSING,
-    REPLAYED,
-    WRONG_SECRET,
     Auth,
     ClusterConfig,
     ClusterConfigError,
     ClusterSecrets,
-    Verifier,
     default_config_path,
     load_cluster_config,
     save_cluster_config,
+)
+from pomona.tokens import (
+    AUTH_METADATA_KEY,
+    MALFORMED,
+    MISSING,
+    REPLAYED,
+    WRONG_BODY,
+    WRONG_SECRET,
+    WRONG_TARGET,
+    Verifier,
+    is_target,
     sign,
 )
 
@@ -103,8 +108,8 @@ def _aio_handler() -> grpc.GenericRpcHandler:
 
 
 class SyncServer:
-    def __init__(self, auth: Auth) -> None:
-        self.server = rpc.server(futures.ThreadPoolExecutor(max_workers=4), auth)
+    def __init__(self, auth: Auth, target: str = "") -> None:
+        self.server = rpc.server(futures.ThreadPoolExecutor(max_workers=4), auth, target)
         self.server.add_generic_rpc_handlers((_sync_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), self.server)
         self.address = f"127.0.0.1:{rpc.add_port(self.server, '127.0.0.1:0', auth)}"
@@ -117,15 +122,16 @@ class SyncServer:
 class AioServer:
     """A grpc.aio server on an event loop of its own thread, so sync clients can call it."""
 
-    def __init__(self, auth: Auth) -> None:
+    def __init__(self, auth: Auth, target: str = "") -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        port = asyncio.run_coroutine_threadsafe(self._start(auth), self.loop).result(TIMEOUT)
+        start = self._start(auth, target)
+        port = asyncio.run_coroutine_threadsafe(start, self.loop).result(TIMEOUT)
         self.address = f"127.0.0.1:{port}"
 
-    async def _start(self, auth: Auth) -> int:
-        self.server = rpc.aio_server(auth)
+    async def _start(self, auth: Auth, target: str) -> int:
+        self.server = rpc.aio_server(auth, target)
         self.server.add_generic_rpc_handlers((_aio_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), self.server)
         port = rpc.add_port(self.server, "127.0.0.1:0", auth)
@@ -139,8 +145,8 @@ class AioServer:
         self.loop.close()
 
 
-def _start(kind: str, auth: Auth) -> SyncServer | AioServer:
-    return SyncServer(auth) if kind == "sync" else AioServer(auth)
+def _start(kind: str, auth: Auth, target: str = "") -> SyncServer | AioServer:
+    return SyncServer(auth, target) if kind == "sync" else AioServer(auth, target)
 
 
 @pytest.fixture(params=["sync", "aio"])
@@ -210,8 +216,8 @@ def test_credentials_of_another_cluster_are_refused(server: Any, call: Any) -> N
 
 @pytest.mark.parametrize("call", [_say, _count])
 def test_replayed_metadata_is_refused(server: Any, call: Any) -> None:
-    method = SAY if call is _say else COUNT
-    metadata = [(AUTH_METADATA_KEY, sign(SECRETS, method))]
+    method, body = (SAY, b"there") if call is _say else (COUNT, b"")
+    metadata = [(AUTH_METADATA_KEY, sign(SECRETS, method, body=body))]
     with rpc.channel(server.address) as ch:
         call(ch, metadata)
         assert _refusal(lambda: call(ch, metadata)).details() == REPLAYED
@@ -243,11 +249,72 @@ def test_stale_timestamps_are_refused(server: Any, seconds: int) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "v1", "v1.lab.1.2.3", "garbage", "v1.lab.x.y.z.w", "v1." + "a" * 300, "v1.l@b.1.2.3"],
+    ["", "v2", "v2.lab.1.2.3", "garbage", "v2.lab.x.y.z.w", "v2." + "a" * 600, "v2.l@b.1.2.3"],
 )
 def test_malformed_credentials_are_refused(server: Any, value: str) -> None:
     with rpc.channel(server.address) as ch:
         assert _refusal(lambda: _say(ch, [(AUTH_METADATA_KEY, value)])).details() == MALFORMED
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_token_is_refused_by_a_server_it_was_not_signed_for(kind: str) -> None:
+    a, b = _start(kind, Auth(SECRETS), "node-a"), _start(kind, Auth(SECRETS), "node-b")
+    try:
+        token = sign(SECRETS, SAY, target="node-a", body=b"there")
+        with rpc.channel(b.address) as ch:
+            err = _refusal(lambda: _say(ch, [(AUTH_METADATA_KEY, token)]))
+        assert err.details() == WRONG_TARGET
+        with rpc.channel(a.address) as ch:
+            assert _say(ch, [(AUTH_METADATA_KEY, token)]) == b"hi there"
+        for channel_target in ("node-b", ""):  # a channel for another node, or for none
+            with rpc.channel(a.address, Auth(SECRETS), channel_target) as ch:
+                assert _refusal(lambda: _say(ch)).details() == WRONG_TARGET
+        with rpc.channel(a.address, Auth(SECRETS), "node-a") as ch:
+            assert _count(ch) == [b"\x00", b"\x01", b"\x02"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_token_is_refused_with_another_body_which_is_never_parsed(kind: str) -> None:
+    srv = _start(kind, Auth(SECRETS))
+    PARSED.clear()
+    try:
+        token = sign(SECRETS, PARSE, body=b"load model a")
+        with rpc.channel(srv.address) as ch:
+            call = ch.unary_unary(PARSE)
+            err = _refusal(
+                lambda: call(
+                    b"load model b", timeout=TIMEOUT, metadata=[(AUTH_METADATA_KEY, token)]
+                )
+            )
+            assert err.details() == WRONG_BODY
+            assert PARSED == []
+            other = [(AUTH_METADATA_KEY, sign(SECRETS, COUNT, body=b"x"))]
+            assert _refusal(lambda: _count(ch, other)).details() == WRONG_BODY
+            right = [(AUTH_METADATA_KEY, sign(SECRETS, COUNT, body=b""))]
+            assert _count(ch, right) == [b"\x00", b"\x01", b"\x02"]
+    finally:
+        srv.stop()
+
+
+def test_servers_are_named_by_ids_without_dots() -> None:
+    assert is_target("1b4d31589c24") and is_target("1b4d31589c24/9f2e0c1a7b3d")
+    assert is_target("")  # the coordinator
+    assert not is_target("a.b") and not is_target("a|b") and not is_target("x" * 161)
+    with pytest.raises(ValueError):
+        sign(SECRETS, SAY, target="a.b")
+
+
+def test_only_describe_may_be_signed_without_naming_its_server() -> None:
+    verifier = Verifier(SECRETS, target="node-a")
+    describe = "/pomona.v1.Worker/Describe"
+    assert verifier.check(describe, [(AUTH_METADATA_KEY, sign(SECRETS, describe))]) is None
+    load = "/pomona.v1.Worker/Load"
+    assert verifier.check(load, [(AUTH_METADATA_KEY, sign(SECRETS, load))]) == WRONG_TARGET
+    signed = sign(SECRETS, load, target="node-a")
+    assert verifier.check(load, [(AUTH_METADATA_KEY, signed)]) is None
 
 
 def test_health_is_exempt(server: Any) -> None:

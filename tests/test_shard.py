@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from modelfactory import make_model
+from modelfactory import ARCHITECTURES, make_model
 
 from pomona.worker.shard import StageSpec, files_for_stage, load_stage, weight_map
 
@@ -55,3 +55,23 @@ def test_stage_memory_is_its_layers_plus_what_its_ends_need(model: Path) -> None
 def test_a_range_outside_the_model_is_refused(model: Path) -> None:
     with pytest.raises(ValueError, match="outside the model's 6 layers"):
         load_stage(model, StageSpec(4, 9, rank=1, world_size=2))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_every_stage_agrees_on_what_crosses_a_boundary(
+    arch: str, dtype: str, tmp_path: Path
+) -> None:
+    """A middle stage loads no embedding, yet expects what its neighbour sends.
+
+    With the unloaded embedding left at float32, a middle stage of a float16
+    model expected twice the bytes it was sent: three workers hung.
+    """
+    import mlx.core as mx
+
+    from pomona.worker.shard import wire_dtype
+
+    folder = make_model(tmp_path / arch, arch, num_layers=6, shards=3, dtype=dtype)
+    stages = [StageSpec(s, e, r, 4) for r, (s, e) in enumerate([(0, 1), (1, 3), (3, 5), (5, 6)])]
+    wires = {wire_dtype(load_stage(folder, spec).model) for spec in stages}
+    assert wires == {getattr(mx, dtype)}

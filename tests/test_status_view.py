@@ -40,6 +40,8 @@ def node_status(
             s.runner.tokens_per_s = 1234.5
     if layers is not None:
         status.node.shard.start_layer, status.node.shard.end_layer = layers
+        if state != STATES.NODE_STATE_LOADING:  # every stage serving: the pipeline's figure
+            status.pipeline_tokens_per_s = 1234.5
     if rtt is not None:
         status.heartbeat_rtt_s = rtt
     return status
@@ -104,6 +106,16 @@ def test_at_80_columns_the_figures_that_matter_stay() -> None:
     assert "loading 37%" in mbp and " 240 " in mbp
     assert lost.split() == ["old-mini", "lost", "-", "n/a", "n/a", "n/a", "n/a", "-", "n/a"]
     assert any(line.startswith("mini-2: heartbeat RTT 900 ms") for line in lines)
+
+
+def test_a_lost_node_shows_the_layers_of_the_plan_in_force_and_no_figures() -> None:
+    reply = busy_cluster()
+    reply.plan.add(node_id="id-old-mini", name="old-mini", start_layer=241, end_layer=300)
+    lost = render(reply, 80)[4]
+    assert lost.split() == ["old-mini", "lost", "241-299", "n/a", "n/a", "n/a", "n/a", "-", "n/a"]
+    del reply.plan[:]  # re-formed without it
+    lost = render(reply, 80)[4]
+    assert lost.split() == ["old-mini", "lost", "-", "n/a", "n/a", "n/a", "n/a", "-", "n/a"]
 
 
 def test_wide_terminals_get_every_column() -> None:

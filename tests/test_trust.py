@@ -24,7 +24,8 @@ from modelfactory import make_model
 
 from pomona import rpc
 from pomona.local import free_port_pair
-from pomona.security import AUTH_METADATA_KEY, Auth, ClusterSecrets, load_cluster_config, sign
+from pomona.security import Auth, ClusterSecrets, load_cluster_config
+from pomona.tokens import AUTH_METADATA_KEY, sign
 from pomona.v1 import (
     common_pb2,
     coordinator_pb2,

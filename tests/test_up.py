@@ -48,3 +48,43 @@ def test_up_then_generate_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> N
     assert up.returncode == 0
     psutil.wait_procs(children, timeout=30)
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_up_with_three_keeps_serving_when_a_worker_dies(tmp_path: Path) -> None:
+    """Three local workers serve (they hung every request before), and survive a loss."""
+    port, http = free_port_pair(set()), free_port_pair(set())
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), HOME=str(tmp_path))
+    client_env = dict(env, POMONA_COORDINATOR=f"127.0.0.1:{port}")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pomona", "up", "--local", "3", "--port", str(port),
+         "--http-port", str(http)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def generate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pomona", "generate", "hi", "--max-tokens", "3"],
+            capture_output=True, text=True, timeout=120, env=client_env,
+        )  # fmt: skip
+
+    try:
+        assert up.stdout is not None and up.stderr is not None
+        line = up.stdout.readline()
+        assert "3 workers" in line, line + (up.stderr.read() if up.poll() is not None else "")
+        first = generate()
+        assert first.returncode == 0 and first.stdout.strip(), first.stderr
+        workers = [p for p in psutil.Process(up.pid).children() if p.cmdline()[3:4] == ["worker"]]
+        assert len(workers) == 3
+        workers[-1].kill()
+        lines: list[str] = []
+        while not any(x.startswith("serving on 2 workers") for x in lines):
+            assert up.poll() is None, "pomona up exited when one worker died"
+            lines.append(up.stderr.readline().strip())
+        assert any("exited with code -9" in x and "not restarted" in x for x in lines), lines
+        again = generate()
+        assert again.returncode == 0 and again.stdout.strip(), again.stderr
+        assert up.poll() is None
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(60)

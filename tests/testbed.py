@@ -52,7 +52,7 @@ SUBNET = "198.18.0"  # host i is SUBNET.(i + 1)/24
 PREFIX_LEN = 24
 HOST_IF = "eth0"
 BRIDGE = "br0"
-WORKER_PORT = 7000  # the MLX ring listens on WORKER_PORT + 1
+WORKER_PORT = 7000  # the MLX ring listens on WORKER_PORT + 1, a head runner on + 2
 COORDINATOR_PORT = 7100
 CLONE_NEWNET = 0x40000000
 # pbed-<owner pid>-<hex>-<role>

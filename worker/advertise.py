@@ -5,8 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 
-from zeroconf import IPVersion, ServiceInfo
-from zeroconf.asyncio import AsyncZeroconf
+from zeroconf import ServiceInfo
 
 from pomona.config import SERVICE_TYPE
 
@@ -24,9 +23,3 @@ def service_info(
         properties=dict(properties),
         server=f"{safe}-{properties['node_id'][:8]}.local.",
     )
-
-
-def make_zeroconf(interfaces: tuple[str, ...]) -> AsyncZeroconf:
-    if interfaces:
-        return AsyncZeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
-    return AsyncZeroconf(ip_version=IPVersion.V4Only)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from pathlib import Path
@@ -17,15 +18,18 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
-from pomona.chips import lookup_chip
-from pomona.config import PROTOCOL_VERSION, WorkerConfig
-from pomona.coordinator.model_profile import ModelProfile
+from pomona.chips import chip_bandwidth_gbs
+from pomona.config import MAX_CHAT_TEMPLATE_CHARS, PROTOCOL_VERSION, WorkerConfig
+from pomona.mdns import make_zeroconf
+from pomona.model_profile import ModelProfile
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
+from pomona.tokens import describe_proof
 from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
-from pomona.worker.advertise import make_zeroconf, service_info
+from pomona.worker.advertise import service_info
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
+from pomona.worker.lease import Lease
 from pomona.worker.model_store import ModelStore
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
@@ -37,6 +41,7 @@ from pomona.worker.transfer_service import TransferService
 log = logging.getLogger(__name__)
 
 BACKENDS = ("ring", "jaccl", "mpi", "nccl")
+MAX_CHALLENGE_BYTES = 64
 
 
 def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
@@ -54,6 +59,7 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
         weights_bytes=info.weights_bytes,
         files=list(info.files),
         active_bytes=info.active_bytes,
+        world_size=info.world_size,
     )
 
 
@@ -88,21 +94,34 @@ def local_addresses() -> list[str]:
     return out or ["127.0.0.1"]
 
 
+def config_layers(path: Path) -> int:
+    """The layer count in a model's config.json (0 when it does not say)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return int(config.get("num_hidden_layers") or text.get("num_hidden_layers") or 0)
+
+
 class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.node_id = load_node_id(config.state_dir)
         self.hardware = read_hardware()
         self.runner: RunnerProcess | None = None
+        self.lease = Lease()
+        # Open telemetry streams per coordinator: the last one closing frees its lease.
+        self._watchers: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
-        # table does not know the chip.
+        # table does not know the chip or this variant of it.
         self.bandwidth_gbs: float | None = None
         self.stage_cache = StageCache(config.cache_dir, config.cache_max_bytes)
 
     async def measure_bandwidth(self) -> None:
-        if lookup_chip(self.hardware.chip or "") is not None:
+        if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
             return
         self.bandwidth_gbs = await asyncio.to_thread(
             cached_bandwidth_gbs, self.config.state_dir, machine_fingerprint()
@@ -111,6 +130,19 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
     # -- Worker service -------------------------------------------------------
 
     async def Describe(self, request, context):  # noqa: N802
+        if len(request.challenge) > MAX_CHALLENGE_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the challenge is over {MAX_CHALLENGE_BYTES} bytes",
+            )
+        reply = self._describe()
+        secrets = self.config.auth.secrets if self.config.auth else None
+        if secrets is not None:
+            body = reply.SerializeToString(deterministic=True)
+            reply.proof = describe_proof(secrets, request.challenge, self.node_id, body)
+        return reply
+
+    def _describe(self) -> worker_pb2.DescribeReply:
         hw = self.hardware
         return worker_pb2.DescribeReply(
             node_id=self.node_id,
@@ -132,6 +164,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             ],
             ring_port=self.config.effective_ring_port,
             shard=shard_to_proto(self.runner.info if self.runner else ShardInfo()),
+            held_by=self.lease.live_holder(),
         )
 
     def _resolve(self, name: str) -> Path:
@@ -142,17 +175,27 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             allow_remote_code=self.config.allow_remote_code,
         )
 
-    async def _model(
-        self, name: str, context: grpc.aio.ServicerContext
-    ) -> tuple[Path, ModelProfile]:
-        """The model's folder and profile, or the call aborted with why not."""
+    async def _path(self, name: str, context: grpc.aio.ServicerContext) -> Path:
+        """The model's folder, or the call aborted with why not."""
         try:
-            path = await asyncio.to_thread(self._resolve, name)
-            return path, await asyncio.to_thread(ModelProfile.from_model_dir, path)
+            return await asyncio.to_thread(self._resolve, name)
         except ModelRefused as e:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except (OSError, ValueError) as e:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {name!r}: {e}"
+            )
+        raise AssertionError("abort raises")
+
+    async def _model(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> tuple[Path, ModelProfile]:
+        """The model's folder and profile, or the call aborted with why not."""
+        path = await self._path(name, context)
+        try:
+            return path, await asyncio.to_thread(ModelProfile.from_model_dir, path)
         except (OSError, ValueError) as e:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"cannot read model {name!r}: {e}"
@@ -173,12 +216,26 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             profile_json=profile.to_json(),
         )
 
+    async def _hold(self, coordinator: str, context: grpc.aio.ServicerContext) -> None:
+        """Abort unless ``coordinator`` holds (or may take) this worker's lease."""
+        holder = self.lease.claim(coordinator)
+        if holder:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.config.name} is held by coordinator {holder}; stop that coordinator "
+                f"or wait {self.lease.ttl:.0f} s after it stops",
+            )
+
     async def Load(self, request, context):  # noqa: N802
         problem = self._check_load(request)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self._hold(request.coordinator, context)
+        # Only what is quick: this call has a short deadline, and importing a
+        # model's code can take seconds on a busy machine. The runner checks
+        # the rest as it loads.
         path, num_layers = await self._stage_or_model(request, context)
-        if request.end_layer > num_layers:
+        if num_layers and request.end_layer > num_layers:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"layers [{request.start_layer}, {request.end_layer}) are outside "
@@ -198,13 +255,17 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 backend=request.backend or "ring",
                 workers=tuple(request.workers),
                 serve_host=self.config.host,
+                serve_port=self.config.effective_runner_port,
                 advertise_host=own,
+                node_id=self.node_id,
+                node_ids=tuple(request.node_ids),
                 max_context=request.max_context,
                 cluster_config=str(self.config.cluster_config or ""),
                 allow_remote_code=self.config.allow_remote_code,
                 max_batch=request.max_batch or RunnerSpec.max_batch,
                 max_queue=request.max_queue or RunnerSpec.max_queue,
                 prefill_step=request.prefill_step or RunnerSpec.prefill_step,
+                chat_template=request.chat_template,
             )
             self.runner = RunnerProcess(
                 spec,
@@ -230,8 +291,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             except (ModelNotFound, OSError):
                 self.stage_cache.touch(folder.path)
                 return folder.path, folder.num_layers
-        path, profile = await self._model(r.model, context)
-        return path, profile.num_layers
+        path = await self._path(r.model, context)
+        return path, await asyncio.to_thread(config_layers, path)
 
     def _check_load(self, r: worker_pb2.LoadRequest) -> str:
         if not r.load_id or len(r.load_id) > 64:
@@ -242,12 +303,16 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return f"rank {r.rank} is outside a group of {r.world_size}"
         if len(r.ring_hosts) != r.world_size or len(r.workers) != r.world_size:
             return "ring_hosts and workers must list every rank"
+        if r.node_ids and len(r.node_ids) != r.world_size:
+            return "node_ids must list every rank"
         if not 0 <= r.start_layer < r.end_layer:
             return f"the layer range [{r.start_layer}, {r.end_layer}) is empty or negative"
         if not 0 <= r.max_batch <= 64 or not 0 <= r.max_queue <= 100_000:
             return "max_batch must be 0..64 and max_queue 0..100000"
         if not 0 <= r.prefill_step <= 65536:
             return "prefill_step must be 0..65536"
+        if len(r.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
+            return f"the chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters"
         backend = r.backend or "ring"
         if backend not in BACKENDS:
             return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"
@@ -256,6 +321,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         return ""
 
     async def Unload(self, request, context):  # noqa: N802
+        await self._hold(request.coordinator, context)
         async with self._lock:
             runner = self.runner
             if runner is None or (request.load_id and request.load_id != runner.spec.load_id):
@@ -292,8 +358,19 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     async def Telemetry(self, request, context):  # noqa: N802
         interval = effective_interval(request.interval_s)
-        async for sample in telemetry_stream(Sampler, self._runner_state, self.node_id, interval):
-            yield sample
+        watchers = self._watchers
+        watchers[request.coordinator] = watchers.get(request.coordinator, 0) + 1
+        try:
+            async for sample in telemetry_stream(
+                Sampler, self._runner_state, self.node_id, interval
+            ):
+                self.lease.claim(request.coordinator)
+                yield sample
+        finally:
+            watchers[request.coordinator] -= 1
+            if not watchers[request.coordinator]:
+                del watchers[request.coordinator]
+                self.lease.release(request.coordinator)
 
     def _runner_state(self) -> tuple[worker_pb2.ShardStatus | None, dict[str, object]]:
         runner = self.runner
@@ -314,7 +391,7 @@ async def serve(
 ) -> None:
     """Run a worker until ``stop`` is set (or forever)."""
     daemon = WorkerDaemon(config)
-    server = rpc.aio_server(config.auth)
+    server = rpc.aio_server(config.auth, target=daemon.node_id)
     worker_pb2_grpc.add_WorkerServicer_to_server(daemon, server)
     transfer_pb2_grpc.add_ModelTransferServicer_to_server(transfer_service(daemon), server)
     health_servicer = (

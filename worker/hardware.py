@@ -9,10 +9,8 @@ are None (shown as "n/a"), never an invented number.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import platform
-import re
 import socket
 import subprocess
 import threading
@@ -23,6 +21,21 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
+
+from pomona.worker.hardware_parsers import (
+    UNNAMED_LEVELS,
+    CoreTier,
+    parse_cpuinfo_model_name,
+    parse_int,
+    parse_ioreg_gpu_cores,
+    parse_networksetup_ports,
+    parse_perf_levels,
+    parse_rdma_ctl_status,
+    parse_sw_vers,
+    parse_system_profiler_gpu_cores,
+    port_kind,
+    split_core_tiers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +95,8 @@ class HardwareInfo:
     machine_model: str | None  # "Mac14,14" on macOS, None elsewhere
     chip: str | None  # "Apple M2 Ultra", or /proc/cpuinfo's model name
     cpu_cores: int
-    performance_cores: int | None  # macOS hw.perflevel0, None elsewhere
-    efficiency_cores: int | None  # macOS hw.perflevel1, None elsewhere
+    performance_cores: int | None  # macOS: cores of every tier but "Efficiency"; else None
+    efficiency_cores: int | None  # macOS: cores of the "Efficiency" tier (0 on M5 Pro/Max)
     gpu_cores: int | None
     total_memory_bytes: int
     gpu_memory_limit_bytes: int | None
@@ -93,100 +106,10 @@ class HardwareInfo:
     distributed_backends: tuple[str, ...]  # subset of DISTRIBUTED_BACKENDS
     rdma_enabled: bool
     interfaces: tuple[NetworkInterface, ...]
+    core_tiers: tuple[CoreTier, ...] = ()  # macOS CPU tiers, fastest first
 
 
-# ---- pure parsers -------------------------------------------------------------------
-
-
-def parse_sysctl(text: str) -> dict[str, str]:
-    """`sysctl NAME ...` output ("name: value" or "name = value" lines) -> {name: value}."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        match = re.match(r"^([A-Za-z0-9_.]+)\s*[:=]\s?(.*)$", line)
-        if match:
-            values[match.group(1)] = match.group(2).strip()
-    return values
-
-
-def parse_int(text: str | None) -> int | None:
-    """A single integer (`sysctl -n` output), or None."""
-    if text is None:
-        return None
-    try:
-        return int(text.strip())
-    except ValueError:
-        return None
-
-
-def parse_sw_vers(text: str) -> str | None:
-    """`sw_vers` output -> "macOS 15.1"."""
-    fields = parse_sysctl(text)
-    version = fields.get("ProductVersion")
-    if not version:
-        return None
-    return f"{fields.get('ProductName') or 'macOS'} {version}"
-
-
-def parse_cpuinfo_model_name(text: str) -> str | None:
-    """The first "model name" of /proc/cpuinfo (x86 and most ARM servers)."""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model name") and value.strip():
-            return value.strip()
-    return None
-
-
-def parse_system_profiler_gpu_cores(text: str) -> int | None:
-    """`system_profiler SPDisplaysDataType -json` -> the Apple GPU's core count."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    entries = data.get("SPDisplaysDataType") if isinstance(data, dict) else None
-    for entry in entries or []:
-        if isinstance(entry, dict):
-            cores = parse_int(str(entry.get("sppci_cores", "")))
-            if cores and cores > 0:
-                return cores
-    return None
-
-
-def parse_ioreg_gpu_cores(text: str) -> int | None:
-    """`ioreg -r -c AGXAccelerator -d 1` -> the "gpu-core-count" property."""
-    match = re.search(r'"gpu-core-count"\s*=\s*(\d+)', text)
-    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
-
-
-def parse_networksetup_ports(text: str) -> dict[str, str]:
-    """`networksetup -listallhardwareports` -> {device: hardware port name}."""
-    ports: dict[str, str] = {}
-    port: str | None = None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key == "Hardware Port":
-            port = value.strip()
-        elif key == "Device" and port is not None:
-            ports[value.strip()] = port
-            port = None
-    return ports
-
-
-def parse_rdma_ctl_status(text: str | None) -> bool:
-    """`rdma_ctl status` prints "enabled" once RDMA over Thunderbolt is on."""
-    return text is not None and text.strip().lower() == "enabled"
-
-
-def port_kind(port_name: str) -> str:
-    """The kind of a macOS hardware port, from its name in networksetup."""
-    name = port_name.lower()
-    if name in ("wi-fi", "airport"):
-        return "wifi"
-    # "Thunderbolt Ethernet Slot 0" is a dock's wired NIC, not a Mac-to-Mac cable.
-    if name.startswith("thunderbolt") and "ethernet" not in name:
-        return "thunderbolt"
-    if "ethernet" in name or "lan" in name or "gbe" in name:
-        return "ethernet"
-    return "other"
+# ---- pure rules -------------------------------------------------------------------
 
 
 def interface_kind(
@@ -298,8 +221,7 @@ class _StaticFacts:
     chip: str | None
     mlx: _MlxFacts
     machine_model: str | None = None
-    performance_cores: int | None = None
-    efficiency_cores: int | None = None
+    core_tiers: tuple[CoreTier, ...] = ()
     gpu_cores: int | None = None
     rdma_enabled: bool = False
     ports: Mapping[str, str] = field(default_factory=dict)
@@ -345,6 +267,18 @@ class HardwareReader:
             cores = parse_ioreg_gpu_cores(out) if out else None
         return cores
 
+    def _core_tiers(self) -> tuple[CoreTier, ...]:
+        values: dict[str, str] = {}
+        count = self._sysctl("hw.nperflevels")
+        if count is not None:
+            values["hw.nperflevels"] = count
+        for level in range(parse_int(count) or len(UNNAMED_LEVELS)):
+            for key in ("name", "physicalcpu"):
+                value = self._sysctl(f"hw.perflevel{level}.{key}")
+                if value is not None:
+                    values[f"hw.perflevel{level}.{key}"] = value
+        return parse_perf_levels(values)
+
     def _probe_static(self) -> _StaticFacts:
         logical = psutil.cpu_count(logical=True) or 1
         cpu_cores = psutil.cpu_count(logical=False) or logical
@@ -363,8 +297,7 @@ class HardwareReader:
             chip=self._sysctl("machdep.cpu.brand_string"),
             mlx=_probe_mlx(),
             machine_model=self._sysctl("hw.model"),
-            performance_cores=parse_int(self._sysctl("hw.perflevel0.physicalcpu")),
-            efficiency_cores=parse_int(self._sysctl("hw.perflevel1.physicalcpu")),
+            core_tiers=self._core_tiers(),
             gpu_cores=self._gpu_cores(),
             rdma_enabled=parse_rdma_ctl_status(self._run(["rdma_ctl", "status"])),
             ports=parse_networksetup_ports(ports) if ports else {},
@@ -409,14 +342,16 @@ class HardwareReader:
             metal_working_set_bytes=static.mlx.metal_working_set_bytes,
             mlx_device=static.mlx.device,
         )
+        performance_cores, efficiency_cores = split_core_tiers(static.core_tiers)
         return HardwareInfo(
             hostname=socket.gethostname(),
             os=static.os,
             machine_model=static.machine_model,
             chip=static.chip,
             cpu_cores=static.cpu_cores,
-            performance_cores=static.performance_cores,
-            efficiency_cores=static.efficiency_cores,
+            performance_cores=performance_cores,
+            efficiency_cores=efficiency_cores,
+            core_tiers=static.core_tiers,
             gpu_cores=static.gpu_cores,
             total_memory_bytes=total,
             gpu_memory_limit_bytes=limit,

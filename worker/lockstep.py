@@ -63,6 +63,14 @@ CTRL_LEN = _JOIN + MAX_JOIN * _SAMPLING_INTS
 OP_LEAVE = 0
 OP_PREFILL = 1
 OP_DECODE = 2
+# In the last header slot of every control vector: a rank that reads anything
+# else has lost track of the message stream and says so instead of guessing.
+_MAGIC_AT = _HEADER - 1
+MAGIC = 0x504D4E41
+
+
+class Desynchronized(RuntimeError):
+    """A rank read something other than a control vector where one was due."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ def _decode_sampling(v: Sequence[int]) -> Sampling:
 def encode_ctrl(step: Step | None) -> list[int]:
     """The control vector for a step; None means leave the session."""
     ctrl = [0] * CTRL_LEN
+    ctrl[_MAGIC_AT] = MAGIC
     if step is None:
         return ctrl
     if len(step.remove) > MAX_ROWS:
@@ -153,9 +162,20 @@ def encode_ctrl(step: Step | None) -> list[int]:
 def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
     """The step (with placeholder tokens) a control vector describes."""
     op = int(ctrl[0])
+    n_rows, n_remove, n_join = int(ctrl[3]), int(ctrl[5]), int(ctrl[6])
+    if (
+        len(ctrl) != CTRL_LEN
+        or int(ctrl[_MAGIC_AT]) != MAGIC
+        or op not in (OP_LEAVE, OP_PREFILL, OP_DECODE)
+        or not (0 <= n_rows <= MAX_JOIN and 0 <= n_join <= MAX_JOIN and 0 <= n_remove <= MAX_ROWS)
+        or not 0 <= int(ctrl[2]) <= MAX_ROWS * MAX_JOIN
+    ):
+        raise Desynchronized(
+            "received a malformed control message: the stages of this pipeline disagree "
+            f"on what they exchange (header {[int(x) for x in ctrl[:8]]})"
+        )
     if op == OP_LEAVE:
         return None
-    n_rows, n_remove, n_join = int(ctrl[3]), int(ctrl[5]), int(ctrl[6])
     return Step(
         lane=int(ctrl[1]),
         prefill=op == OP_PREFILL,
@@ -203,14 +223,69 @@ class _Lane:
 
 
 @dataclass
+class StepWatch:
+    """How long this rank may wait inside one step before a peer counts as frozen.
+
+    A dead peer makes the ring raise at once; a frozen one (stopped, asleep,
+    its cable pulled) makes it wait forever. The bound follows the measured
+    pace of the pipeline as this rank sees it, in seconds per token of a
+    step (waiting for the other stages included), times the tokens of the step
+    at hand, times ``factor``; never below ``floor``. Until a step has been
+    measured, ``first`` applies. The watchdog reads ``since`` and ``budget``
+    from another thread.
+    """
+
+    first: float = 60.0
+    floor: float = 5.0
+    factor: float = 3.0
+    since: float | None = None
+    budget: float = 0.0
+    _paces: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    _tokens: int = 1
+
+    def begin(self, tokens: int | None = None) -> None:
+        """A wait starts (``tokens``: the step's size, when known)."""
+        self.since = time.monotonic()
+        self.sized(tokens)
+
+    def sized(self, tokens: int | None) -> None:
+        """The step's size became known while waiting."""
+        size = max(tokens or 0, self._tokens, 1)
+        if self._paces:
+            self.budget = max(self.floor, self.factor * max(self._paces) * size)
+        else:
+            self.budget = max(self.first, self.floor)
+
+    def end(self, tokens: int) -> None:
+        """The step is done: remember its pace."""
+        if self.since is not None:
+            self._paces.append((time.monotonic() - self.since) / max(tokens, 1))
+        self._tokens = max(tokens, 1)
+        self.since = None
+
+    def idle(self) -> None:
+        self.since = None
+
+    def overdue(self, now: float) -> float:
+        """Seconds spent waiting beyond the budget (<= 0 while on time)."""
+        since = self.since
+        return -1.0 if since is None else now - since - self.budget
+
+
+def step_tokens(step: Step, lane_rows: int = 0) -> int:
+    """The tokens one step feeds through a stage: its size for the watchdog."""
+    if step.prefill:
+        return sum(len(row) for row in step.chunk) or 1
+    return max(len(step.tokens), lane_rows + len(step.join) - len(step.remove), 1)
+
+
+@dataclass
 class StageEngine:
     """Runs this rank's part of each step of a session."""
 
     shard: LoadedShard
+    watch: StepWatch = field(default_factory=StepWatch)
     lanes: dict[int, _Lane] = field(default_factory=dict, init=False)
-    # When the blocking work in progress began (monotonic), None between
-    # steps: the runner's watchdog reads it from another thread.
-    busy_since: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.spec = self.shard.spec
@@ -255,12 +330,14 @@ class StageEngine:
         oldest step in flight is then collected, which frees its lane.
         """
         in_flight: deque[tuple[Step, mx.array]] = deque()
+        watch = self.watch
 
         def collect() -> None:
             step, tokens = in_flight.popleft()
-            self.busy_since = time.monotonic()
+            size = len(step.tokens) + len(step.join)
+            watch.begin(size)
             mx.eval(tokens)
-            self.busy_since = None
+            watch.end(size)
             on_tokens(step, cast(list[int], tokens.tolist()))
 
         while True:
@@ -268,7 +345,7 @@ class StageEngine:
             if step is None and in_flight:
                 collect()
                 continue
-            self.busy_since = time.monotonic()
+            watch.begin(None if step is None else step_tokens(step))
             if self.spec.world_size > 1:
                 ctrl = mx.array(encode_ctrl(step), dtype=mx.int32)
                 mx.async_eval(mx.distributed.send(ctrl, 1))
@@ -277,7 +354,7 @@ class StageEngine:
                 self.reset()
                 return
             tokens = self.run_step(step)
-            self.busy_since = None
+            watch.end(step_tokens(step))
             if tokens is not None:
                 in_flight.append((step, tokens))
             if len(in_flight) >= self.lane_count:
@@ -286,8 +363,9 @@ class StageEngine:
     def follower_session(self) -> None:
         """Follow the head's steps until it says leave."""
         rank = self.spec.rank
+        watch = self.watch
         while True:
-            self.busy_since = time.monotonic()
+            watch.begin()
             ctrl = mx.distributed.recv_like(self._ctrl_template, rank - 1)
             mx.eval(ctrl)
             if not self.spec.is_last:
@@ -297,11 +375,15 @@ class StageEngine:
                 mx.synchronize()
                 self.reset()
                 return
+            lane = self.lanes.get(step.lane)
+            size = step_tokens(step, lane.n if lane is not None else 0)
+            watch.sized(size)
             self.run_step(step)
+            watch.end(size)
 
     def reset(self) -> None:
         """Forget every sequence (a session ended)."""
-        self.busy_since = None
+        self.watch.idle()
         self.lanes = {}
         mx.clear_cache()
 

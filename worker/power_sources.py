@@ -41,6 +41,10 @@ _THERMAL_PRESSURE = {
     "critical": "critical",
 }
 
+# A working GPU is never this cold: macmon prints 0.0 (or a stray value near or below
+# zero) when it found no sensor.
+MIN_REAL_GPU_CELSIUS = 5.0
+
 _SAMPLERS = "gpu_power,cpu_power,thermal"
 POWERMETRICS_ARGV = ("powermetrics", "--samplers", _SAMPLERS, "-i", "1000", "-f", "plist")
 MACMON_ARGV = ("macmon", "pipe", "-i", "1000")
@@ -131,19 +135,26 @@ def parse_powermetrics_plist(data: bytes) -> PowerReading:
 def parse_macmon_line(line: str | bytes) -> PowerReading:
     """One JSON line of `macmon pipe`. Raises ValueError when it is not one.
 
-    `gpu_usage` is [MHz, busy ratio 0..1]; powers are in W; macmon reports 0 °C when it
-    found no sensor, which is read as "not provided".
+    The busy ratio is `gpu_active_ratio` (the GPU's active residency, macmon 0.8+)
+    where present; `gpu_usage` = [MHz, ratio] is read only from older releases, where
+    it is the only figure (since 0.8 it is a deprecated, frequency-scaled alias).
+    Powers are in W. A GPU temperature at or below `MIN_REAL_GPU_CELSIUS` is macmon
+    finding no sensor (it prints 0.0), not a reading.
     """
     doc = json.loads(line)  # JSONDecodeError is a ValueError
     if not isinstance(doc, dict):
         raise ValueError("not a macmon sample: its top level is not an object")
+    busy = _number(doc.get("gpu_active_ratio"))
     usage = doc.get("gpu_usage")
-    busy = _number(usage[1]) if isinstance(usage, list) and len(usage) == 2 else None
+    if busy is None and isinstance(usage, list) and len(usage) == 2:
+        busy = _number(usage[1])
     celsius = _number(_dict(doc.get("temp")).get("gpu_temp_avg"))
     return PowerReading(
         gpu_utilization_percent=_percent(busy) if busy is not None else None,
         gpu_power_watts=_number(doc.get("gpu_power")),
-        gpu_temperature_c=celsius if celsius is not None and celsius > 0 else None,
+        gpu_temperature_c=celsius
+        if celsius is not None and celsius > MIN_REAL_GPU_CELSIUS
+        else None,
         cpu_power_watts=_number(doc.get("cpu_power")),
         thermal_state=None,  # macmon does not report thermal pressure
     )

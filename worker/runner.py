@@ -39,9 +39,14 @@ class RunnerSpec:
     backend: str
     # Worker daemon addresses by rank: the head wakes the others through them.
     workers: tuple[str, ...]
-    # Where the head serves Generate (host to bind; the port is chosen).
+    # Where the head serves Generate (host and port to bind; 0: any free port).
     serve_host: str = "127.0.0.1"
+    serve_port: int = 0
     advertise_host: str = "127.0.0.1"
+    # This worker's node id and every rank's, in rank order: calls are signed
+    # for the one node they go to.
+    node_id: str = ""
+    node_ids: tuple[str, ...] = ()
     max_context: int = 0
     prefill_step: int = 512
     max_queue: int = 64
@@ -50,9 +55,13 @@ class RunnerSpec:
     # on the command line), for the head's server and its calls to peers.
     cluster_config: str = ""
     allow_remote_code: bool = False
-    # A rank stuck this long inside one step has lost a peer that froze (a
-    # dead peer raises at once); the runner exits so the group is re-formed.
-    step_timeout: float = 120.0
+    # Replaces the model's chat template when set.
+    chat_template: str = ""
+    # A rank stuck inside one step has lost a peer that froze (a dead peer
+    # raises at once); the runner exits so the group is re-formed. The bound
+    # follows the pipeline's measured pace (lockstep.StepWatch); this one
+    # holds until a first step has been measured.
+    step_timeout: float = 60.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -61,6 +70,7 @@ class RunnerSpec:
     def from_json(cls, text: str) -> RunnerSpec:
         data = json.loads(text)
         data["workers"] = tuple(data["workers"])
+        data["node_ids"] = tuple(data.get("node_ids", ()))
         return cls(**data)
 
 
@@ -93,7 +103,7 @@ def main(argv: list[str]) -> int:
 def _run(spec: RunnerSpec) -> int:
     import mlx.core as mx
 
-    from pomona.worker.lockstep import StageEngine
+    from pomona.worker.lockstep import StageEngine, StepWatch
     from pomona.worker.shard import StageSpec, load_stage
 
     stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size)
@@ -119,16 +129,21 @@ def _run(spec: RunnerSpec) -> int:
                 f"expected {spec.rank} of {spec.world_size}"
             )
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
-    engine = StageEngine(shard)
+    engine = StageEngine(shard, StepWatch(first=spec.step_timeout))
     scheduler = _make_scheduler(spec, engine.can_batch()) if spec.rank == 0 else None
     _start_monitor(spec, engine, scheduler)
     if scheduler is not None:
         return _serve_head(spec, engine, scheduler, shard.config)
     emit("ready")
+    session = 0
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("cmd") == "wake":
-            engine.follower_session()
+            # A session already run (a replayed or duplicated Wake) would leave
+            # this rank spinning in a collective the head never joins.
+            if int(command.get("session", 0)) > session:
+                session = int(command["session"])
+                engine.follower_session()
         elif command.get("cmd") == "stop":
             break
     return 0
@@ -139,7 +154,8 @@ def _make_scheduler(spec: RunnerSpec, can_batch: bool) -> Any:
 
     from pomona.worker.scheduler import Scheduler
 
-    tokenizer = load_tokenizer(Path(spec.model_path))
+    extra = {"chat_template": spec.chat_template} if spec.chat_template else None
+    tokenizer = load_tokenizer(Path(spec.model_path), tokenizer_config_extra=extra)
     scheduler = Scheduler(
         lambda: tokenizer.detokenizer,
         tokenizer.eos_token_ids,
@@ -166,11 +182,12 @@ def _start_monitor(spec: RunnerSpec, engine: Any, scheduler: Any) -> None:
         while True:
             time.sleep(1.0)
             now = time.monotonic()
-            since = engine.busy_since
-            if since is not None and now - since > spec.step_timeout:
+            watch = engine.watch
+            if watch.overdue(now) > 0:
                 message = (
-                    f"rank {spec.rank} waited {now - since:.0f} s inside one pipeline step: "
-                    "a peer stopped answering"
+                    f"rank {spec.rank} waited {watch.budget + watch.overdue(now):.1f} s inside "
+                    f"one pipeline step (the pipeline's measured pace allows {watch.budget:.1f} s):"
+                    " a peer stopped answering"
                 )
                 log.error("%s; exiting so the group can be re-formed", message)
                 emit("failed", error=message)
@@ -202,6 +219,7 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
     import grpc
 
     from pomona import rpc
+    from pomona.tokens import runner_target
     from pomona.v1 import runner_pb2_grpc, worker_pb2, worker_pb2_grpc
     from pomona.worker.runner_service import RunnerService
 
@@ -212,11 +230,23 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
     from pomona.security import Auth
 
     auth = Auth.load(Path(spec.cluster_config)) if spec.cluster_config else Auth.none()
-    server = rpc.server(futures.ThreadPoolExecutor(max_workers=256), auth)
+    # No SO_REUSEPORT: a port another process holds must fail here, loudly.
+    server = rpc.server(
+        futures.ThreadPoolExecutor(max_workers=256),
+        auth,
+        target=runner_target(spec.node_id, spec.load_id),
+        options=[("grpc.so_reuseport", 0)],
+    )
     runner_pb2_grpc.add_RunnerServicer_to_server(
         RunnerService(scheduler, tokenizer, max_context, vocab_size), server
     )
-    port = rpc.add_port(server, f"{spec.serve_host}:0", auth)
+    address = f"{spec.serve_host}:{spec.serve_port}"
+    try:
+        port = rpc.add_port(server, address, auth)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise RuntimeError(f"cannot listen on {address} for requests: is --runner-port taken?")
     server.start()
 
     stopping = threading.Event()
@@ -229,7 +259,11 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
         scheduler.wake()
 
     threading.Thread(target=watch_stdin, daemon=True, name="stdin").start()
-    peers = [worker_pb2_grpc.WorkerStub(rpc.channel(w, auth)) for w in spec.workers[1:]]
+    targets = spec.node_ids or ("",) * spec.world_size
+    peers = [
+        worker_pb2_grpc.WorkerStub(rpc.channel(w, auth, target))
+        for w, target in zip(spec.workers[1:], targets[1:], strict=True)
+    ]
     emit("ready", address=f"{spec.advertise_host}:{port}")
     session = 0
     try:

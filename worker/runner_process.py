@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 
 from pomona.worker.runner import RunnerSpec
+from pomona.worker.runs_dir import prune_runs
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ShardInfo:
     weights_bytes: int = 0
     files: tuple[str, ...] = ()
     active_bytes: int = 0
+    world_size: int = 0
 
 
 @dataclass
@@ -63,6 +65,10 @@ class RunnerProcess:
     ring_hosts: tuple[str, ...]
     log_dir: Path
     load_timeout: float
+    # A ready runner reports once a second from a thread of its own, which
+    # MLX's evaluation does not block; this long without a line from it, the
+    # process is frozen (stopped, or hung holding the interpreter).
+    silence_timeout: float = 5.0
     info: ShardInfo = field(init=False)
     _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False)
@@ -71,15 +77,19 @@ class RunnerProcess:
     _stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20), init=False)
     # The runner's latest once-a-second report (RunnerStats field names).
     stats: dict[str, object] = field(default_factory=dict, init=False)
+    _last_heard: float = field(default_factory=time.monotonic, init=False)
 
     def __post_init__(self) -> None:
         s = self.spec
-        self.info = ShardInfo(s.load_id, State.STARTING, self.model, s.start, s.end, s.rank)
+        self.info = ShardInfo(
+            s.load_id, State.STARTING, self.model, s.start, s.end, s.rank, world_size=s.world_size
+        )
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         hostfile = self.log_dir / f"hosts-{self.spec.load_id}.json"
         hostfile.write_text(json.dumps([[h] for h in self.ring_hosts]))
+        prune_runs(self.log_dir, current=self.spec.load_id)
         env = dict(os.environ)
         env.update(
             MLX_RANK=str(self.spec.rank),
@@ -112,6 +122,7 @@ class RunnerProcess:
             asyncio.create_task(self._read_stderr()),
             asyncio.create_task(self._watch_exit()),
             asyncio.create_task(self._watch_load_time()),
+            asyncio.create_task(self._watch_silence()),
         ]
 
     async def _set(self, **changes: object) -> None:
@@ -132,6 +143,7 @@ class RunnerProcess:
     async def _read_events(self) -> None:
         assert self._proc and self._proc.stdout
         async for raw in self._proc.stdout:
+            self._last_heard = time.monotonic()
             try:
                 event = json.loads(raw)
             except ValueError:
@@ -195,14 +207,42 @@ class RunnerProcess:
                 return
             info = await self.wait_change(info, left)
 
+    async def _watch_silence(self) -> None:
+        """Fail (and kill) a ready runner that stops reporting."""
+        tick = 0.5
+        checked = time.monotonic()
+        while self.info.state not in TERMINAL:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - checked > 4 * tick:
+                # This daemon was not running (stopped, or the machine slept):
+                # what the runner said meanwhile is still unread.
+                self._last_heard = now
+            checked = now
+            silent = now - self._last_heard
+            if self.info.state is State.READY and silent > self.silence_timeout:
+                pid = self._proc.pid if self._proc else 0
+                log.error("runner %d sent nothing for %.1f s; killing it", pid, silent)
+                await self._set(
+                    state=State.FAILED,
+                    error=f"the runner (pid {pid}) stopped answering for {silent:.1f} s: "
+                    "its process is frozen (stopped, or hung)",
+                )
+                await self.stop(grace=0.0)
+                return
+
     async def send(self, command: dict[str, object]) -> None:
         if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
             raise RuntimeError("no runner is running")
         self._proc.stdin.write((json.dumps(command) + "\n").encode())
         await self._proc.stdin.drain()
 
-    async def stop(self, grace: float = 3.0) -> None:
-        """Ask the runner to stop, then kill its process group."""
+    async def stop(self, grace: float = 1.0) -> None:
+        """Ask the runner to stop, then kill its process group.
+
+        An idle runner stops at once; one inside a torn-down group is stuck
+        in the ring and never reads the request, so the grace is short.
+        """
         self._stopping = True
         proc = self._proc
         if proc is None or proc.returncode is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from pomona import rpc
 from pomona.v1 import common_pb2, runner_pb2_grpc
 from pomona.worker.lockstep import Sampling
 from pomona.worker.scheduler import Delta, Done, Finish, GenRequest, QueueFull, Scheduler
@@ -81,6 +82,18 @@ def encode_prompt(
     return list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
 
 
+# mlx_lm.server's `convert_chat` default role mapping, for models without a chat template
+# (base models); a test pins it to mlx-lm's own function.
+_PLAIN_ROLES = {"system": "ASSISTANT's RULE: ", "user": "USER: ", "assistant": "ASSISTANT: "}
+
+
+def plain_chat_prompt(chat: list[dict[str, str]]) -> str:
+    """ "USER: hi\nASSISTANT:": each message on its line after its role, as mlx_lm.server
+    formats a chat for a model with no chat template."""
+    text = "".join(f"{_PLAIN_ROLES.get(m['role'], '')}{m['content']}\n" for m in chat)
+    return (text + _PLAIN_ROLES["assistant"]).rstrip()
+
+
 def _encode_chat(tokenizer: Any, messages: Any) -> list[int]:
     if len(messages) > MAX_MESSAGES:
         raise RequestError(f"at most {MAX_MESSAGES} messages")
@@ -92,7 +105,7 @@ def _encode_chat(tokenizer: Any, messages: Any) -> list[int]:
     if sum(len(m["content"]) for m in chat) > MAX_PROMPT_CHARS:
         raise RequestError(f"the messages are over {MAX_PROMPT_CHARS} characters")
     if not getattr(tokenizer, "chat_template", None):
-        raise RequestError("this model has no chat template: send a plain prompt instead")
+        return list(tokenizer.encode(plain_chat_prompt(chat)))
     try:
         tokens = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     except Exception as e:  # a template may raise on a conversation it does not accept
@@ -154,6 +167,10 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
             context.abort(e.code, str(e))
         except QueueFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except Exception as e:  # a fault of this request, not of the pipeline
+            log.exception("request %s failed", request.request_id)
+            context.set_trailing_metadata(((rpc.REQUEST_FAULT, "1"),))
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         context.add_callback(req.cancel)
         rid = request.request_id
         while True:

@@ -22,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes, load_config, load_model
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,13 @@ class PassThrough(nn.Module):
 
 
 class StageBoundary(nn.Module):
-    """Wraps the first and/or last layer a stage holds with recv/send."""
+    """Wraps the first and/or last layer a stage holds with recv/send.
+
+    What crosses a boundary always has the ``wire`` dtype (the dtype of the
+    model's embeddings, which every stage derives from the checkpoint alone),
+    so sender and receiver agree on its size in bytes: a disagreement would
+    leave the ring reading one message as part of another.
+    """
 
     def __init__(
         self,
@@ -85,21 +91,26 @@ class StageBoundary(nn.Module):
         recv_from: int | None,
         send_to: int | None,
         sent: list[mx.array],
+        wire: mx.Dtype | None = None,
     ):
         super().__init__()
         self.layer = layer
         self._recv_from = recv_from
         self._send_to = send_to
         self._sent = sent
+        self._wire = wire
         for key, value in vars(layer).items():
             if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
                 object.__setattr__(self, key, value)
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         if self._recv_from is not None:
-            x = mx.distributed.recv_like(x, self._recv_from)
+            template = x if self._wire is None else x.astype(self._wire)
+            x = mx.distributed.recv_like(template, self._recv_from)
         y = self.layer(x, *args, **kwargs)
         if self._send_to is not None:
+            if self._wire is not None and y.dtype != self._wire:
+                y = y.astype(self._wire)
             y = mx.distributed.send(y, self._send_to)
             self._sent.append(y)
         return y
@@ -144,11 +155,30 @@ def weight_map(model_path: Path) -> dict[str, str]:
     )
 
 
-def _safetensors_names(path: Path) -> list[str]:
+def _safetensors_header(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
-    return [k for k in header if k != "__metadata__"]
+    header.pop("__metadata__", None)
+    return dict(header)
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    return list(_safetensors_header(path))
+
+
+_SAFETENSORS_FLOATS = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
+
+
+def checkpoint_dtypes(model_path: Path, files: list[str]) -> dict[str, mx.Dtype]:
+    """The stored dtype of every floating tensor in ``files``, from their headers."""
+    dtypes: dict[str, mx.Dtype] = {}
+    for file in files:
+        for name, info in _safetensors_header(model_path / file).items():
+            dtype = _SAFETENSORS_FLOATS.get(str(info.get("dtype")))
+            if dtype is not None:
+                dtypes[name] = dtype
+    return dtypes
 
 
 def files_for_stage(wmap: dict[str, str], num_layers: int, spec: StageSpec) -> list[str]:
@@ -181,20 +211,29 @@ def carve(model: nn.Module, spec: StageSpec) -> None:
             layers[i] = PassThrough(layer)
 
 
+def wire_dtype(model: nn.Module) -> mx.Dtype | None:
+    """The dtype of the model's embeddings' output, built but never evaluated."""
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+            return module(mx.zeros((1, 1), dtype=mx.int32)).dtype
+    return None
+
+
 def place_boundaries(model: nn.Module, spec: StageSpec, sent: list[mx.array]) -> None:
     """Wrap the stage's first layer with recv and its last with send."""
     if spec.world_size == 1:
         return
+    wire = wire_dtype(model)
     layers = layer_list(model)
     recv_from = None if spec.is_first else spec.rank - 1
     send_to = None if spec.is_last else spec.rank + 1
     if spec.start == spec.end - 1:
-        layers[spec.start] = StageBoundary(layers[spec.start], recv_from, send_to, sent)
+        layers[spec.start] = StageBoundary(layers[spec.start], recv_from, send_to, sent, wire)
         return
     if recv_from is not None:
-        layers[spec.start] = StageBoundary(layers[spec.start], recv_from, None, sent)
+        layers[spec.start] = StageBoundary(layers[spec.start], recv_from, None, sent, wire)
     if send_to is not None:
-        layers[spec.end - 1] = StageBoundary(layers[spec.end - 1], None, send_to, sent)
+        layers[spec.end - 1] = StageBoundary(layers[spec.end - 1], None, send_to, sent, wire)
 
 
 def make_stage_cache(model: nn.Module, spec: StageSpec) -> list[Any]:
@@ -296,6 +335,7 @@ def load_stage(
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"the checkpoint at {model_path} lacks {len(missing)} tensors: {shown}")
     _evaluate(params, progress)
+    _match_stored_dtypes(model, params, checkpoint_dtypes(model_path, files))
     weights_bytes = sum(p.nbytes for p in params.values())
     sent: list[mx.array] = []
     place_boundaries(model, spec, sent)
@@ -342,6 +382,32 @@ def _used_parameters(model: nn.Module, spec: StageSpec) -> dict[str, mx.array]:
         ):
             used[name] = value
     return used
+
+
+def _match_stored_dtypes(
+    model: nn.Module, used: dict[str, mx.array], stored: dict[str, mx.Dtype]
+) -> None:
+    """Give the parameters this stage never loads the checkpoint's dtypes.
+
+    A stage still builds (never evaluates) the embedding of its placeholder
+    inputs, and what it receives from the previous stage is shaped and typed
+    like that placeholder. Left at the model's float32 initialisation, a
+    middle stage of a float16 model would expect twice the bytes its
+    neighbour sends, and the ring would hang or misread the next message.
+    A tensor stored in none of the stage's files takes the stage's most common
+    floating dtype.
+    """
+    floats = [v.dtype for v in used.values() if mx.issubdtype(v.dtype, mx.floating)]
+    common = max(set(floats), key=floats.count) if floats else None
+    changes = []
+    for name, value in dict(tree_flatten(model.parameters())).items():
+        if name in used or not mx.issubdtype(value.dtype, mx.floating):
+            continue
+        dtype = stored.get(name, common)
+        if dtype is not None and dtype != value.dtype:
+            changes.append((name, value.astype(dtype)))
+    if changes:
+        model.update(tree_unflatten(changes))
 
 
 def _evaluate(params: dict[str, mx.array], progress: Callable[[float], None] | None) -> None:

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,8 +129,12 @@ async def fetch_stage(
     chunk_bytes: int = CHUNK_BYTES,
     in_flight: int = IN_FLIGHT,
     keep: Sequence[Path] = (),
+    targets: Mapping[str, str] | None = None,
 ) -> tuple[Path, Progress]:
-    """The stage folder of ``key`` for ``model``, fetched from ``sources`` where missing."""
+    """The stage folder of ``key`` for ``model``, fetched from ``sources`` where missing.
+
+    ``targets`` gives each source's node id, which calls to it are signed for.
+    """
     progress = Progress(model)
     held = cache.find(model, key)
     if held is not None:
@@ -141,7 +145,7 @@ async def fetch_stage(
     channels: list[grpc.aio.Channel] = []
     try:
         problems: list[str] = []
-        found = await _catalogs(model, sources, auth, channels, problems)
+        found = await _catalogs(model, sources, auth, channels, problems, targets or {})
         if not found:
             raise TransferError(
                 f"no source can give {model!r}: " + ("; ".join(problems) or "no worker holds it")
@@ -166,9 +170,10 @@ async def _catalogs(
     auth: Auth | None,
     channels: list[grpc.aio.Channel],
     problems: list[str],
+    targets: Mapping[str, str],
 ) -> list[_Source]:
     async def one(address: str) -> _Source | None:
-        channel = rpc.aio_channel(address, auth)
+        channel = rpc.aio_channel(address, auth, targets.get(address, ""))
         channels.append(channel)
         stub = transfer_pb2_grpc.ModelTransferStub(channel)
         try:

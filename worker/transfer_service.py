@@ -252,6 +252,7 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
             self.auth,
             on_progress=on_progress,
             keep=self.in_use(),
+            targets=dict(zip(request.sources, request.source_node_ids, strict=False)),
         )
         on_progress(progress)
         return path, progress
@@ -268,4 +269,6 @@ def _check_stage(r: transfer_pb2.StageRequest) -> str:
         return f"the layer range [{r.start_layer}, {r.end_layer}) is empty or negative"
     if len(r.sources) > MAX_SOURCES:
         return f"{len(r.sources)} sources: at most {MAX_SOURCES}"
+    if r.source_node_ids and len(r.source_node_ids) != len(r.sources):
+        return "source_node_ids must name every source, in order"
     return ""

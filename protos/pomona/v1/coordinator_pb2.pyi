@@ -69,16 +69,18 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "sample", "heartbeat_rtt_s", "last_seen_s")
+    __slots__ = ("node", "sample", "heartbeat_rtt_s", "last_seen_s", "pipeline_tokens_per_s")
     NODE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_RTT_S_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     node: Node
     sample: _worker_pb2.NodeSample
     heartbeat_rtt_s: float
     last_seen_s: float
-    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., sample: _Optional[_Union[_worker_pb2.NodeSample, _Mapping]] = ..., heartbeat_rtt_s: _Optional[float] = ..., last_seen_s: _Optional[float] = ...) -> None: ...
+    pipeline_tokens_per_s: float
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., sample: _Optional[_Union[_worker_pb2.NodeSample, _Mapping]] = ..., heartbeat_rtt_s: _Optional[float] = ..., last_seen_s: _Optional[float] = ..., pipeline_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class PlanStage(_message.Message):
     __slots__ = ("node_id", "name", "start_layer", "end_layer", "weights_bytes")

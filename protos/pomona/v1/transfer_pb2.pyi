@@ -138,20 +138,22 @@ class Chunk(_message.Message):
     def __init__(self, ref: _Optional[_Union[ChunkRef, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "rank", "world_size", "sources")
+    __slots__ = ("model", "start_layer", "end_layer", "rank", "world_size", "sources", "source_node_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
     rank: int
     world_size: int
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    source_node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., source_node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TransferProgress(_message.Message):
     __slots__ = ("model", "state", "bytes_done", "bytes_total", "bytes_per_s", "eta_s", "source", "bytes_received", "chunks_refetched", "path")

@@ -28,8 +28,10 @@ SHARD_STATE_FAILED: ShardState
 SHARD_STATE_STOPPED: ShardState
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("challenge",)
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    challenge: bytes
+    def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
 
 class NetworkInterface(_message.Message):
     __slots__ = ("name", "addresses", "kind", "is_up", "speed_mbps")
@@ -72,7 +74,7 @@ class Hardware(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., chip: _Optional[str] = ..., machine_model: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., gpu_memory_limit_bytes: _Optional[int] = ..., rdma: _Optional[bool] = ..., measured_bandwidth_gbs: _Optional[float] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("node_id", "name", "cluster", "protocol_version", "hardware", "mlx_version", "backends", "interfaces", "ring_port", "shard")
+    __slots__ = ("node_id", "name", "cluster", "protocol_version", "hardware", "mlx_version", "backends", "interfaces", "ring_port", "shard", "held_by", "proof")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,8 @@ class DescribeReply(_message.Message):
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
     RING_PORT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    HELD_BY_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     cluster: str
@@ -93,7 +97,9 @@ class DescribeReply(_message.Message):
     interfaces: _containers.RepeatedCompositeFieldContainer[NetworkInterface]
     ring_port: int
     shard: ShardStatus
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., mlx_version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., ring_port: _Optional[int] = ..., shard: _Optional[_Union[ShardStatus, _Mapping]] = ...) -> None: ...
+    held_by: str
+    proof: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., mlx_version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., ring_port: _Optional[int] = ..., shard: _Optional[_Union[ShardStatus, _Mapping]] = ..., held_by: _Optional[str] = ..., proof: _Optional[str] = ...) -> None: ...
 
 class InspectModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -124,7 +130,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step")
+    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +144,9 @@ class LoadRequest(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_STEP_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     model: str
     start_layer: int
@@ -151,13 +160,18 @@ class LoadRequest(_message.Message):
     max_batch: int
     max_queue: int
     prefill_step: int
-    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ...) -> None: ...
+    coordinator: str
+    chat_template: str
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
-    __slots__ = ("load_id",)
+    __slots__ = ("load_id", "coordinator")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     load_id: str
-    def __init__(self, load_id: _Optional[str] = ...) -> None: ...
+    coordinator: str
+    def __init__(self, load_id: _Optional[str] = ..., coordinator: _Optional[str] = ...) -> None: ...
 
 class WatchShardRequest(_message.Message):
     __slots__ = ("load_id",)
@@ -166,7 +180,7 @@ class WatchShardRequest(_message.Message):
     def __init__(self, load_id: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("load_id", "state", "model", "start_layer", "end_layer", "rank", "progress", "runner_address", "error", "runner_pid", "weights_bytes", "files", "active_bytes")
+    __slots__ = ("load_id", "state", "model", "start_layer", "end_layer", "rank", "progress", "runner_address", "error", "runner_pid", "weights_bytes", "files", "active_bytes", "world_size")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +194,7 @@ class ShardStatus(_message.Message):
     WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     state: ShardState
     model: str
@@ -193,7 +208,8 @@ class ShardStatus(_message.Message):
     weights_bytes: int
     files: _containers.RepeatedScalarFieldContainer[str]
     active_bytes: int
-    def __init__(self, load_id: _Optional[str] = ..., state: _Optional[_Union[ShardState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., progress: _Optional[float] = ..., runner_address: _Optional[str] = ..., error: _Optional[str] = ..., runner_pid: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., active_bytes: _Optional[int] = ...) -> None: ...
+    world_size: int
+    def __init__(self, load_id: _Optional[str] = ..., state: _Optional[_Union[ShardState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., progress: _Optional[float] = ..., runner_address: _Optional[str] = ..., error: _Optional[str] = ..., runner_pid: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., active_bytes: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class WakeRequest(_message.Message):
     __slots__ = ("load_id", "session")
@@ -208,10 +224,12 @@ class WakeReply(_message.Message):
     def __init__(self) -> None: ...
 
 class TelemetryRequest(_message.Message):
-    __slots__ = ("interval_s",)
+    __slots__ = ("interval_s", "coordinator")
     INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     interval_s: float
-    def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+    coordinator: str
+    def __init__(self, interval_s: _Optional[float] = ..., coordinator: _Optional[str] = ...) -> None: ...
 
 class InterfaceTraffic(_message.Message):
     __slots__ = ("name", "bytes_sent", "bytes_received", "sent_bytes_per_s", "received_bytes_per_s")
