@@ -13,6 +13,7 @@ import grpc
 
 from pomona.coordinator.cluster import Cluster
 from pomona.coordinator.distribution import cluster_models
+from pomona.coordinator.model_info import ModelInfoCache
 from pomona.coordinator.monitor import NodeInfo, to_status_reply
 from pomona.coordinator.placement import PlacementError
 from pomona.coordinator.router import GenerateError, Router
@@ -33,6 +34,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, cluster: Cluster, router: Router):
         self.cluster = cluster
         self.router = router
+        self.model_info = ModelInfoCache(cluster)
 
     async def Generate(  # noqa: N802
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -64,6 +66,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             nodes=nodes,
             plan=serving.assignments if serving is not None else (),
             load_id=serving.load_id if serving is not None else "",
+            model_info=self.model_info.current(),
+            max_context=serving.max_context if serving is not None else 0,
         )
         reply.transfers.extend(cluster.distribution.node_transfers())
         return reply
@@ -71,6 +75,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def Status(  # noqa: N802
         self, request: coordinator_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.StatusReply:
+        await self.model_info.get()
         return self.status_reply()
 
     async def Events(  # noqa: N802
