@@ -25,6 +25,13 @@ import grpc
 from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator import events as ev
+from pomona.coordinator.distribution import (
+    Distributor,
+    TransferFailed,
+    check_disk,
+    prefer_holders,
+    relabel,
+)
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
@@ -34,6 +41,7 @@ from pomona.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 RETRY_PLAN_S = 2.0
+RETRY_TRANSFER_S = 10.0
 # A failed load is tried again after this, doubling up to RETRY_MAX_S; a
 # node whose load failed LEAVE_OUT_AFTER times in a row is left out of the
 # plan for LEAVE_OUT_S (or until it comes back after being lost).
@@ -98,6 +106,7 @@ class Cluster:
         # The served model's profile: it does not change while we serve it, and
         # re-forming after a failure should not wait to read it again.
         self._model_info: worker_pb2.ModelInfo | None = None
+        self.distribution = Distributor(self.monitor, self.channel)
 
     # -- membership -------------------------------------------------------------
 
@@ -237,7 +246,10 @@ class Cluster:
             return
         self.loading = True
         try:
-            info = await self._inspect(members)
+            survey = await self.distribution.take_survey(members, self.config.model)
+            info = await self._inspect(
+                self.distribution.holders_first(members, self.config.model, survey)
+            )
             if info is None:
                 return
             if await self._adopt(members, info.num_layers):
@@ -250,12 +262,29 @@ class Cluster:
                 concurrency=self.config.concurrency,
                 objective=self.config.objective,
             )
+            assignments = prefer_holders(
+                assignments, [m.describe for m in members], survey, self.config.model
+            )
+            self.plan = relabel(self.plan, assignments)
+            check_disk(assignments, survey, self.config.model)
+            self.problem = f"fetching the stages of {self.config.model} that workers lack"
+            await self.distribution.stage_all(
+                self.config.model,
+                members,
+                assignments,
+                survey,
+                self.config.load_timeout,
+                lambda line: setattr(self, "problem", line),
+            )
             await self._load(info, members, assignments)
         except PlacementError as e:
             self.reforming = False
             self.problem = str(e)
             self.monitor.events.record(ev.LOAD_FAILED, message=str(e))
             log.error("cannot place %s: %s", self.config.model, e)
+            if isinstance(e, TransferFailed):
+                # A cut transfer resumes where it stopped: try again shortly.
+                asyncio.get_running_loop().call_later(RETRY_TRANSFER_S, self.note_change)
         finally:
             self.loading = False
 

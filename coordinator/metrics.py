@@ -72,6 +72,7 @@ class PomonaCollector(Collector):
         reply = self._status()
         yield from _cluster_metrics(reply)
         yield from _node_metrics(reply)
+        yield from _transfer_metrics(reply)
         events = CounterMetricFamily(
             "pomona_events", "Events recorded since the coordinator started.", labels=["kind"]
         )
@@ -120,6 +121,23 @@ def _cluster_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:
         count = sum(1 for n in reply.nodes if n.node.state == state.to_proto())
         nodes.add_metric([state.value], count)
     yield nodes
+
+
+_TRANSFER_GAUGES = (
+    ("bytes_received", "bytes_received", "Bytes received by the node's latest stage transfer."),
+    ("bytes_done", "bytes_done", "Bytes of the node's stage verified and written so far."),
+    ("bytes_total", "bytes_total", "Bytes of the node's stage."),
+    ("bytes_per_second", "bytes_per_s", "Receive rate of the node's latest stage transfer."),
+)
+
+
+def _transfer_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:
+    """Stage transfers of the last load or pull (model distribution), by node."""
+    for suffix, field, help_text in _TRANSFER_GAUGES:
+        gauge = GaugeMetricFamily(f"pomona_transfer_{suffix}", help_text, labels=NODE_LABELS)
+        for t in reply.transfers:
+            gauge.add_metric([t.name, t.node_id], float(getattr(t.progress, field)))
+        yield gauge
 
 
 def _node_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:

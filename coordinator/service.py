@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pomona.coordinator.cluster import Cluster
+from pomona.coordinator.distribution import cluster_models
 from pomona.coordinator.model_info import ModelInfoCache
 from pomona.coordinator.monitor import NodeInfo, to_status_reply
+from pomona.coordinator.placement import PlacementError
 from pomona.coordinator.router import GenerateError, Router
-from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2
+from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, transfer_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
             for m in cluster.members.values()
         ]
-        return to_status_reply(
+        reply = to_status_reply(
             cluster.monitor,
             cluster=cluster.config.cluster,
             model=cluster.config.model,
@@ -67,6 +69,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             model_info=self.model_info.current(),
             max_context=serving.max_context if serving is not None else 0,
         )
+        reply.transfers.extend(cluster.distribution.node_transfers())
+        return reply
 
     async def Status(  # noqa: N802
         self, request: coordinator_pb2.StatusRequest, context: grpc.aio.ServicerContext
@@ -79,6 +83,24 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> AsyncIterator[coordinator_pb2.Event]:
         async for event in self.cluster.monitor.events.stream(request.after, request.follow):
             yield event
+
+    async def ListModels(  # noqa: N802
+        self, request: transfer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ClusterModels:
+        members = self.cluster.usable()
+        survey = await self.cluster.distribution.take_survey(members)
+        return cluster_models(survey, {m.node_id: m.name for m in members})
+
+    async def Pull(  # noqa: N802
+        self, request: coordinator_pb2.PullRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.PullProgress]:
+        from pomona.coordinator.pull import pull
+
+        try:
+            async for progress in pull(self.cluster, request.model, max(0, request.workers)):
+                yield progress
+        except PlacementError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     async def ListNodes(  # noqa: N802
         self, request: coordinator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext

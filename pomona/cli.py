@@ -30,6 +30,7 @@ from pomona.config import (
     MAX_CHAT_TEMPLATE_CHARS,
     CoordinatorConfig,
     WorkerConfig,
+    default_cache_dir,
     default_model_dirs,
     default_state_dir,
     http_host_for,
@@ -127,6 +128,18 @@ INSECURE_OPTION = click.option(
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Node id, logs.")
 @click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(path_type=Path))
 @click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where stage folders fetched from other workers go [default: ~/.cache/pomona/models].",
+)
+@click.option(
+    "--cache-max-gb",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Evict least recently used stage folders beyond this many GB [default: no limit].",
+)
+@click.option(
     "--max-memory",
     type=click.FloatRange(min=0),
     default=0.0,
@@ -150,6 +163,8 @@ def worker(
     mdns: tuple[str, ...],
     state_dir: Path | None,
     model_dirs: tuple[Path, ...],
+    cache_dir: Path | None,
+    cache_max_gb: float,
     max_memory: float,
     config_path: Path | None,
     insecure: bool,
@@ -177,6 +192,8 @@ def worker(
         or (cluster_config.model_dirs if cluster_config else ())
         or default_model_dirs(),
         max_memory_bytes=int(max_memory * 1e9),
+        cache_dir=cache_dir or default_cache_dir(),
+        cache_max_bytes=int(cache_max_gb * 1e9),
     )
     prune_runs(runs_dir(config.state_dir))  # logs of loads before a restart
     _run_until_signal(lambda stop: serve(config, stop=stop))
@@ -461,6 +478,7 @@ def _register_commands() -> None:
     from pomona.chat import chat_command
     from pomona.coordinator.plan_cli import plan_command
     from pomona.init_cmd import init_command
+    from pomona.models_cmd import models_command, pull_command
     from pomona.status_cmd import events_command, status_command
 
     main.add_command(init_command, "init")
@@ -469,6 +487,8 @@ def _register_commands() -> None:
     main.add_command(chat_command, "chat")
     main.add_command(status_command, "status")
     main.add_command(events_command, "events")
+    main.add_command(models_command, "models")
+    main.add_command(pull_command, "pull")
 
 
 _register_commands()

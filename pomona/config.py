@@ -32,7 +32,12 @@ def default_state_dir() -> Path:
 
 
 def default_model_dirs() -> tuple[Path, ...]:
-    return (Path.home() / "models", Path.home() / ".cache" / "pomona" / "models")
+    return (Path.home() / "models", default_cache_dir())
+
+
+def default_cache_dir() -> Path:
+    """Where a worker keeps the stage folders it receives from other workers."""
+    return Path.home() / ".cache" / "pomona" / "models"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,9 @@ class WorkerConfig:
     load_timeout: float = 600.0
     # Cap on the memory this worker offers to models (0: no cap).
     max_memory_bytes: int = 0
+    # Stage folders received from other workers, and the cache's limit (0: none).
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_max_bytes: int = 0
 
     @property
     def effective_ring_port(self) -> int:

@@ -17,7 +17,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -220,6 +220,28 @@ def _notes(reply: coordinator_pb2.StatusReply) -> list[Text]:
     return notes
 
 
+def transfer_lines(transfers: Iterable[coordinator_pb2.NodeTransfer]) -> list[Text]:
+    """One line per worker's stage transfer: bytes, rate and time left, or how it ended."""
+    lines = []
+    for t in transfers:
+        p = t.progress
+        share = f"{_size(p.bytes_done)} of {_size(p.bytes_total)}"
+        if p.state == "fetching":
+            pct = 100 * p.bytes_done / p.bytes_total if p.bytes_total else 0
+            eta = f", {p.eta_s:.0f} s left" if p.HasField("eta_s") else ""
+            text = (
+                f"{t.name}: fetching its stage, {share} ({pct:.0f}%), {_size(p.bytes_per_s)}/s{eta}"
+            )
+            lines.append(Text(text, style="cyan"))
+        elif p.state == "done":
+            lines.append(Text(f"{t.name}: stage fetched, {_size(p.bytes_received)} received"))
+        else:
+            lines.append(
+                Text(f"{t.name}: stage already held ({_size(p.bytes_total)})", style="dim")
+            )
+    return lines
+
+
 def status_view(
     reply: coordinator_pb2.StatusReply | None,
     width: int,
@@ -237,6 +259,7 @@ def status_view(
         parts.append(fitted_table(reply, width))
         parts.extend(_summary(reply, width))
         parts.extend(_notes(reply))
+        parts.extend(transfer_lines(reply.transfers))
     return Group(*parts)
 
 

@@ -24,16 +24,19 @@ from pomona.mdns import make_zeroconf
 from pomona.model_profile import ModelProfile
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.tokens import describe_proof
-from pomona.v1 import worker_pb2, worker_pb2_grpc
+from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
 from pomona.worker.lease import Lease
+from pomona.worker.model_store import ModelStore
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
 from pomona.worker.sampler import Sampler
+from pomona.worker.stage_cache import StageCache, StageKey
 from pomona.worker.telemetry import effective_interval, telemetry_stream
+from pomona.worker.transfer_service import TransferService
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         # Measured (once per machine, in the background) only where Apple's
         # table does not know the chip or this variant of it.
         self.bandwidth_gbs: float | None = None
+        self.stage_cache = StageCache(config.cache_dir, config.cache_max_bytes)
 
     async def measure_bandwidth(self) -> None:
         if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
@@ -230,8 +234,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         # Only what is quick: this call has a short deadline, and importing a
         # model's code can take seconds on a busy machine. The runner checks
         # the rest as it loads.
-        path = await self._path(request.model, context)
-        num_layers = await asyncio.to_thread(config_layers, path)
+        path, num_layers = await self._stage_or_model(request, context)
         if num_layers and request.end_layer > num_layers:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -273,6 +276,23 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             )
             await self.runner.start()
             return shard_to_proto(self.runner.info)
+
+    async def _stage_or_model(
+        self, r: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[Path, int]:
+        """The model's folder here, else a stage folder received for this range."""
+        key = StageKey.of(r.start_layer, r.end_layer, r.rank, r.world_size)
+        folder = await asyncio.to_thread(self.stage_cache.find, r.model, key)
+        if folder is not None:
+            try:
+                await asyncio.to_thread(self._resolve, r.model)
+            except ModelRefused as e:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+            except (ModelNotFound, OSError):
+                self.stage_cache.touch(folder.path)
+                return folder.path, folder.num_layers
+        path = await self._path(r.model, context)
+        return path, await asyncio.to_thread(config_layers, path)
 
     def _check_load(self, r: worker_pb2.LoadRequest) -> str:
         if not r.load_id or len(r.load_id) > 64:
@@ -373,6 +393,7 @@ async def serve(
     daemon = WorkerDaemon(config)
     server = rpc.aio_server(config.auth, target=daemon.node_id)
     worker_pb2_grpc.add_WorkerServicer_to_server(daemon, server)
+    transfer_pb2_grpc.add_ModelTransferServicer_to_server(transfer_service(daemon), server)
     health_servicer = (
         health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     )
@@ -417,6 +438,17 @@ async def serve(
         measuring.cancel()
         await daemon.shutdown()
         await server.stop(grace=1.0)
+
+
+def transfer_service(daemon: WorkerDaemon) -> TransferService:
+    """Model distribution: serves what this worker holds, fetches the stages it lacks."""
+    store = ModelStore(daemon._resolve, daemon.config.model_dirs, daemon.stage_cache)
+
+    def in_use() -> list[Path]:
+        runner = daemon.runner
+        return [Path(runner.spec.model_path)] if runner is not None else []
+
+    return TransferService(store, daemon.config.auth, in_use)
 
 
 async def _set_serving(servicer: object) -> None:

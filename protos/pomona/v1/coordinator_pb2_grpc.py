@@ -6,6 +6,7 @@ import warnings
 
 from pomona.v1 import common_pb2 as pomona_dot_v1_dot_common__pb2
 from pomona.v1 import coordinator_pb2 as pomona_dot_v1_dot_coordinator__pb2
+from pomona.v1 import transfer_pb2 as pomona_dot_v1_dot_transfer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -56,6 +57,16 @@ class CoordinatorStub:
                 request_serializer=pomona_dot_v1_dot_coordinator__pb2.EventsRequest.SerializeToString,
                 response_deserializer=pomona_dot_v1_dot_coordinator__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/pomona.v1.Coordinator/ListModels',
+                request_serializer=pomona_dot_v1_dot_transfer__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=pomona_dot_v1_dot_coordinator__pb2.ClusterModels.FromString,
+                _registered_method=True)
+        self.Pull = channel.unary_stream(
+                '/pomona.v1.Coordinator/Pull',
+                request_serializer=pomona_dot_v1_dot_coordinator__pb2.PullRequest.SerializeToString,
+                response_deserializer=pomona_dot_v1_dot_coordinator__pb2.PullProgress.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -87,6 +98,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Which models the workers hold, whole or as stage folders.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pull(self, request, context):
+        """Plan a model and have every worker of the plan fetch the stage it lacks,
+        ahead of serving; progress streams until every stage is held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +135,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=pomona_dot_v1_dot_coordinator__pb2.EventsRequest.FromString,
                     response_serializer=pomona_dot_v1_dot_coordinator__pb2.Event.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=pomona_dot_v1_dot_transfer__pb2.ListModelsRequest.FromString,
+                    response_serializer=pomona_dot_v1_dot_coordinator__pb2.ClusterModels.SerializeToString,
+            ),
+            'Pull': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=pomona_dot_v1_dot_coordinator__pb2.PullRequest.FromString,
+                    response_serializer=pomona_dot_v1_dot_coordinator__pb2.PullProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +255,60 @@ class Coordinator:
             '/pomona.v1.Coordinator/Events',
             pomona_dot_v1_dot_coordinator__pb2.EventsRequest.SerializeToString,
             pomona_dot_v1_dot_coordinator__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Coordinator/ListModels',
+            pomona_dot_v1_dot_transfer__pb2.ListModelsRequest.SerializeToString,
+            pomona_dot_v1_dot_coordinator__pb2.ClusterModels.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pomona.v1.Coordinator/Pull',
+            pomona_dot_v1_dot_coordinator__pb2.PullRequest.SerializeToString,
+            pomona_dot_v1_dot_coordinator__pb2.PullProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,356 @@
+"""Model distribution, the coordinator's side: who holds the model, who needs which stage.
+
+Before a load, the coordinator asks every worker what it holds (``ListModels``),
+reads the model's profile from a worker that holds it whole, prefers holders
+when the planner's choice is among interchangeable machines, refuses a plan
+whose transfers do not fit a worker's disk, and then has every worker that
+lacks its stage fetch it (``Stage``) from the holders, watching progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import grpc
+
+from pomona import rpc
+from pomona.coordinator import events as ev
+from pomona.coordinator.monitor import Monitor
+from pomona.coordinator.placement import Assignment, PlacementError
+from pomona.coordinator.planner import Plan
+from pomona.units import format_bytes
+from pomona.v1 import coordinator_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
+
+log = logging.getLogger(__name__)
+
+LIST_TIMEOUT = 10.0
+
+
+Survey = dict[str, transfer_pb2.ListModelsReply]  # by node id
+
+
+class Member(Protocol):
+    node_id: str
+    name: str
+    address: str
+    describe: worker_pb2.DescribeReply
+
+
+@dataclass(frozen=True)
+class StageNeed:
+    start: int
+    end: int
+    first: bool
+    last: bool
+
+    @classmethod
+    def of(cls, a: Assignment, rank: int, world_size: int) -> StageNeed:
+        return cls(a.start, a.end, rank == 0, rank == world_size - 1)
+
+
+def held_model(
+    reply: transfer_pb2.ListModelsReply | None, model: str
+) -> transfer_pb2.HeldModel | None:
+    if reply is None:
+        return None
+    return next((m for m in reply.models if m.model == model), None)
+
+
+def holds_stage(held: transfer_pb2.HeldModel | None, need: StageNeed) -> bool:
+    """Whether ``held`` has every tensor of stage ``need`` (the whole model, or a stage folder)."""
+    if held is None:
+        return False
+    if held.complete:
+        return True
+    return any(
+        s.start_layer <= need.start
+        and need.end <= s.end_layer
+        and (s.first or not need.first)
+        and (s.last or not need.last)
+        for s in held.stages
+    )
+
+
+def _kind(d: worker_pb2.DescribeReply) -> tuple[object, ...]:
+    """What makes two machines interchangeable to the planner (memory in use aside).
+
+    The chip and the memory. Bandwidth follows from the chip where Apple's table
+    knows it; elsewhere each worker measures it, and one machine measures values
+    apart by more than a third from run to run on a busy CPU: same chip, same kind.
+    """
+    hw = d.hardware
+    return (hw.chip, hw.total_memory_bytes, hw.gpu_memory_limit_bytes, hw.gpu_cores, hw.rdma)
+
+
+def prefer_holders(
+    assignments: Sequence[Assignment],
+    nodes: Sequence[worker_pb2.DescribeReply],
+    survey: dict[str, transfer_pb2.ListModelsReply],
+    model: str,
+) -> list[Assignment]:
+    """The plan with interchangeable machines swapped so that holders keep what they hold.
+
+    A tie-breaker only: a stage moves only to a machine of the same kind as the
+    one the planner chose (same chip and memory), so memory fit is unchanged.
+    Stages are settled largest first.
+    """
+    kinds = {d.node_id: _kind(d) for d in nodes}
+    names = {d.node_id: d.name for d in nodes}
+    world = len(assignments)
+    free = {d.node_id for d in nodes}
+    order = sorted(range(world), key=lambda i: -assignments[i].weights_bytes)
+    planned = {a.node_id: i for i, a in enumerate(assignments)}
+    chosen: dict[int, str] = {}
+    # A stage folder is of use for its own stage only: those stay first. A
+    # whole model is of use anywhere: its holder goes to the largest stage.
+    for i in order:
+        a = assignments[i]
+        held = held_model(survey.get(a.node_id), model)
+        if held is not None and not held.complete and holds_stage(held, StageNeed.of(a, i, world)):
+            chosen[i] = a.node_id
+            free.discard(a.node_id)
+    for i in order:
+        if i in chosen:
+            continue
+        a = assignments[i]
+        need = StageNeed.of(a, i, world)
+        same = [n for n in sorted(free) if kinds.get(n) == kinds.get(a.node_id)]
+        holder = next(
+            (n for n in same if holds_stage(held_model(survey.get(n), model), need)), None
+        )
+        pick = holder or min(same, key=lambda n: _moves(n, a.node_id, planned, chosen))
+        chosen[i] = pick
+        free.discard(pick)
+    return [
+        replace(a, node_id=chosen[i], name=names.get(chosen[i], a.name))
+        for i, a in enumerate(assignments)
+    ]
+
+
+def _moves(node: str, own: str, planned: dict[str, int], chosen: dict[int, str]) -> int:
+    """How much taking ``node`` for a stage planned on ``own`` disturbs the plan."""
+    if node == own:
+        return 0
+    if node in planned and planned[node] in chosen:
+        return 1  # its own stage went to a holder: it is free to move
+    return 2 if node not in planned else 3
+
+
+def check_disk(
+    assignments: Sequence[Assignment],
+    survey: dict[str, transfer_pb2.ListModelsReply],
+    model: str,
+) -> None:
+    """PlacementError when a worker would fetch more than its model cache has room for."""
+    world = len(assignments)
+    problems = []
+    for i, a in enumerate(assignments):
+        reply = survey.get(a.node_id)
+        if reply is None or holds_stage(held_model(reply, model), StageNeed.of(a, i, world)):
+            continue
+        room = reply.cache_free_bytes
+        if reply.cache_max_bytes:
+            room = min(room, reply.cache_max_bytes)
+        if a.weights_bytes > room:
+            problems.append(
+                f"{a.name} would fetch layers [{a.start}, {a.end}) of {model}: "
+                f"{format_bytes(a.weights_bytes)}, but its model cache ({reply.cache_dir}) has "
+                f"{format_bytes(room)} free, {format_bytes(a.weights_bytes - room)} short"
+            )
+    if problems:
+        raise PlacementError("; ".join(problems))
+
+
+def relabel(plan: Plan | None, assignments: Sequence[Assignment]) -> Plan | None:
+    """The plan with each stage on the node ``prefer_holders`` gave it."""
+    if plan is None or len(plan.stages) != len(assignments):
+        return plan
+    stages = tuple(
+        replace(s, node_id=a.node_id, name=a.name)
+        for s, a in zip(plan.stages, assignments, strict=True)
+    )
+    return replace(plan, stages=stages)
+
+
+class TransferFailed(PlacementError):
+    pass
+
+
+class Distributor:
+    def __init__(self, monitor: Monitor, channel: Callable[[str, str], grpc.aio.Channel]) -> None:
+        self.monitor = monitor
+        self._channel = channel
+        # The last progress of every worker's transfer, by node id (for status).
+        self.transfers: dict[str, transfer_pb2.TransferProgress] = {}
+        self.names: dict[str, str] = {}
+        self._on_progress: Callable[[str], None] = lambda line: None
+
+    def _stub(self, m: Member) -> transfer_pb2_grpc.ModelTransferStub:
+        return transfer_pb2_grpc.ModelTransferStub(self._channel(m.address, m.node_id))
+
+    async def take_survey(
+        self, members: Sequence[Member], model: str = ""
+    ) -> dict[str, transfer_pb2.ListModelsReply]:
+        """What each worker holds; a worker that cannot say holds nothing."""
+
+        async def one(m: Member) -> transfer_pb2.ListModelsReply | None:
+            try:
+                return await self._stub(m).ListModels(
+                    transfer_pb2.ListModelsRequest(model=model), timeout=LIST_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "%s cannot list its models: %s", m.name, rpc.describe_error(e, m.address)
+                )
+                return None
+
+        replies = await asyncio.gather(*(one(m) for m in members))
+        return {m.node_id: r for m, r in zip(members, replies, strict=True) if r is not None}
+
+    def holders_first(self, members: Sequence[Member], model: str, survey: Survey) -> list[Member]:
+        """``members``, those holding ``model`` whole first (they can profile it)."""
+
+        def whole(m: Member) -> bool:
+            held = held_model(survey.get(m.node_id), model)
+            return held is not None and held.complete
+
+        return sorted(members, key=lambda m: not whole(m))
+
+    def sources(
+        self, members: Sequence[Member], model: str, exclude: str, survey: Survey
+    ) -> list[tuple[str, str]]:
+        """Addresses of the members holding ``model``: whole first, then stage folders."""
+        held = [
+            (m, h)
+            for m in members
+            if m.node_id != exclude and (h := held_model(survey.get(m.node_id), model))
+        ]
+        held.sort(key=lambda mh: not mh[1].complete)
+        return [(m.address, m.node_id) for m, _ in held]
+
+    def node_transfers(self) -> list[coordinator_pb2.NodeTransfer]:
+        return [
+            coordinator_pb2.NodeTransfer(node_id=n, name=self.names.get(n, n), progress=p)
+            for n, p in sorted(self.transfers.items(), key=lambda kv: self.names.get(kv[0], kv[0]))
+        ]
+
+    def progress_line(self) -> str:
+        """`fetching stages: mini-2 120 MB of 400 MB, 95 MB/s, 3 s left; ...`."""
+        parts = []
+        for n, p in sorted(self.transfers.items(), key=lambda kv: self.names.get(kv[0], kv[0])):
+            if p.state != "fetching":
+                continue
+            eta = f", {p.eta_s:.0f} s left" if p.HasField("eta_s") else ""
+            parts.append(
+                f"{self.names.get(n, n)} {format_bytes(p.bytes_done)} of "
+                f"{format_bytes(p.bytes_total)}, {format_bytes(int(p.bytes_per_s))}/s{eta}"
+            )
+        return "fetching stages: " + ("; ".join(parts) or "starting")
+
+    async def stage_all(
+        self,
+        model: str,
+        members: Sequence[Member],
+        assignments: Sequence[Assignment],
+        survey: Survey,
+        timeout: float,
+        on_progress: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        """Every worker of the plan holds its stage, or TransferFailed says who does not."""
+        by_id = {m.node_id: m for m in members}
+        self.names.update({m.node_id: m.name for m in members})
+        self.transfers.clear()
+        self._on_progress = on_progress
+        world = len(assignments)
+        jobs = []
+        for rank, a in enumerate(assignments):
+            if a.node_id not in survey:
+                continue  # it cannot say what it holds: it loads from its own model dirs
+            held = held_model(survey[a.node_id], model)
+            if held is not None and held.complete:
+                continue
+            sources = self.sources(members, model, a.node_id, survey)
+            jobs.append(self._stage_one(model, by_id[a.node_id], sources, a, rank, world, timeout))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise TransferFailed("; ".join(errors))
+
+    async def _stage_one(
+        self,
+        model: str,
+        member: Member,
+        sources: list[tuple[str, str]],
+        a: Assignment,
+        rank: int,
+        world: int,
+        timeout: float,
+    ) -> None:
+        request = transfer_pb2.StageRequest(
+            model=model,
+            start_layer=a.start,
+            end_layer=a.end,
+            rank=rank,
+            world_size=world,
+            sources=[address for address, _ in sources],
+            source_node_ids=[node_id for _, node_id in sources],
+        )
+        what = f"layers [{a.start}, {a.end}) of {model}"
+        started = time.monotonic()
+        announced = False
+        last = None
+        try:
+            # A large stage on a slow link may take longer than a load: at least 10 MB/s.
+            deadline = max(timeout, 60.0 + a.weights_bytes / 10e6)
+            async for progress in self._stub(member).Stage(request, timeout=deadline):
+                last = progress
+                self.transfers[member.node_id] = progress
+                self._on_progress(self.progress_line())
+                if progress.state == "fetching" and not announced:
+                    announced = True
+                    self.monitor.events.record(
+                        ev.TRANSFER_STARTED,
+                        member.node_id,
+                        member.name,
+                        f"{what}: {format_bytes(progress.bytes_total)} from {progress.source}",
+                    )
+        except grpc.aio.AioRpcError as e:
+            why = f"{member.name} cannot fetch {what}: {rpc.describe_error(e, member.address)}"
+            self.monitor.events.record(ev.TRANSFER_FAILED, member.node_id, member.name, why)
+            raise TransferFailed(why) from e
+        if last is not None and last.state == "done":
+            seconds = time.monotonic() - started
+            self.monitor.events.record(
+                ev.TRANSFER_FINISHED,
+                member.node_id,
+                member.name,
+                f"{what}: {format_bytes(last.bytes_received)} received in {seconds:.1f} s "
+                f"({format_bytes(int(last.bytes_received / max(seconds, 1e-3)))}/s)",
+            )
+
+
+def cluster_models(
+    survey: dict[str, transfer_pb2.ListModelsReply], names: dict[str, str]
+) -> coordinator_pb2.ClusterModels:
+    """Every model some worker holds, with who holds it and how much."""
+    models: dict[str, coordinator_pb2.ClusterModel] = {}
+    for node_id, reply in sorted(survey.items(), key=lambda kv: names.get(kv[0], kv[0])):
+        for held in reply.models:
+            entry = models.setdefault(held.model, coordinator_pb2.ClusterModel(model=held.model))
+            if held.complete:
+                entry.size_bytes = max(entry.size_bytes, held.bytes)
+            entry.holders.append(
+                coordinator_pb2.ModelHolder(
+                    node_id=node_id,
+                    name=names.get(node_id, node_id),
+                    complete=held.complete,
+                    bytes=held.bytes,
+                    stages=held.stages,
+                )
+            )
+    return coordinator_pb2.ClusterModels(models=[models[k] for k in sorted(models)])
