@@ -27,33 +27,33 @@ from pomona.v1 import common_pb2 as pomona_dot_v1_dot_common__pb2
 from pomona.v1 import worker_pb2 as pomona_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpomona/v1/coordinator.proto\x12\tpomona.v1\x1a\x16pomona/v1/common.proto\x1a\x16pomona/v1/worker.proto\"\x12\n\x10ListNodesRequest\"\xbe\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.pomona.v1.NodeState\x12%\n\x08hardware\x18\x05 \x01(\x0b\x32\x13.pomona.v1.Hardware\x12%\n\x05shard\x18\x06 \x01(\x0b\x32\x16.pomona.v1.ShardStatus\x12\x13\n\x0bmlx_version\x18\x07 \x01(\t\"r\n\x0eListNodesReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x1e\n\x05nodes\x18\x04 \x03(\x0b\x32\x0f.pomona.v1.Node\x12\x0f\n\x07serving\x18\x05 \x01(\x08\"\x0f\n\rStatusRequest\"\xd7\x01\n\nNodeStatus\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.pomona.v1.Node\x12%\n\x06sample\x18\x02 \x01(\x0b\x32\x15.pomona.v1.NodeSample\x12\x1c\n\x0fheartbeat_rtt_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0blast_seen_s\x18\x04 \x01(\x01\x12\"\n\x15pipeline_tokens_per_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_heartbeat_rtt_sB\x18\n\x16_pipeline_tokens_per_s\"i\n\tPlanStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x15\n\rweights_bytes\x18\x05 \x01(\x04\"\xc0\x02\n\x0bStatusReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12$\n\x05nodes\x18\x05 \x03(\x0b\x32\x15.pomona.v1.NodeStatus\x12\"\n\x04plan\x18\x06 \x03(\x0b\x32\x14.pomona.v1.PlanStage\x12\x0f\n\x07load_id\x18\x07 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x13\n\x06ttft_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12requests_in_flight\x18\n \x01(\x05\x12\x16\n\x0erequests_total\x18\x0b \x01(\x04\x12\x17\n\x0frequests_failed\x18\x0c \x01(\x04\x12\x11\n\ttimestamp\x18\r \x01(\x01\x42\t\n\x07_ttft_s\".\n\rEventsRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\"j\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t*\xb5\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15NODE_STATE_DISCOVERED\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x16\n\x12NODE_STATE_SERVING\x10\x03\x12\x13\n\x0fNODE_STATE_IDLE\x10\x04\x12\x13\n\x0fNODE_STATE_LOST\x10\x05\x12\x17\n\x13NODE_STATE_DEGRADED\x10\x06\x32\x8a\x02\n\x0b\x43oordinator\x12\x42\n\x08Generate\x12\x1a.pomona.v1.GenerateRequest\x1a\x18.pomona.v1.GenerateChunk0\x01\x12\x43\n\tListNodes\x12\x1b.pomona.v1.ListNodesRequest\x1a\x19.pomona.v1.ListNodesReply\x12:\n\x06Status\x12\x18.pomona.v1.StatusRequest\x1a\x16.pomona.v1.StatusReply\x12\x36\n\x06\x45vents\x12\x18.pomona.v1.EventsRequest\x1a\x10.pomona.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpomona/v1/coordinator.proto\x12\tpomona.v1\x1a\x16pomona/v1/common.proto\x1a\x16pomona/v1/worker.proto\"\x12\n\x10ListNodesRequest\"\xee\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.pomona.v1.NodeState\x12%\n\x08hardware\x18\x05 \x01(\x0b\x32\x13.pomona.v1.Hardware\x12%\n\x05shard\x18\x06 \x01(\x0b\x32\x16.pomona.v1.ShardStatus\x12\x13\n\x0bmlx_version\x18\x07 \x01(\t\x12.\n\rbackend_facts\x18\x1e \x01(\x0b\x32\x17.pomona.v1.BackendFacts\"r\n\x0eListNodesReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x1e\n\x05nodes\x18\x04 \x03(\x0b\x32\x0f.pomona.v1.Node\x12\x0f\n\x07serving\x18\x05 \x01(\x08\"\x0f\n\rStatusRequest\"\xd7\x01\n\nNodeStatus\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.pomona.v1.Node\x12%\n\x06sample\x18\x02 \x01(\x0b\x32\x15.pomona.v1.NodeSample\x12\x1c\n\x0fheartbeat_rtt_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0blast_seen_s\x18\x04 \x01(\x01\x12\"\n\x15pipeline_tokens_per_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_heartbeat_rtt_sB\x18\n\x16_pipeline_tokens_per_s\"i\n\tPlanStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x15\n\rweights_bytes\x18\x05 \x01(\x04\"\xc0\x02\n\x0bStatusReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12$\n\x05nodes\x18\x05 \x03(\x0b\x32\x15.pomona.v1.NodeStatus\x12\"\n\x04plan\x18\x06 \x03(\x0b\x32\x14.pomona.v1.PlanStage\x12\x0f\n\x07load_id\x18\x07 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x13\n\x06ttft_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12requests_in_flight\x18\n \x01(\x05\x12\x16\n\x0erequests_total\x18\x0b \x01(\x04\x12\x17\n\x0frequests_failed\x18\x0c \x01(\x04\x12\x11\n\ttimestamp\x18\r \x01(\x01\x42\t\n\x07_ttft_s\".\n\rEventsRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\"j\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t*\xb5\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15NODE_STATE_DISCOVERED\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x16\n\x12NODE_STATE_SERVING\x10\x03\x12\x13\n\x0fNODE_STATE_IDLE\x10\x04\x12\x13\n\x0fNODE_STATE_LOST\x10\x05\x12\x17\n\x13NODE_STATE_DEGRADED\x10\x06\x32\x8a\x02\n\x0b\x43oordinator\x12\x42\n\x08Generate\x12\x1a.pomona.v1.GenerateRequest\x1a\x18.pomona.v1.GenerateChunk0\x01\x12\x43\n\tListNodes\x12\x1b.pomona.v1.ListNodesRequest\x1a\x19.pomona.v1.ListNodesReply\x12:\n\x06Status\x12\x18.pomona.v1.StatusRequest\x1a\x16.pomona.v1.StatusReply\x12\x36\n\x06\x45vents\x12\x18.pomona.v1.EventsRequest\x1a\x10.pomona.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pomona.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=1241
-  _globals['_NODESTATE']._serialized_end=1422
+  _globals['_NODESTATE']._serialized_start=1289
+  _globals['_NODESTATE']._serialized_end=1470
   _globals['_LISTNODESREQUEST']._serialized_start=90
   _globals['_LISTNODESREQUEST']._serialized_end=108
   _globals['_NODE']._serialized_start=111
-  _globals['_NODE']._serialized_end=301
-  _globals['_LISTNODESREPLY']._serialized_start=303
-  _globals['_LISTNODESREPLY']._serialized_end=417
-  _globals['_STATUSREQUEST']._serialized_start=419
-  _globals['_STATUSREQUEST']._serialized_end=434
-  _globals['_NODESTATUS']._serialized_start=437
-  _globals['_NODESTATUS']._serialized_end=652
-  _globals['_PLANSTAGE']._serialized_start=654
-  _globals['_PLANSTAGE']._serialized_end=759
-  _globals['_STATUSREPLY']._serialized_start=762
-  _globals['_STATUSREPLY']._serialized_end=1082
-  _globals['_EVENTSREQUEST']._serialized_start=1084
-  _globals['_EVENTSREQUEST']._serialized_end=1130
-  _globals['_EVENT']._serialized_start=1132
-  _globals['_EVENT']._serialized_end=1238
-  _globals['_COORDINATOR']._serialized_start=1425
-  _globals['_COORDINATOR']._serialized_end=1691
+  _globals['_NODE']._serialized_end=349
+  _globals['_LISTNODESREPLY']._serialized_start=351
+  _globals['_LISTNODESREPLY']._serialized_end=465
+  _globals['_STATUSREQUEST']._serialized_start=467
+  _globals['_STATUSREQUEST']._serialized_end=482
+  _globals['_NODESTATUS']._serialized_start=485
+  _globals['_NODESTATUS']._serialized_end=700
+  _globals['_PLANSTAGE']._serialized_start=702
+  _globals['_PLANSTAGE']._serialized_end=807
+  _globals['_STATUSREPLY']._serialized_start=810
+  _globals['_STATUSREPLY']._serialized_end=1130
+  _globals['_EVENTSREQUEST']._serialized_start=1132
+  _globals['_EVENTSREQUEST']._serialized_end=1178
+  _globals['_EVENT']._serialized_start=1180
+  _globals['_EVENT']._serialized_end=1286
+  _globals['_COORDINATOR']._serialized_start=1473
+  _globals['_COORDINATOR']._serialized_end=1739
 # @@protoc_insertion_point(module_scope)
