@@ -143,3 +143,13 @@ def choose_backend(requested: str, nodes: Sequence[NodeFacts]) -> BackendChoice:
     else:
         why = _no_rdma(nodes)
     return BackendChoice("ring", f"TCP: {why}")
+
+
+def rdma_rows(choice: BackendChoice) -> list[worker_pb2.RdmaRow]:
+    """The device matrix as LoadRequest.rdma carries it (only JACCL needs it)."""
+    if not choice.backend.startswith("jaccl"):
+        return []
+    return [
+        worker_pb2.RdmaRow(peers=[worker_pb2.RdmaPeer(devices=list(d)) for d in row])
+        for row in choice.rdma
+    ]

@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -25,6 +25,7 @@ import grpc
 from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator import events as ev
+from pomona.coordinator.backend_choice import BackendChoice, choose_backend, facts_of, rdma_rows
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
@@ -40,6 +41,10 @@ RETRY_PLAN_S = 2.0
 RETRY_MAX_S = 30.0
 LEAVE_OUT_AFTER = 2
 LEAVE_OUT_S = 300.0
+
+
+class GroupFailed(RuntimeError):
+    """A runner loaded but its MLX group did not form: the backend is at fault."""
 
 
 @dataclass
@@ -95,6 +100,8 @@ class Cluster:
         self._load_failures: dict[str, int] = {}
         self.left_out: dict[str, tuple[float, str]] = {}
         self._retries = 0
+        # Node sets whose group did not form over the chosen backend: the ring, and why.
+        self._backend_failed: dict[frozenset[str], str] = {}
 
     # -- membership -------------------------------------------------------------
 
@@ -374,11 +381,25 @@ class Cluster:
         log.error("%s", self.problem)
         return None
 
+    def _choose_backend(self, ordered: list[Member]) -> BackendChoice:
+        failed = self._backend_failed.get(frozenset(m.node_id for m in ordered))
+        if failed is not None:
+            return BackendChoice("ring", failed)
+        nodes = [facts_of(m.name, m.describe.backend_facts) for m in ordered]
+        return choose_backend(self.config.backend, nodes)
+
     async def _load(
-        self, info: worker_pb2.ModelInfo, members: list[Member], assignments: list[Assignment]
+        self,
+        info: worker_pb2.ModelInfo,
+        members: list[Member],
+        assignments: list[Assignment],
+        choice: BackendChoice | None = None,
     ) -> None:
         by_id = {m.node_id: m for m in members}
         ordered = [by_id[a.node_id] for a in assignments]
+        choice = choice or self._choose_backend(ordered)
+        if self.plan is not None:
+            self.plan = replace(self.plan, backend=choice.backend)
         load_id = uuid.uuid4().hex[:12]
         ring_hosts = [f"{m.host}:{m.describe.ring_port}" for m in ordered]
         workers = [m.address for m in ordered]
@@ -387,7 +408,10 @@ class Cluster:
             f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)
         )
         self.problem = f"loading {self.config.model} on {len(ordered)} workers"
-        self.monitor.events.record(ev.PLAN_CHANGED, message=f"{self.config.model}: {layout}")
+        self.monitor.events.record(
+            ev.PLAN_CHANGED,
+            message=f"{self.config.model}: {layout}; backend {choice.backend} ({choice.reason})",
+        )
         self.monitor.events.record(ev.LOAD_STARTED, message=f"load {load_id}")
         log.info("loading %s (%d layers): %s", self.config.model, info.num_layers, layout)
         for m in ordered:
@@ -402,7 +426,8 @@ class Cluster:
                 world_size=len(ordered),
                 ring_hosts=ring_hosts,
                 workers=workers,
-                backend="ring",
+                backend=choice.backend,
+                rdma=rdma_rows(choice),
                 max_context=max_context,
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
@@ -422,6 +447,10 @@ class Cluster:
             for m, r in zip(ordered, results, strict=True)
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
         }
+        group_failed = any(isinstance(r, GroupFailed) for r in results)
+        if errors and group_failed and choice.backend != "ring":
+            await self._fall_back(info, members, assignments, choice, load_id, errors)
+            return
         if errors or any(m.state == "lost" for m in ordered):
             await self._load_failed(ordered, load_id, errors)
             return
@@ -445,6 +474,28 @@ class Cluster:
             ev.LOAD_FINISHED, message=f"load {load_id} in {time.monotonic() - started:.1f} s"
         )
         log.info("serving %s; requests enter at %s", self.config.model, head.runner_address)
+
+    async def _fall_back(
+        self,
+        info: worker_pb2.ModelInfo,
+        members: list[Member],
+        assignments: list[Assignment],
+        choice: BackendChoice,
+        load_id: str,
+        errors: dict[str, str],
+    ) -> None:
+        """The chosen backend did not form: the same plan again, over the ring."""
+        ordered = [m for m in members if any(a.node_id == m.node_id for a in assignments)]
+        self._dead_loads.add(load_id)
+        await self._unload(ordered, load_id)
+        reason = (
+            f"the {choice.backend} group did not form ({'; '.join(errors.values())}): "
+            "loading the same plan over the ring"
+        )
+        self._backend_failed[frozenset(m.node_id for m in ordered)] = reason
+        self.monitor.events.record(ev.BACKEND_FALLBACK, message=reason)
+        log.warning("%s", reason)
+        await self._load(info, members, assignments, BackendChoice("ring", reason))
 
     async def _load_failed(
         self, ordered: list[Member], load_id: str, errors: dict[str, str]
@@ -490,7 +541,8 @@ class Cluster:
             ):
                 last = status
                 if status.state == worker_pb2.SHARD_STATE_FAILED:
-                    raise RuntimeError(status.error or "the runner failed")
+                    failure = GroupFailed if status.group_failed else RuntimeError
+                    raise failure(status.error or "the runner failed")
             if last is None or last.state != worker_pb2.SHARD_STATE_READY:
                 raise RuntimeError("the runner stopped before it was ready")
             return last

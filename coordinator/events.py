@@ -41,10 +41,12 @@ REQUEST_FAILED = "request_failed"
 REQUEST_RETRIED = "request_retried"
 PIPELINE_FAILED = "pipeline_failed"
 NODE_LEFT_OUT = "node_left_out"
+# The chosen MLX backend (JACCL, NCCL) could not form its group: loaded again over the ring.
+BACKEND_FALLBACK = "backend_fallback"
 EVENT_KINDS = (
     NODE_JOINED, NODE_LOST, NODE_RETURNED, NODE_DEGRADED, NODE_RECOVERED,
     PLAN_CHANGED, LOAD_STARTED, LOAD_FINISHED, LOAD_FAILED, REQUEST_FAILED,
-    REQUEST_RETRIED, PIPELINE_FAILED, NODE_LEFT_OUT,
+    REQUEST_RETRIED, PIPELINE_FAILED, NODE_LEFT_OUT, BACKEND_FALLBACK,
 )  # fmt: skip
 
 
