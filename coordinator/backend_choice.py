@@ -102,7 +102,7 @@ def _no_rdma(nodes: Sequence[NodeFacts]) -> str:
         return "no worker reports RDMA (n/a: not macOS)"
     off = [n.name for n in nodes if n.rdma_status and n.rdma_status != "enabled"]
     if off:
-        return f"RDMA is {nodes[0].rdma_status or 'off'} on {', '.join(off)} (rdma_ctl enable)"
+        return f"RDMA is not enabled on {', '.join(off)} (rdma_ctl enable, in recovery mode)"
     return "no Thunderbolt cable with a working RDMA device joins the workers"
 
 
@@ -153,3 +153,28 @@ def rdma_rows(choice: BackendChoice) -> list[worker_pb2.RdmaRow]:
         worker_pb2.RdmaRow(peers=[worker_pb2.RdmaPeer(devices=list(d)) for d in row])
         for row in choice.rdma
     ]
+
+
+def described_facts(
+    nodes: Sequence[tuple[str, bool]], cables: Sequence[tuple[str, str]] | None
+) -> dict[str, NodeFacts]:
+    """Facts of machines described by hand, (name, rdma) each: RDMA nodes joined by
+    ``cables``, or each to every other RDMA node when no cables are given."""
+    rdma = {name for name, has in nodes if has}
+    peers: dict[str, set[str]] = {name: set() for name, _ in nodes}
+    if cables is None:
+        pairs = [(a, b) for a in rdma for b in rdma if a != b]
+    else:
+        unknown = sorted({x for c in cables for x in c} - set(peers))
+        if unknown:
+            raise ValueError(f"rdma_cables names unknown nodes: {', '.join(unknown)}")
+        pairs = [(a, b) for a, b in cables if a in rdma and b in rdma]
+    for a, b in pairs:
+        peers[a].add(b)
+        peers[b].add(a)
+    return {
+        name: NodeFacts(
+            name, "enabled" if has else "disabled", rdma_peers=tuple(sorted(peers[name]))
+        )
+        for name, has in nodes
+    }
