@@ -164,3 +164,26 @@ def test_cuda_everywhere_picks_nccl_and_a_named_backend_is_used_as_asked() -> No
     assert choose_backend("auto", [NodeFacts("solo")]).backend == "ring"
     with pytest.raises(ValueError, match="unknown backend"):
         choose_backend("mpi", gpus)
+
+
+def test_the_device_matrix_travels_in_load_requests_to_each_ranks_file() -> None:
+    from pomona.backends import rank_launch
+    from pomona.coordinator.backend_choice import rdma_rows
+    from pomona.v1 import worker_pb2
+    from pomona.worker.daemon import launch_hosts
+
+    nodes = cabled(["a", "b", "c", "d"], ring_cables(4) + [(0, 2)])  # a-c: two cables
+    choice = choose_backend("auto", nodes)
+    assert choice.backend == "jaccl-ring"
+    ring = [f"10.0.0.{i}:50152" for i in range(4)]
+    request = worker_pb2.LoadRequest(ring_hosts=ring, rdma=rdma_rows(choice))
+    launch = rank_launch(choice.backend, 2, launch_hosts(request))
+    assert launch.env == {
+        "MLX_RANK": "2",
+        "MLX_JACCL_COORDINATOR": "10.0.0.0:50152",
+        "MLX_JACCL_RING": "1",
+    }
+    matrix = json.loads(launch.files["MLX_IBV_DEVICES"])
+    assert matrix[2] == ["rdma_en4", "rdma_en2", None, "rdma_en3"]
+    assert [matrix[i][i] for i in range(4)] == [None] * 4
+    assert rdma_rows(choose_backend("ring", nodes)) == []
