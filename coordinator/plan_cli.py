@@ -101,7 +101,7 @@ def _load_nodes_from_coordinator(
     address: str, config_path: Path | None = None
 ) -> tuple[list[NodeSpec], dict[str, NodeFacts]]:
     """The workers a running coordinator knows, as the planner and the backend choice
-    see them (facts by name)."""
+    see them (facts by node id)."""
     import grpc
 
     from pomona import rpc
@@ -124,7 +124,7 @@ def _load_nodes_from_coordinator(
     ]
     if not nodes:
         raise click.ClickException(f"the coordinator at {address} knows no workers yet")
-    facts = {n.name: facts_of(n.name, n.backend_facts) for n in reply.nodes}
+    facts = {n.node_id: facts_of(n.name, n.backend_facts) for n in reply.nodes}
     return nodes, facts
 
 
@@ -275,7 +275,8 @@ def plan_command(
         if nodes_file is not None:
             nodes = load_nodes_file(nodes_file)
             cables = load_rdma_cables(nodes_file)
-            facts = described_facts([(n.name, n.rdma) for n in nodes], cables)
+            by_name = described_facts([(n.name, n.rdma) for n in nodes], cables)
+            facts = {n.node_id: by_name[n.name] for n in nodes}
         else:
             nodes, facts = _load_nodes_from_coordinator(str(coordinator), config_path)
         profile = load_profile(model, int(bits) if bits else None)
@@ -288,7 +289,7 @@ def plan_command(
             objective=cast("Objective", objective),
             prompt_tokens=prompt_tokens,
         )
-        choice = choose_backend(backend, [facts[s.name] for s in result.stages])
+        choice = choose_backend(backend, [facts[s.node_id] for s in result.stages])
     except ValueError as e:
         raise click.ClickException(" ".join(str(e).split())) from e
     result = replace(result, backend=choice.backend)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from clusterkit import (
     coordinator_stub,
     describe,
@@ -21,6 +22,7 @@ from clusterkit import (
 )
 from modelfactory import make_model
 
+from pomona.coordinator.plan_cli import plan_command
 from pomona.v1 import coordinator_pb2
 
 pytestmark = pytest.mark.cluster
@@ -54,3 +56,10 @@ def test_jaccl_that_cannot_form_falls_back_to_ring_and_serves_the_same_tokens(
         runs = c.state_dir("w0") / "runs"
         matrices = [json.loads(p.read_text()) for p in runs.glob("ibv-devices-*.json")]
         assert matrices == [[[None, None], [None, None]]]
+        # `pomona plan` on the running cluster's workers says what auto would pick.
+        args = [str(model), "--coordinator", coord.address, "--config", str(coord.config)]
+        args += ["--objective", "throughput"]
+        result = CliRunner().invoke(plan_command, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        plan = json.loads(result.output)
+        assert plan["backend"] == "ring" and "n/a" in plan["backend_reason"]
