@@ -100,8 +100,9 @@ class Cluster:
         self._load_failures: dict[str, int] = {}
         self.left_out: dict[str, tuple[float, str]] = {}
         self._retries = 0
-        # Node sets whose group did not form over the chosen backend: the ring, and why.
-        self._backend_failed: dict[frozenset[str], str] = {}
+        # Node sets (with what they reported) whose group did not form over the chosen
+        # backend: the ring, and why. A worker restarted with new facts tries again.
+        self._backend_failed: dict[frozenset[tuple[str, bytes]], str] = {}
 
     # -- membership -------------------------------------------------------------
 
@@ -382,7 +383,7 @@ class Cluster:
         return None
 
     def _choose_backend(self, ordered: list[Member]) -> BackendChoice:
-        failed = self._backend_failed.get(frozenset(m.node_id for m in ordered))
+        failed = self._backend_failed.get(_facts_key(ordered))
         if failed is not None:
             return BackendChoice("ring", failed)
         nodes = [facts_of(m.name, m.describe.backend_facts) for m in ordered]
@@ -492,7 +493,7 @@ class Cluster:
             f"the {choice.backend} group did not form ({'; '.join(errors.values())}): "
             "loading the same plan over the ring"
         )
-        self._backend_failed[frozenset(m.node_id for m in ordered)] = reason
+        self._backend_failed[_facts_key(ordered)] = reason
         self.monitor.events.record(ev.BACKEND_FALLBACK, message=reason)
         log.warning("%s", reason)
         await self._load(info, members, assignments, BackendChoice("ring", reason))
@@ -613,6 +614,11 @@ class Cluster:
             self.serving = None
         for ch in self._channels.values():
             await ch.close()
+
+
+def _facts_key(members: list[Member]) -> frozenset[tuple[str, bytes]]:
+    facts = [m.describe.backend_facts.SerializeToString(deterministic=True) for m in members]
+    return frozenset(zip((m.node_id for m in members), facts, strict=True))
 
 
 async def _first_failure(calls: list[Any]) -> list[object]:

@@ -22,6 +22,7 @@ from clusterkit import (
 )
 from modelfactory import make_model
 
+from pomona.cli import main
 from pomona.coordinator.plan_cli import plan_command
 from pomona.v1 import coordinator_pb2
 
@@ -63,3 +64,5 @@ def test_jaccl_that_cannot_form_falls_back_to_ring_and_serves_the_same_tokens(
         assert result.exit_code == 0, result.output
         plan = json.loads(result.output)
         assert plan["backend"] == "ring" and "n/a" in plan["backend_reason"]
+        nodes = CliRunner().invoke(main, ["nodes", *args[1:5]])
+        assert "on 2 nodes over ring" in " ".join(nodes.output.split()), nodes.output
