@@ -103,6 +103,9 @@ class Cluster:
         # Node sets (with what they reported) whose group did not form over the chosen
         # backend: the ring, and why. A worker restarted with new facts tries again.
         self._backend_failed: dict[frozenset[tuple[str, bytes]], str] = {}
+        # The served model's profile: it does not change while we serve it, and
+        # re-forming after a failure should not wait to read it again.
+        self._model_info: worker_pb2.ModelInfo | None = None
 
     # -- membership -------------------------------------------------------------
 
@@ -359,14 +362,17 @@ class Cluster:
         return True
 
     async def _inspect(self, members: list[Member]) -> worker_pb2.ModelInfo | None:
-        """The model's profile from the first member that can read it."""
+        """The model's profile from the first member that can read it (once)."""
+        if self._model_info is not None:
+            return self._model_info
         problems = []
         for member in members:
             try:
-                return await member.stub.InspectModel(
+                self._model_info = await member.stub.InspectModel(
                     worker_pb2.InspectModelRequest(model=self.config.model),
                     timeout=rpc.INSPECT_TIMEOUT,
                 )
+                return self._model_info
             except grpc.aio.AioRpcError as e:
                 problems.append((member, e))
         member, error = problems[0]

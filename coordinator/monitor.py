@@ -366,6 +366,8 @@ def to_status_reply(
     nodes: Sequence[NodeInfo],
     plan: Sequence[Stage] = (),
     load_id: str = "",
+    model_info: worker_pb2.ModelInfo | None = None,
+    max_context: int = 0,
     now: float | None = None,
     wall_now: float | None = None,
 ) -> coordinator_pb2.StatusReply:
@@ -390,7 +392,11 @@ def to_status_reply(
         requests_total=figures.requests_total,
         requests_failed=figures.requests_failed,
         timestamp=time.time() if wall_now is None else wall_now,
+        max_context=max_context,
     )
+    if model_info is not None:
+        reply.vocab_size = model_info.vocab_size
+        reply.model_profile_json = model_info.profile_json
     if figures.ttft_s is not None:
         reply.ttft_s = figures.ttft_s
     for stage in plan:

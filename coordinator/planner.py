@@ -25,7 +25,17 @@ from pomona.coordinator.memory_fit import (
 )
 from pomona.model_profile import ModelProfile
 
-__all__ = ["Link", "NodeSpec", "Plan", "PlanError", "Stage", "plan", "split_layers"]
+__all__ = [
+    "Link",
+    "NodeSpec",
+    "Plan",
+    "PlanError",
+    "Prediction",
+    "Stage",
+    "plan",
+    "predict",
+    "split_layers",
+]
 
 Objective = Literal["latency", "throughput"]
 OBJECTIVES: tuple[str, ...] = ("latency", "throughput")
@@ -425,3 +435,49 @@ def formula_text(concurrency: int, prompt: int) -> str:
         f"{COMPUTE_EFFICIENCY}), weights / (bandwidth x {MEMORY_EFFICIENCY})) + hops carrying "
         f"{prompt} tokens of activations"
     )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The planner's figures for a placement already made (a serving plan)."""
+
+    decode_tokens_per_s: float  # per stream
+    aggregate_tokens_per_s: float
+    ttft_s: float
+
+
+def predict(
+    profile: ModelProfile,
+    stages: Sequence[tuple[NodeSpec, int, int]],
+    *,
+    context_length: int,
+    prompt_tokens: int,
+    concurrency: int = 1,
+    head_on_every_stage: bool = False,
+) -> Prediction:
+    """What `plan` predicts for `stages` — (node, start layer, end layer exclusive) in
+    ring order — without choosing nodes or checking memory: the layers are already
+    placed (a loaded model shows as memory in use, which would not fit again).
+
+    context_length: tokens in each stream's KV cache (its reads cost decode time).
+    """
+    if not stages:
+        raise ValueError("predict needs at least one stage")
+    if concurrency < 1 or not 1 <= prompt_tokens <= context_length:
+        raise ValueError("concurrency must be at least 1, and prompt_tokens 1 to the context")
+    ends = [end for _, _, end in stages]
+    starts = [start for _, start, _ in stages]
+    if (
+        starts != [0, *ends[:-1]]
+        or ends[-1] != profile.num_layers
+        or any(end <= start for start, end in zip(starts, ends, strict=True))
+    ):
+        raise ValueError(
+            f"stages must cover {profile.name}'s {profile.num_layers} layers in order, "
+            "each holding at least one"
+        )
+    order = [resolve_node(node) for node, _, _ in stages]
+    demand = Demand(profile, context_length, concurrency, head_on_every_stage)
+    timing = _timing(order, ends, demand, {}, _Prefill.of(profile, prompt_tokens))
+    step = timing.step_seconds
+    return Prediction(1.0 / step, concurrency / step, timing.ttft_s)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pomona.coordinator.cluster import Cluster
+from pomona.coordinator.model_info import ModelInfoCache
 from pomona.coordinator.monitor import NodeInfo, to_status_reply
 from pomona.coordinator.router import GenerateError, Router
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2
@@ -31,6 +32,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, cluster: Cluster, router: Router):
         self.cluster = cluster
         self.router = router
+        self.model_info = ModelInfoCache(cluster)
 
     async def Generate(  # noqa: N802
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -62,11 +64,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             nodes=nodes,
             plan=serving.assignments if serving is not None else (),
             load_id=serving.load_id if serving is not None else "",
+            model_info=self.model_info.current(),
+            max_context=serving.max_context if serving is not None else 0,
         )
 
     async def Status(  # noqa: N802
         self, request: coordinator_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.StatusReply:
+        await self.model_info.get()
         return self.status_reply()
 
     async def Events(  # noqa: N802

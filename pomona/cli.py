@@ -474,6 +474,7 @@ def up(
 
 
 def _register_commands() -> None:
+    from pomona.bench_cmd import bench_command
     from pomona.chat import chat_command
     from pomona.coordinator.plan_cli import plan_command
     from pomona.init_cmd import init_command
@@ -481,6 +482,7 @@ def _register_commands() -> None:
 
     main.add_command(init_command, "init")
     main.add_command(plan_command, "plan")
+    main.add_command(bench_command, "bench")
     main.add_command(chat_command, "chat")
     main.add_command(status_command, "status")
     main.add_command(events_command, "events")

@@ -17,6 +17,7 @@ from pomona.coordinator.planner import (
     NodeSpec,
     PlanError,
     plan,
+    predict,
     split_layers,
 )
 from pomona.model_profile import LayerProfile, ModelProfile
@@ -428,6 +429,28 @@ def test_ttft_is_predicted_for_the_prompt_length_asked() -> None:
     assert long.ttft_s > 16 * short.ttft_s
     with pytest.raises(ValueError, match="does not fit a context"):
         plan(p, nodes, context_length=4096, prompt_tokens=8192)
+
+
+@needs_configs
+@pytest.mark.parametrize("lab", ["4x M4 Pro 64", "M3 Max 128 + 2x M4 Pro 48"])
+def test_predict_on_a_plans_own_stages_gives_the_plans_figures(lab: str) -> None:
+    p, nodes = profile("llama-3.1-70b", 4), LABS[lab]
+    by_id = {n.node_id: n for n in nodes}
+    for concurrency, prompt in [(1, 4096), (8, 128)]:
+        made = plan(p, nodes, context_length=8192, concurrency=concurrency, prompt_tokens=prompt)
+        stages = [(by_id[s.node_id], s.start_layer, s.end_layer) for s in made.stages]
+        got = predict(p, stages, context_length=8192, prompt_tokens=prompt, concurrency=concurrency)
+        assert got.ttft_s == pytest.approx(made.ttft_s)
+        assert got.decode_tokens_per_s == pytest.approx(made.decode_tokens_per_s)
+        assert got.aggregate_tokens_per_s == pytest.approx(made.aggregate_tokens_per_s)
+    # A shorter context reads less KV cache per step: decode is predicted faster.
+    short = predict(p, stages, context_length=256, prompt_tokens=128)
+    assert (
+        short.decode_tokens_per_s
+        > predict(p, stages, context_length=8192, prompt_tokens=128).decode_tokens_per_s
+    )
+    with pytest.raises(ValueError, match="cover"):
+        predict(p, [(nodes[0], 1, p.num_layers)], context_length=256, prompt_tokens=128)
 
 
 def test_plan_and_the_coordinator_default_to_the_same_context() -> None:

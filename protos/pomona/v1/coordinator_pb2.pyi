@@ -98,7 +98,7 @@ class PlanStage(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weights_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("cluster", "model", "serving", "problem", "nodes", "plan", "load_id", "tokens_per_s", "ttft_s", "requests_in_flight", "requests_total", "requests_failed", "timestamp")
+    __slots__ = ("cluster", "model", "serving", "problem", "nodes", "plan", "load_id", "tokens_per_s", "ttft_s", "requests_in_flight", "requests_total", "requests_failed", "timestamp", "vocab_size", "max_context", "model_profile_json")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,9 @@ class StatusReply(_message.Message):
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     model: str
     serving: bool
@@ -125,7 +128,10 @@ class StatusReply(_message.Message):
     requests_total: int
     requests_failed: int
     timestamp: float
-    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., load_id: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    vocab_size: int
+    max_context: int
+    model_profile_json: str
+    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., load_id: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., timestamp: _Optional[float] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., model_profile_json: _Optional[str] = ...) -> None: ...
 
 class EventsRequest(_message.Message):
     __slots__ = ("follow", "after")
