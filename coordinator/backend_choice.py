@@ -29,6 +29,8 @@ class NodeFacts:
     # Peers (by name) a working RDMA device joins this node to, where given by hand
     # (a nodes file) rather than found from ports.
     rdma_peers: tuple[str, ...] = ()
+    # The backends this node's MLX has (Describe.backends); empty: not known.
+    mlx_backends: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,9 @@ def _devices(devices: tuple[str, ...]) -> Devices:
     return None if not devices else devices[0] if len(devices) == 1 else devices
 
 
-def facts_of(name: str, facts: worker_pb2.BackendFacts) -> NodeFacts:
+def facts_of(
+    name: str, facts: worker_pb2.BackendFacts, mlx_backends: Sequence[str] = ()
+) -> NodeFacts:
     return NodeFacts(
         name=name,
         rdma_status=facts.rdma_status,
@@ -61,6 +65,7 @@ def facts_of(name: str, facts: worker_pb2.BackendFacts) -> NodeFacts:
             (p.interface, p.domain_uuid, p.peer_domain_uuid) for p in facts.thunderbolt_ports
         ),
         cuda=facts.cuda,
+        mlx_backends=tuple(mlx_backends),
     )
 
 
@@ -127,8 +132,16 @@ def choose_backend(requested: str, nodes: Sequence[NodeFacts]) -> BackendChoice:
         elif requested == "nccl" and not all(x.cuda for x in nodes):
             reason += "; but not every worker runs MLX on CUDA: the ring takes over if it fails"
         return BackendChoice(requested, reason, matrix)
-    if all(x.cuda for x in nodes):
+    lacking = {
+        b: [x.name for x in nodes if x.mlx_backends and b not in x.mlx_backends]
+        for b in ("jaccl", "nccl")
+    }
+    if all(x.cuda for x in nodes) and not lacking["nccl"]:
         return BackendChoice("nccl", "every worker runs MLX on CUDA")
+    if lacking["jaccl"]:
+        return BackendChoice(
+            "ring", f"TCP: MLX on {', '.join(lacking['jaccl'])} has no JACCL (macOS 26.2+)"
+        )
     if not missing["jaccl"]:
         return BackendChoice("jaccl", "an RDMA device joins every pair of workers", matrix)
     if not missing["jaccl-ring"]:

@@ -392,7 +392,7 @@ class Cluster:
         failed = self._backend_failed.get(_facts_key(ordered))
         if failed is not None:
             return BackendChoice("ring", failed)
-        nodes = [facts_of(m.name, m.describe.backend_facts) for m in ordered]
+        nodes = [facts_of(m.name, m.describe.backend_facts, m.describe.backends) for m in ordered]
         return choose_backend(self.config.backend, nodes)
 
     async def _load(

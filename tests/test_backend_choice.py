@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from macos_recordings import recorded
@@ -187,3 +188,14 @@ def test_the_device_matrix_travels_in_load_requests_to_each_ranks_file() -> None
     assert matrix[2] == ["rdma_en4", "rdma_en2", None, "rdma_en3"]
     assert [matrix[i][i] for i in range(4)] == [None] * 4
     assert rdma_rows(choose_backend("ring", nodes)) == []
+
+
+def test_auto_keeps_to_backends_every_workers_mlx_has() -> None:
+    nodes = cabled(["a", "b"], [(0, 1)])
+    old = [nodes[0], replace(nodes[1], mlx_backends=("ring", "mpi"))]
+    choice = choose_backend("auto", old)
+    assert choice.backend == "ring" and "MLX on b has no JACCL" in choice.reason
+    both = [replace(n, mlx_backends=("ring", "jaccl")) for n in nodes]
+    assert choose_backend("auto", both).backend == "jaccl"
+    gpus = [NodeFacts("g0", cuda=True, mlx_backends=("ring",)), NodeFacts("g1", cuda=True)]
+    assert choose_backend("auto", gpus).backend == "ring"
