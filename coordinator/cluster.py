@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -25,6 +25,7 @@ import grpc
 from pomona import rpc
 from pomona.config import CoordinatorConfig
 from pomona.coordinator import events as ev
+from pomona.coordinator.backend_choice import BackendChoice, choose_backend, facts_of, rdma_rows
 from pomona.coordinator.distribution import (
     Distributor,
     TransferFailed,
@@ -48,6 +49,10 @@ RETRY_TRANSFER_S = 10.0
 RETRY_MAX_S = 30.0
 LEAVE_OUT_AFTER = 2
 LEAVE_OUT_S = 300.0
+
+
+class GroupFailed(RuntimeError):
+    """A runner loaded but its MLX group did not form: the backend is at fault."""
 
 
 @dataclass
@@ -103,6 +108,9 @@ class Cluster:
         self._load_failures: dict[str, int] = {}
         self.left_out: dict[str, tuple[float, str]] = {}
         self._retries = 0
+        # Node sets (with what they reported) whose group did not form over the chosen
+        # backend: the ring, and why. A worker restarted with new facts tries again.
+        self._backend_failed: dict[frozenset[tuple[str, bytes]], str] = {}
         # The served model's profile: it does not change while we serve it, and
         # re-forming after a failure should not wait to read it again.
         self._model_info: worker_pb2.ModelInfo | None = None
@@ -409,11 +417,25 @@ class Cluster:
         log.error("%s", self.problem)
         return None
 
+    def _choose_backend(self, ordered: list[Member]) -> BackendChoice:
+        failed = self._backend_failed.get(_facts_key(ordered))
+        if failed is not None:
+            return BackendChoice("ring", failed)
+        nodes = [facts_of(m.name, m.describe.backend_facts, m.describe.backends) for m in ordered]
+        return choose_backend(self.config.backend, nodes)
+
     async def _load(
-        self, info: worker_pb2.ModelInfo, members: list[Member], assignments: list[Assignment]
+        self,
+        info: worker_pb2.ModelInfo,
+        members: list[Member],
+        assignments: list[Assignment],
+        choice: BackendChoice | None = None,
     ) -> None:
         by_id = {m.node_id: m for m in members}
         ordered = [by_id[a.node_id] for a in assignments]
+        choice = choice or self._choose_backend(ordered)
+        if self.plan is not None:
+            self.plan = replace(self.plan, backend=choice.backend)
         load_id = uuid.uuid4().hex[:12]
         ring_hosts = [f"{m.host}:{m.describe.ring_port}" for m in ordered]
         workers = [m.address for m in ordered]
@@ -422,7 +444,10 @@ class Cluster:
             f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)
         )
         self.problem = f"loading {self.config.model} on {len(ordered)} workers"
-        self.monitor.events.record(ev.PLAN_CHANGED, message=f"{self.config.model}: {layout}")
+        self.monitor.events.record(
+            ev.PLAN_CHANGED,
+            message=f"{self.config.model}: {layout}; backend {choice.backend} ({choice.reason})",
+        )
         self.monitor.events.record(ev.LOAD_STARTED, message=f"load {load_id}")
         log.info("loading %s (%d layers): %s", self.config.model, info.num_layers, layout)
         for m in ordered:
@@ -437,7 +462,8 @@ class Cluster:
                 world_size=len(ordered),
                 ring_hosts=ring_hosts,
                 workers=workers,
-                backend="ring",
+                backend=choice.backend,
+                rdma=rdma_rows(choice),
                 max_context=max_context,
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
@@ -457,6 +483,10 @@ class Cluster:
             for m, r in zip(ordered, results, strict=True)
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
         }
+        group_failed = any(isinstance(r, GroupFailed) for r in results)
+        if errors and group_failed and choice.backend != "ring":
+            await self._fall_back(info, members, assignments, choice, load_id, errors)
+            return
         if errors or any(m.state == "lost" for m in ordered):
             await self._load_failed(ordered, load_id, errors)
             return
@@ -480,6 +510,28 @@ class Cluster:
             ev.LOAD_FINISHED, message=f"load {load_id} in {time.monotonic() - started:.1f} s"
         )
         log.info("serving %s; requests enter at %s", self.config.model, head.runner_address)
+
+    async def _fall_back(
+        self,
+        info: worker_pb2.ModelInfo,
+        members: list[Member],
+        assignments: list[Assignment],
+        choice: BackendChoice,
+        load_id: str,
+        errors: dict[str, str],
+    ) -> None:
+        """The chosen backend did not form: the same plan again, over the ring."""
+        ordered = [m for m in members if any(a.node_id == m.node_id for a in assignments)]
+        self._dead_loads.add(load_id)
+        await self._unload(ordered, load_id)
+        reason = (
+            f"the {choice.backend} group did not form ({'; '.join(errors.values())}): "
+            "loading the same plan over the ring"
+        )
+        self._backend_failed[_facts_key(ordered)] = reason
+        self.monitor.events.record(ev.BACKEND_FALLBACK, message=reason)
+        log.warning("%s", reason)
+        await self._load(info, members, assignments, BackendChoice("ring", reason))
 
     async def _load_failed(
         self, ordered: list[Member], load_id: str, errors: dict[str, str]
@@ -525,7 +577,8 @@ class Cluster:
             ):
                 last = status
                 if status.state == worker_pb2.SHARD_STATE_FAILED:
-                    raise RuntimeError(status.error or "the runner failed")
+                    failure = GroupFailed if status.group_failed else RuntimeError
+                    raise failure(status.error or "the runner failed")
             if last is None or last.state != worker_pb2.SHARD_STATE_READY:
                 raise RuntimeError("the runner stopped before it was ready")
             return last
@@ -596,6 +649,11 @@ class Cluster:
             self.serving = None
         for ch in self._channels.values():
             await ch.close()
+
+
+def _facts_key(members: list[Member]) -> frozenset[tuple[str, bytes]]:
+    facts = [m.describe.backend_facts.SerializeToString(deterministic=True) for m in members]
+    return frozenset(zip((m.node_id for m in members), facts, strict=True))
 
 
 async def _first_failure(calls: list[Any]) -> list[object]:

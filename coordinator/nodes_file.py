@@ -11,7 +11,10 @@ nodes:                      # or a bare list
 
 Optional keys: count, id, gpu_cores, gpu_memory_gb (a raised iogpu.wired_limit_mb),
 memory_in_use_gb, bandwidth_gbs (needed for a chip the table does not know), rdma,
-address. JSON files take the same shape.
+address. JSON files take the same shape. With a top level ``nodes:``, an optional
+``rdma_cables: [[studio-1, studio-2], ...]`` says which machines a Thunderbolt 5 cable
+with RDMA joins (without it, every ``rdma: true`` node is taken as cabled to the others):
+`pomona plan` picks the backend from it.
 """
 
 from __future__ import annotations
@@ -181,3 +184,23 @@ def _optional_integer(entry: Mapping[str, Any], key: str, where: str) -> int | N
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise NodesFileError(f"{where}: {key} must be a whole number of 1 or more, got {value!r}")
     return value
+
+
+def load_rdma_cables(path: str | Path) -> list[tuple[str, str]] | None:
+    """The top-level ``rdma_cables: [[a, b], ...]`` of a nodes file: pairs of node names
+    joined by a Thunderbolt 5 cable with RDMA working. None when the file has none (then
+    nodes with ``rdma: true`` are taken as cabled to each other)."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+        data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError):
+        return None  # load_nodes_file has said what is wrong
+    cables = data.get("rdma_cables") if isinstance(data, Mapping) else None
+    if cables is None:
+        return None
+    if not isinstance(cables, list) or not all(
+        isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in cables
+    ):
+        raise NodesFileError(f"{file}: rdma_cables must be pairs of node names, e.g. [[a, b]]")
+    return [(a, b) for a, b in cables]

@@ -5,7 +5,8 @@ JSON output (`--json`) is the plan as one object:
     model        {name, model_type, precision, num_layers, params, active_params,
                   weights_bytes, kv_bytes_per_token}
     context_length, concurrency, objective, prompt_tokens
-    backend      "ring" or "jaccl"
+    backend      "ring", "jaccl", "jaccl-ring" or "nccl" (what --backend would use)
+    backend_reason  why: RDMA between every pair, only a ring of cables, CUDA, or none
     stages       [{node_id, name, chip, start_layer, end_layer (exclusive), num_layers,
                    weights_bytes, kv_bytes, activation_bytes, budget_bytes,
                    free_after_load_bytes, holds_embedding, holds_head, bandwidth_gbs,
@@ -18,6 +19,7 @@ JSON output (`--json`) is the plan as one object:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -27,8 +29,15 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from pomona.backends import CHOICES
 from pomona.config import DEFAULT_CONTEXT
-from pomona.coordinator.nodes_file import load_nodes_file
+from pomona.coordinator.backend_choice import (
+    NodeFacts,
+    choose_backend,
+    described_facts,
+    facts_of,
+)
+from pomona.coordinator.nodes_file import load_nodes_file, load_rdma_cables
 from pomona.coordinator.planner import OBJECTIVES, NodeSpec, Objective, Plan, plan
 from pomona.credentials import CONFIG_OPTION
 from pomona.model_profile import ModelProfile
@@ -88,8 +97,11 @@ def load_profile(model: str, bits: int | None = None) -> ModelProfile:
     return ModelProfile.from_config(config, name=name if bits is None else f"{name}-{bits}bit")
 
 
-def _load_nodes_from_coordinator(address: str, config_path: Path | None = None) -> list[NodeSpec]:
-    """The workers a running coordinator knows, as the planner sees them."""
+def _load_nodes_from_coordinator(
+    address: str, config_path: Path | None = None
+) -> tuple[list[NodeSpec], dict[str, NodeFacts]]:
+    """The workers a running coordinator knows, as the planner and the backend choice
+    see them (facts by node id)."""
     import grpc
 
     from pomona import rpc
@@ -112,7 +124,8 @@ def _load_nodes_from_coordinator(address: str, config_path: Path | None = None) 
     ]
     if not nodes:
         raise click.ClickException(f"the coordinator at {address} knows no workers yet")
-    return nodes
+    facts = {n.node_id: facts_of(n.name, n.backend_facts) for n in reply.nodes}
+    return nodes, facts
 
 
 def _gib(n: float) -> str:
@@ -132,7 +145,9 @@ def _model_json(profile: ModelProfile) -> dict[str, Any]:
     }
 
 
-def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
+def print_plan(
+    result: Plan, profile: ModelProfile, console: Console, backend_reason: str = ""
+) -> None:
     table = Table(
         title=(
             f"{result.model} · {result.precision} · {_gib(profile.weight_bytes)} GiB · "
@@ -171,7 +186,8 @@ def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
         else ""
     )
     lines = [
-        f"backend: {result.backend}; {holds}",
+        f"backend: {result.backend}" + (f" ({backend_reason})" if backend_reason else ""),
+        holds,
         f"predicted: decode {result.decode_tokens_per_s:.1f} tok/s per stream{aggregate}, "
         f"TTFT {result.ttft_s:.2f} s for a {result.prompt_tokens}-token prompt, "
         f"network {result.network_seconds * 1e3:.1f} ms of each step",
@@ -224,6 +240,13 @@ def print_plan(result: Plan, profile: ModelProfile, console: Console) -> None:
     default=None,
     help="Plan a BITS-bit (group 64) variant of a config.",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(CHOICES),
+    default="auto",
+    show_default=True,
+    help="The coordinator's --backend: show what it would use, and why.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @CONFIG_OPTION
 def plan_command(
@@ -235,6 +258,7 @@ def plan_command(
     nodes_file: Path | None,
     coordinator: str | None,
     bits: str | None,
+    backend: str,
     as_json: bool,
     config_path: Path | None,
 ) -> None:
@@ -248,11 +272,13 @@ def plan_command(
     if nodes_file is None and coordinator is None:
         raise click.ClickException("pass --nodes FILE describing the machines, or --coordinator")
     try:
-        nodes = (
-            load_nodes_file(nodes_file)
-            if nodes_file is not None
-            else _load_nodes_from_coordinator(str(coordinator), config_path)
-        )
+        if nodes_file is not None:
+            nodes = load_nodes_file(nodes_file)
+            cables = load_rdma_cables(nodes_file)
+            by_name = described_facts([(n.name, n.rdma) for n in nodes], cables)
+            facts = {n.node_id: by_name[n.name] for n in nodes}
+        else:
+            nodes, facts = _load_nodes_from_coordinator(str(coordinator), config_path)
         profile = load_profile(model, int(bits) if bits else None)
         length = context or min(DEFAULT_CONTEXT, profile.max_context or DEFAULT_CONTEXT)
         result = plan(
@@ -263,9 +289,12 @@ def plan_command(
             objective=cast("Objective", objective),
             prompt_tokens=prompt_tokens,
         )
+        choice = choose_backend(backend, [facts[s.node_id] for s in result.stages])
     except ValueError as e:
         raise click.ClickException(" ".join(str(e).split())) from e
+    result = replace(result, backend=choice.backend)
     if as_json:
-        click.echo(json.dumps({**result.to_dict(), "model": _model_json(profile)}, indent=2))
+        extra = {"backend_reason": choice.reason, "model": _model_json(profile)}
+        click.echo(json.dumps({**result.to_dict(), **extra}, indent=2))
     else:
-        print_plan(result, profile, Console())
+        print_plan(result, profile, Console(), choice.reason)

@@ -123,6 +123,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     hardware=m.describe.hardware,
                     shard=shard,
                     mlx_version=m.describe.mlx_version,
+                    backend_facts=m.describe.backend_facts,
                 )
             )
         return coordinator_pb2.ListNodesReply(

@@ -14,6 +14,7 @@ import click
 import grpc
 
 from pomona import rpc
+from pomona.backends import CHOICES
 from pomona.client import (
     check_address,
     coordinator_error,
@@ -104,6 +105,16 @@ def read_chat_template(path: Path | None) -> str:
         )
     return text
 
+
+BACKEND_OPTION = click.option(
+    "--backend",
+    type=click.Choice(CHOICES),
+    default="auto",
+    show_default=True,
+    help="MLX backend of the group. auto: jaccl when RDMA joins every pair of workers, "
+    "jaccl-ring when Thunderbolt cables only form a ring, nccl when every worker runs "
+    "on CUDA, else ring (TCP). One that cannot form falls back to ring.",
+)
 
 INSECURE_OPTION = click.option(
     "--insecure",
@@ -300,6 +311,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
     "--state-dir", type=click.Path(path_type=Path), default=None, help="Event log directory."
 )
 @CHAT_TEMPLATE_OPTION
+@BACKEND_OPTION
 @CONFIG_OPTION
 @INSECURE_OPTION
 def coordinator(
@@ -324,6 +336,7 @@ def coordinator(
     retry_timeout: float,
     state_dir: Path | None,
     chat_template_file: Path | None,
+    backend: str,
     config_path: Path | None,
     insecure: bool,
 ) -> None:
@@ -360,6 +373,7 @@ def coordinator(
         prefill_step=prefill_step,
         chat_template=chat_template,
         objective=objective,
+        backend=backend,
         context=context,
         concurrency=concurrency,
         http_port=http_port,
@@ -447,6 +461,7 @@ def generate(
 @click.option("--layers", default=None, help="Layers per worker, e.g. 3,5.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
 @CHAT_TEMPLATE_OPTION
+@BACKEND_OPTION
 def up(
     count: int,
     model: str,
@@ -455,6 +470,7 @@ def up(
     layers: str | None,
     timeout: float,
     chat_template_file: Path | None,
+    backend: str,
 ) -> None:
     """Start a cluster of local workers and a coordinator on this machine."""
     from pomona.local import LocalCluster
@@ -469,6 +485,7 @@ def up(
         state_dir=default_state_dir() / "local",
         http_port=http_port,
         chat_template=chat_template_file.resolve() if chat_template_file else None,
+        backend=backend,
     )
     sys.exit(cluster.run(timeout))
 

@@ -115,6 +115,9 @@ class CoordinatorConfig:
     # "throughput" uses every node that fits. KV cache is reserved for
     # ``concurrency`` sequences of ``context`` tokens.
     objective: str = "latency"
+    # The MLX backend of the group: "auto" (pomona.coordinator.backend_choice), or one
+    # of pomona.backends.BACKENDS; any that cannot form falls back to "ring".
+    backend: str = "auto"
     context: int = DEFAULT_CONTEXT
     concurrency: int = 4
     # A node whose heartbeats stop for this long (and that then fails a

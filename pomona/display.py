@@ -52,7 +52,9 @@ def print_nodes(reply: coordinator_pb2.ListNodesReply, as_json: bool = False) ->
         )
     console.print(table)
     if reply.serving:
-        serving = sum(1 for n in reply.nodes if n.state == coordinator_pb2.NODE_STATE_SERVING)
-        console.print(f"serving {reply.model} on {serving} nodes")
+        serving = [n for n in reply.nodes if n.state == coordinator_pb2.NODE_STATE_SERVING]
+        backends = {n.shard.backend for n in serving if n.shard.backend}
+        over = f" over {backends.pop()}" if len(backends) == 1 and len(serving) > 1 else ""
+        console.print(f"serving {reply.model} on {len(serving)} nodes{over}")
     else:
         console.print(f"not serving: {reply.problem}")

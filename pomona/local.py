@@ -93,6 +93,7 @@ class LocalCluster:
         state_dir: Path,
         http_port: int = 0,
         chat_template: Path | None = None,
+        backend: str = "auto",
     ):
         self.count = count
         self.http_port = http_port
@@ -100,6 +101,7 @@ class LocalCluster:
         self.port = port
         self.layers = layers
         self.chat_template = chat_template
+        self.backend = backend
         self.state_dir = state_dir
         self.cluster = f"local-{secrets.token_hex(3)}"
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -151,7 +153,7 @@ class LocalCluster:
             "--mdns-interface", LOOPBACK, "--objective", "throughput",
             "--http-port", str(self.http_port),
             "--state-dir", str(self.state_dir / "coordinator"),
-            "--config", str(self.config),
+            "--config", str(self.config), "--backend", self.backend,
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]

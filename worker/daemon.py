@@ -18,6 +18,7 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pomona import rpc
+from pomona.backends import BACKENDS, RankHost, devices_from_wire, rank_launch
 from pomona.chips import chip_bandwidth_gbs
 from pomona.config import MAX_CHAT_TEMPLATE_CHARS, PROTOCOL_VERSION, WorkerConfig
 from pomona.mdns import make_zeroconf
@@ -26,6 +27,7 @@ from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.tokens import describe_proof
 from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
+from pomona.worker.backend_facts import facts_to_proto, read_backend_facts
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
@@ -40,7 +42,6 @@ from pomona.worker.transfer_service import TransferService
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ring", "jaccl", "mpi", "nccl")
 MAX_CHALLENGE_BYTES = 64
 
 
@@ -60,6 +61,8 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
         files=list(info.files),
         active_bytes=info.active_bytes,
         world_size=info.world_size,
+        group_failed=info.group_failed,
+        backend=info.backend,
     )
 
 
@@ -94,6 +97,15 @@ def local_addresses() -> list[str]:
     return out or ["127.0.0.1"]
 
 
+def launch_hosts(r: worker_pb2.LoadRequest) -> list[RankHost]:
+    """Every rank of the group as pomona.backends takes it."""
+    rows = [tuple(devices_from_wire(p.devices) for p in row.peers) for row in r.rdma]
+    return [
+        RankHost((address,), rows[rank] if rows else ())
+        for rank, address in enumerate(r.ring_hosts)
+    ]
+
+
 def config_layers(path: Path) -> int:
     """The layer count in a model's config.json (0 when it does not say)."""
     try:
@@ -109,6 +121,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self.config = config
         self.node_id = load_node_id(config.state_dir)
         self.hardware = read_hardware()
+        self.backend_facts = read_backend_facts()
         self.runner: RunnerProcess | None = None
         self.lease = Lease()
         # Open telemetry streams per coordinator: the last one closing frees its lease.
@@ -165,6 +178,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             ring_port=self.config.effective_ring_port,
             shard=shard_to_proto(self.runner.info if self.runner else ShardInfo()),
             held_by=self.lease.live_holder(),
+            backend_facts=facts_to_proto(self.backend_facts),
         )
 
     def _resolve(self, name: str) -> Path:
@@ -270,7 +284,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             self.runner = RunnerProcess(
                 spec,
                 request.model,
-                tuple(request.ring_hosts),
+                rank_launch(spec.backend, spec.rank, launch_hosts(request)),
                 self.config.state_dir / "runs",
                 self.config.load_timeout,
             )
@@ -316,8 +330,12 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         backend = r.backend or "ring"
         if backend not in BACKENDS:
             return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"
-        if backend not in self.hardware.distributed_backends:
-            return f"the {backend} backend is not available on {self.config.name}"
+        if r.rdma and (
+            len(r.rdma) != r.world_size or any(len(row.peers) != r.world_size for row in r.rdma)
+        ):
+            return "rdma must list every rank's devices towards every rank"
+        # A backend this MLX lacks is left to the runner: its init says why, and the
+        # coordinator forms the group again over the ring.
         return ""
 
     async def Unload(self, request, context):  # noqa: N802

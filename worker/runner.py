@@ -1,7 +1,8 @@
 """The runner: one process per loaded shard, started by the worker daemon.
 
 It loads its layer range, joins the MLX distributed group from the
-environment its daemon gave it (``MLX_RANK``, ``MLX_HOSTFILE`` for the ring),
+environment its daemon gave it (``pomona.backends``: ``MLX_RANK``, ``MLX_HOSTFILE`` for
+the ring, ``MLX_IBV_DEVICES`` and ``MLX_JACCL_COORDINATOR`` for JACCL),
 and runs lockstep generation. It talks to its daemon through its standard
 streams: JSON events on stdout (loading progress, ready, failed), commands on
 stdin (``wake``, ``stop``). When stdin closes — the daemon is gone — it exits.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pomona.orphans import die_with_parent
+from pomona.worker.group import GroupError, join_group
 
 log = logging.getLogger("pomona.worker.runner")
 
@@ -62,6 +64,8 @@ class RunnerSpec:
     # follows the pipeline's measured pace (lockstep.StepWatch); this one
     # holds until a first step has been measured.
     step_timeout: float = 60.0
+    # Seconds a backend other than the ring may take to form its group.
+    join_timeout: float = 60.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -96,7 +100,8 @@ def main(argv: list[str]) -> int:
         return _run(spec)
     except Exception as e:  # the daemon reports it; the coordinator re-plans
         log.exception("runner failed")
-        emit("failed", error=f"{type(e).__name__}: {e}")
+        group = isinstance(e, GroupError)
+        emit("failed", error=str(e) if group else f"{type(e).__name__}: {e}", group=group)
         return 1
 
 
@@ -107,6 +112,11 @@ def _run(spec: RunnerSpec) -> int:
     from pomona.worker.shard import StageSpec, load_stage
 
     stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size)
+    group = None
+    if spec.world_size > 1 and spec.backend != "ring":
+        # Before loading: a backend that cannot form fails in seconds, not after the weights.
+        emit("state", state="connecting")
+        group = join_group(spec.backend, spec.rank, spec.world_size, spec.join_timeout)
     emit("state", state="loading", progress=0.0)
     shard = load_stage(
         Path(spec.model_path),
@@ -122,7 +132,8 @@ def _run(spec: RunnerSpec) -> int:
     )
     if spec.world_size > 1:
         emit("state", state="connecting")
-        group = mx.distributed.init(backend=spec.backend, strict=True)
+        if group is None:
+            group = mx.distributed.init(backend=spec.backend, strict=True)
         if (group.rank(), group.size()) != (spec.rank, spec.world_size):
             raise RuntimeError(
                 f"joined as rank {group.rank()} of {group.size()}, "

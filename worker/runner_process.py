@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+from pomona.backends import RankLaunch
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runs_dir import prune_runs
 
@@ -38,6 +39,8 @@ class State(Enum):
 
 
 TERMINAL = (State.FAILED, State.STOPPED)
+# Where each file a backend needs is written, beside the runner's log (runs_dir).
+RUN_FILES = {"MLX_HOSTFILE": "hosts", "MLX_IBV_DEVICES": "ibv-devices"}
 
 
 @dataclass(frozen=True)
@@ -56,13 +59,16 @@ class ShardInfo:
     files: tuple[str, ...] = ()
     active_bytes: int = 0
     world_size: int = 0
+    group_failed: bool = False
+    backend: str = ""
 
 
 @dataclass
 class RunnerProcess:
     spec: RunnerSpec
     model: str
-    ring_hosts: tuple[str, ...]
+    # The variables and files that make the runner join its group (pomona.backends).
+    launch: RankLaunch
     log_dir: Path
     load_timeout: float
     # A ready runner reports once a second from a thread of its own, which
@@ -82,21 +88,25 @@ class RunnerProcess:
     def __post_init__(self) -> None:
         s = self.spec
         self.info = ShardInfo(
-            s.load_id, State.STARTING, self.model, s.start, s.end, s.rank, world_size=s.world_size
+            s.load_id,
+            State.STARTING,
+            self.model,
+            s.start,
+            s.end,
+            s.rank,
+            world_size=s.world_size,
+            backend=s.backend,
         )
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        hostfile = self.log_dir / f"hosts-{self.spec.load_id}.json"
-        hostfile.write_text(json.dumps([[h] for h in self.ring_hosts]))
-        prune_runs(self.log_dir, current=self.spec.load_id)
         env = dict(os.environ)
-        env.update(
-            MLX_RANK=str(self.spec.rank),
-            MLX_HOSTFILE=str(hostfile),
-            MLX_WORLD_SIZE=str(self.spec.world_size),
-            PYTHONUNBUFFERED="1",
-        )
+        env.update(self.launch.env, PYTHONUNBUFFERED="1")
+        for name, content in self.launch.files.items():
+            path = self.log_dir / f"{RUN_FILES[name]}-{self.spec.load_id}.json"
+            path.write_text(content)
+            env[name] = str(path)
+        prune_runs(self.log_dir, current=self.spec.load_id)
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -164,7 +174,11 @@ class RunnerProcess:
             elif kind == "ready":
                 await self._set(state=State.READY, runner_address=event.get("address", ""))
             elif kind == "failed":
-                await self._set(state=State.FAILED, error=str(event.get("error", "")))
+                await self._set(
+                    state=State.FAILED,
+                    error=str(event.get("error", "")),
+                    group_failed=bool(event.get("group", False)),
+                )
             elif kind == "stats":
                 event.pop("event")
                 self.stats = event
@@ -202,6 +216,7 @@ class RunnerProcess:
                     state=State.FAILED,
                     error=f"the runner did not load and join its group within "
                     f"{self.load_timeout:.0f} s (last state: {info.state.value})",
+                    group_failed=info.state is State.CONNECTING,
                 )
                 await self.stop(grace=0.0)
                 return

@@ -1,6 +1,7 @@
 """The files a worker keeps per load: the runner's log and the MLX ring's host file.
 
-Each load writes `runner-<load_id>.log` and `hosts-<load_id>.json` under the worker's
+Each load writes `runner-<load_id>.log` and `hosts-<load_id>.json` (for JACCL,
+`ibv-devices-<load_id>.json`) under the worker's
 `state_dir/runs`; every re-plan is a new load, so without pruning they pile up for as
 long as the machine serves. Only the last few loads are kept: enough to read why a
 runner failed after the cluster has re-formed.
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RUNS_KEPT", "prune_runs", "runs_dir"]
 
 RUNS_KEPT = 5
-_RUN_FILE = re.compile(r"(?:runner-(?P<log>.+)\.log|hosts-(?P<hosts>.+)\.json)")
+_RUN_FILE = re.compile(r"(?:runner-(?P<log>.+)\.log|(?:hosts|ibv-devices)-(?P<hosts>.+)\.json)")
 
 
 def runs_dir(state_dir: Path) -> Path:

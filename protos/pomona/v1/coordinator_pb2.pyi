@@ -33,7 +33,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "name", "address", "state", "hardware", "shard", "mlx_version")
+    __slots__ = ("node_id", "name", "address", "state", "hardware", "shard", "mlx_version", "backend_facts")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Node(_message.Message):
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MLX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FACTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -48,7 +49,8 @@ class Node(_message.Message):
     hardware: _worker_pb2.Hardware
     shard: _worker_pb2.ShardStatus
     mlx_version: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., hardware: _Optional[_Union[_worker_pb2.Hardware, _Mapping]] = ..., shard: _Optional[_Union[_worker_pb2.ShardStatus, _Mapping]] = ..., mlx_version: _Optional[str] = ...) -> None: ...
+    backend_facts: _worker_pb2.BackendFacts
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., hardware: _Optional[_Union[_worker_pb2.Hardware, _Mapping]] = ..., shard: _Optional[_Union[_worker_pb2.ShardStatus, _Mapping]] = ..., mlx_version: _Optional[str] = ..., backend_facts: _Optional[_Union[_worker_pb2.BackendFacts, _Mapping]] = ...) -> None: ...
 
 class ListNodesReply(_message.Message):
     __slots__ = ("cluster", "model", "problem", "nodes", "serving")

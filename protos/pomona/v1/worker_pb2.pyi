@@ -74,7 +74,7 @@ class Hardware(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., chip: _Optional[str] = ..., machine_model: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., gpu_memory_limit_bytes: _Optional[int] = ..., rdma: _Optional[bool] = ..., measured_bandwidth_gbs: _Optional[float] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("node_id", "name", "cluster", "protocol_version", "hardware", "mlx_version", "backends", "interfaces", "ring_port", "shard", "held_by", "proof")
+    __slots__ = ("node_id", "name", "cluster", "protocol_version", "hardware", "mlx_version", "backends", "interfaces", "ring_port", "shard", "held_by", "proof", "backend_facts")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class DescribeReply(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     HELD_BY_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FACTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     cluster: str
@@ -99,7 +100,30 @@ class DescribeReply(_message.Message):
     shard: ShardStatus
     held_by: str
     proof: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., mlx_version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., ring_port: _Optional[int] = ..., shard: _Optional[_Union[ShardStatus, _Mapping]] = ..., held_by: _Optional[str] = ..., proof: _Optional[str] = ...) -> None: ...
+    backend_facts: BackendFacts
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., mlx_version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., ring_port: _Optional[int] = ..., shard: _Optional[_Union[ShardStatus, _Mapping]] = ..., held_by: _Optional[str] = ..., proof: _Optional[str] = ..., backend_facts: _Optional[_Union[BackendFacts, _Mapping]] = ...) -> None: ...
+
+class ThunderboltPort(_message.Message):
+    __slots__ = ("interface", "domain_uuid", "peer_domain_uuid")
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_UUID_FIELD_NUMBER: _ClassVar[int]
+    PEER_DOMAIN_UUID_FIELD_NUMBER: _ClassVar[int]
+    interface: str
+    domain_uuid: str
+    peer_domain_uuid: str
+    def __init__(self, interface: _Optional[str] = ..., domain_uuid: _Optional[str] = ..., peer_domain_uuid: _Optional[str] = ...) -> None: ...
+
+class BackendFacts(_message.Message):
+    __slots__ = ("rdma_status", "rdma_devices", "thunderbolt_ports", "cuda")
+    RDMA_STATUS_FIELD_NUMBER: _ClassVar[int]
+    RDMA_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    THUNDERBOLT_PORTS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
+    rdma_status: str
+    rdma_devices: _containers.RepeatedScalarFieldContainer[str]
+    thunderbolt_ports: _containers.RepeatedCompositeFieldContainer[ThunderboltPort]
+    cuda: bool
+    def __init__(self, rdma_status: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., thunderbolt_ports: _Optional[_Iterable[_Union[ThunderboltPort, _Mapping]]] = ..., cuda: _Optional[bool] = ...) -> None: ...
 
 class InspectModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -130,7 +154,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids")
+    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids", "rdma")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +171,7 @@ class LoadRequest(_message.Message):
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    RDMA_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     model: str
     start_layer: int
@@ -163,7 +188,20 @@ class LoadRequest(_message.Message):
     coordinator: str
     chat_template: str
     node_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    rdma: _containers.RepeatedCompositeFieldContainer[RdmaRow]
+    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., rdma: _Optional[_Iterable[_Union[RdmaRow, _Mapping]]] = ...) -> None: ...
+
+class RdmaRow(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[RdmaPeer]
+    def __init__(self, peers: _Optional[_Iterable[_Union[RdmaPeer, _Mapping]]] = ...) -> None: ...
+
+class RdmaPeer(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("load_id", "coordinator")
@@ -180,7 +218,7 @@ class WatchShardRequest(_message.Message):
     def __init__(self, load_id: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("load_id", "state", "model", "start_layer", "end_layer", "rank", "progress", "runner_address", "error", "runner_pid", "weights_bytes", "files", "active_bytes", "world_size")
+    __slots__ = ("load_id", "state", "model", "start_layer", "end_layer", "rank", "progress", "runner_address", "error", "runner_pid", "weights_bytes", "files", "active_bytes", "world_size", "group_failed", "backend")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +233,8 @@ class ShardStatus(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FAILED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     state: ShardState
     model: str
@@ -209,7 +249,9 @@ class ShardStatus(_message.Message):
     files: _containers.RepeatedScalarFieldContainer[str]
     active_bytes: int
     world_size: int
-    def __init__(self, load_id: _Optional[str] = ..., state: _Optional[_Union[ShardState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., progress: _Optional[float] = ..., runner_address: _Optional[str] = ..., error: _Optional[str] = ..., runner_pid: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., active_bytes: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    group_failed: bool
+    backend: str
+    def __init__(self, load_id: _Optional[str] = ..., state: _Optional[_Union[ShardState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., progress: _Optional[float] = ..., runner_address: _Optional[str] = ..., error: _Optional[str] = ..., runner_pid: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., active_bytes: _Optional[int] = ..., world_size: _Optional[int] = ..., group_failed: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class WakeRequest(_message.Message):
     __slots__ = ("load_id", "session")
