@@ -74,7 +74,7 @@ class RunnerProcess:
     # A ready runner reports once a second from a thread of its own, which
     # MLX's evaluation does not block; this long without a line from it, the
     # process is frozen (stopped, or hung holding the interpreter).
-    silence_timeout: float = 5.0
+    silence_timeout: float = 4.0
     info: ShardInfo = field(init=False)
     _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False)
