@@ -25,6 +25,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes, load_config, load_model
 
+from pomona.model_profile import read_safetensors_header
+
 log = logging.getLogger(__name__)
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -147,24 +149,12 @@ def weight_map(model_path: Path) -> dict[str, str]:
         return dict(json.loads(index.read_text())["weight_map"])
     files = sorted(model_path.glob("model*.safetensors"))
     if len(files) == 1:
-        return {name: files[0].name for name in _safetensors_names(files[0])}
+        return {name: files[0].name for name in read_safetensors_header(files[0])}
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {model_path}")
     raise FileNotFoundError(
         f"{model_path} has {len(files)} safetensors files but no model.safetensors.index.json"
     )
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return dict(header)
-
-
-def _safetensors_names(path: Path) -> list[str]:
-    return list(_safetensors_header(path))
 
 
 _SAFETENSORS_FLOATS = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
@@ -174,8 +164,8 @@ def checkpoint_dtypes(model_path: Path, files: list[str]) -> dict[str, mx.Dtype]
     """The stored dtype of every floating tensor in ``files``, from their headers."""
     dtypes: dict[str, mx.Dtype] = {}
     for file in files:
-        for name, info in _safetensors_header(model_path / file).items():
-            dtype = _SAFETENSORS_FLOATS.get(str(info.get("dtype")))
+        for name, (stored, _, _) in read_safetensors_header(model_path / file).items():
+            dtype = _SAFETENSORS_FLOATS.get(stored)
             if dtype is not None:
                 dtypes[name] = dtype
     return dtypes
