@@ -11,8 +11,9 @@ start with empty model directories and caches.
    folder with curl, all at once. Its figure is the wall time until the last
    download ends.
 2. Pomona: the same workers run ``pomona worker`` (worker 0 with the model in its
-   ``--model-dir``); once every worker answers and has measured its memory
-   bandwidth, ``pomona coordinator`` starts on its own host. Its figure
+   ``--model-dir``); once every worker answers, has measured its memory
+   bandwidth and has its spare runner ready (as a worker daemon started at boot
+   has), ``pomona coordinator`` starts on its own host. Its figure
    is the time from starting the coordinator to the first streamed token: planning,
    every receiver fetching its stage from worker 0, loading and the first token.
 
@@ -36,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -106,6 +109,23 @@ def naive_copy(bed: TestBed, model: Path, workers: int, root: Path) -> float:
     return seconds
 
 
+def spares_idle(workers: int) -> bool:
+    """Every worker's spare runner started and done importing (its CPU time stands still)."""
+    spares = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "--warm" in (p.info["cmdline"] or []) and "pomona.worker.runner" in p.info["cmdline"]
+    ]
+    if len(spares) < workers:
+        return False
+    try:
+        before = [sum(p.cpu_times()[:2]) for p in spares]
+        time.sleep(0.5)
+        return all(sum(p.cpu_times()[:2]) - b < 0.02 for p, b in zip(spares, before, strict=True))
+    except psutil.Error:
+        return False
+
+
 def shares(model: Path, reply: coordinator_pb2.ListNodesReply) -> dict[str, int]:
     layout = {}
     for file in set(weight_map(model).values()):
@@ -131,7 +151,7 @@ def pomona_run(bed: TestBed, model: Path, workers: int, root: Path, rate: float)
     for i in range(workers):
         empty = root / f"models-{i}"
         empty.mkdir()
-        extra = ["--cache-dir", str(root / f"cache-{i}")]
+        extra = ["--cache-dir", str(root / f"cache-{i}"), "--spare-runner"]
         if i == 0:
             extra += ["--model-dir", str(root / "holder")]
         procs.append(bed.start_worker(i, f"w{i}", CLUSTER, empty, extra=extra))
@@ -142,6 +162,7 @@ def pomona_run(bed: TestBed, model: Path, workers: int, root: Path, rate: float)
             300,
             f"{proc.name} to settle",
         )
+    wait_for(lambda: spares_idle(workers), 120, "the spare runners to finish importing")
     rx_before = {i: rx_bytes(bed, i) for i in range(workers)}
     started = time.monotonic()
     started_wall = time.time()
@@ -202,11 +223,15 @@ def main() -> None:
     parser.add_argument("--rate", default="1gbit")
     parser.add_argument("--burst", default="1mb", help="tc tbf burst (bytes: 1mb = 1 MB)")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument(
+        "--layers", type=int, default=8, help="Layers of the model (~50 MB each in float32)."
+    )
+    parser.add_argument("--logs", type=Path, help="Copy the workers' and runners' logs here.")
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason:
         raise SystemExit(f"the test bed is unavailable: {reason}")
-    model = ensure_model(default_cache_dir(), "float32")
+    model = ensure_model(default_cache_dir(), "float32", args.layers)
     model_bytes = sum(p.stat().st_size for p in model.iterdir() if p.is_file())
     rate = rate_bytes_per_s(args.rate)
     with tempfile.TemporaryDirectory(prefix="pomona-bench-dist-") as tmp:
@@ -216,6 +241,10 @@ def main() -> None:
                 bed.throttle(i, rate=args.rate, burst=args.burst, latency="400ms")
             naive = naive_copy(bed, model, args.workers, root)
             result = pomona_run(bed, model, args.workers, root, rate)
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for log in root.rglob("*.log"):
+                shutil.copy2(log, args.logs / "-".join(log.relative_to(root).parts))
     result.update(
         {
             "model_bytes": model_bytes,

@@ -33,14 +33,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "pomona" / "bench"
 
 
-def model_folder(cache_dir: Path, dtype: str) -> Path:
-    shape = f"h{OVERRIDES['hidden_size']}-i{OVERRIDES['intermediate_size']}-l{NUM_LAYERS}"
+def model_folder(cache_dir: Path, dtype: str, num_layers: int = NUM_LAYERS) -> Path:
+    shape = f"h{OVERRIDES['hidden_size']}-i{OVERRIDES['intermediate_size']}-l{num_layers}"
     return cache_dir / f"{ARCH}-{shape}-{dtype}"
 
 
-def ensure_model(cache_dir: Path, dtype: str) -> Path:
-    """The model folder, written on first use (a few seconds)."""
-    folder = model_folder(cache_dir, dtype)
+def ensure_model(cache_dir: Path, dtype: str, num_layers: int = NUM_LAYERS) -> Path:
+    """The model folder, written on first use (a few seconds; ~50 MB a float32 layer)."""
+    folder = model_folder(cache_dir, dtype, num_layers)
     if (folder / "tokenizer.json").exists():
         return folder
     sys.path.insert(0, str(REPO / "tests"))
@@ -48,7 +48,14 @@ def ensure_model(cache_dir: Path, dtype: str) -> Path:
 
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    make_model(partial, ARCH, num_layers=NUM_LAYERS, shards=2, dtype=dtype, overrides=OVERRIDES)
+    make_model(
+        partial,
+        ARCH,
+        num_layers=num_layers,
+        shards=max(2, num_layers // 4),
+        dtype=dtype,
+        overrides=OVERRIDES,
+    )
     partial.rename(folder)
     return folder
 

@@ -156,6 +156,12 @@ INSECURE_OPTION = click.option(
     default=0.0,
     help="GB of memory to offer to models at most [default: all the GPU may use].",
 )
+@click.option(
+    "--spare-runner/--no-spare-runner",
+    default=True,
+    show_default=True,
+    help="Have a runner process import MLX ahead of each load (faster loads and re-forms).",
+)
 @CONFIG_OPTION
 @INSECURE_OPTION
 @click.option(
@@ -177,6 +183,7 @@ def worker(
     cache_dir: Path | None,
     cache_max_gb: float,
     max_memory: float,
+    spare_runner: bool,
     config_path: Path | None,
     insecure: bool,
     allow_remote_code: bool,
@@ -205,6 +212,7 @@ def worker(
         max_memory_bytes=int(max_memory * 1e9),
         cache_dir=cache_dir or default_cache_dir(),
         cache_max_bytes=int(cache_max_gb * 1e9),
+        spare_runner=spare_runner,
     )
     prune_runs(runs_dir(config.state_dir))  # logs of loads before a restart
     _run_until_signal(lambda stop: serve(config, stop=stop))

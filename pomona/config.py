@@ -70,6 +70,9 @@ class WorkerConfig:
     # Stage folders received from other workers, and the cache's limit (0: none).
     cache_dir: Path = field(default_factory=default_cache_dir)
     cache_max_bytes: int = 0
+    # Keep a spare runner, its imports done, for the next load
+    # (worker/warm_runner.py).
+    spare_runner: bool = True
 
     @property
     def effective_ring_port(self) -> int:
@@ -97,8 +100,10 @@ class CoordinatorConfig:
     seeds: tuple[str, ...] = ()
     # Wait for this many workers before the first plan.
     min_workers: int = 1
-    # Quiet time after the last membership change before planning.
-    settle_seconds: float = 1.0
+    # Quiet time after the last membership change before planning: Bonjour
+    # answers to one query arrive within ~120 ms of each other (RFC 6762's
+    # random delay), and each is then described in a round trip.
+    settle_seconds: float = 0.5
     mdns_interfaces: tuple[str, ...] = ()
     load_timeout: float = 600.0
     # Layers per worker, in order; empty means split by memory.

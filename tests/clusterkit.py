@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -51,6 +51,18 @@ def cluster_config(root: Path, cluster: str) -> Path:
     if not path.exists():
         write_local_config(path.parent, cluster)
     return path
+
+
+def spare_flag(extra: Sequence[str]) -> list[str]:
+    """``--no-spare-runner`` unless ``extra`` says otherwise.
+
+    A spare runner costs a few CPU-seconds of imports per worker start; on a
+    2-core test machine that adds up over the suite, so the tests that start
+    workers without loading a model soon do without. Tests of the spare (and
+    ``pomona up``, which runs the defaults) pass ``--spare-runner``.
+    """
+    given = {"--spare-runner", "--no-spare-runner"} & set(extra)
+    return [] if given else ["--no-spare-runner"]
 
 
 @dataclass
@@ -142,7 +154,7 @@ class LocalCluster:
             "worker", "--port", str(port), "--host", LOOPBACK, "--name", name,
             "--cluster", cluster or self.cluster, "--address", LOOPBACK,
             "--mdns-interface", LOOPBACK, "--state-dir", str(self.state_dir(key)),
-            "--model-dir", str(model_dir or self.root), *extra,
+            "--model-dir", str(model_dir or self.root), *spare_flag(extra), *extra,
         ]  # fmt: skip
         config = config or cluster_config(self.root, cluster or self.cluster)
         return self._spawn(f"worker-{key}", args, port, config, env)

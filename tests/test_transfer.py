@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import struct
@@ -187,6 +188,30 @@ async def test_a_flipped_byte_is_detected_and_the_chunk_fetched_again(
             a.seek(loc.start)
             b.seek(theirs[name].start)
             assert a.read(loc.info.nbytes) == b.read(loc.info.nbytes), name
+
+
+class Sha256Source(Flipping):
+    """A source from before BLAKE3: its chunks carry a sha256 only."""
+
+    def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes, digest: bytes) -> transfer_pb2.Chunk:
+        out = super().chunk(ref, data, digest)
+        out.ClearField("blake3")
+        out.sha256 = hashlib.sha256(data).digest()
+        return out
+
+
+@run
+async def test_an_older_source_with_sha256_digests_is_checked_by_sha256(
+    models: Path, tmp_path: Path
+) -> None:
+    service = Sha256Source(store_for((models,), tmp_path / "src"), None, flips=1)
+    cache = StageCache(tmp_path / "cache")
+    key = StageKey.of(2, 4, 1, 3)
+    async with source(service) as (address, _):
+        path, progress = await fetch_stage("tiny", key, [address], cache, chunk_bytes=SMALL_CHUNK)
+    assert progress.refetched == 1  # the flipped chunk failed its sha256 check
+    assert progress.bytes_received == share_bytes(models / "tiny", key) + service.flipped_bytes
+    assert (path / "model.safetensors").is_file()
 
 
 class Dying(TransferService):

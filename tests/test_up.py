@@ -15,6 +15,14 @@ from pomona.local import free_port_pair
 
 pytestmark = pytest.mark.cluster
 
+TOOK_SPARE = "(a spare) took the load"
+
+
+def worker_logs(home: Path, n: int) -> list[Path]:
+    return [
+        home / "state" / "pomona" / "local" / "logs" / f"worker-{i}.log" for i in range(1, n + 1)
+    ]
+
 
 def test_up_then_generate_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     port, http = free_port_pair(set()), free_port_pair(set())
@@ -42,6 +50,8 @@ def test_up_then_generate_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> N
         assert result.returncode == 0, result.stderr
         words = result.stdout.split()
         assert len(words) >= 5 and all(w.isprintable() for w in words)
+        # Each worker's runner was its spare, its imports done ahead of the load.
+        assert all(TOOK_SPARE in log.read_text() for log in worker_logs(tmp_path, 2))
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait(60)
@@ -85,6 +95,9 @@ def test_up_with_three_keeps_serving_when_a_worker_dies(tmp_path: Path) -> None:
         again = generate()
         assert again.returncode == 0 and again.stdout.strip(), again.stderr
         assert up.poll() is None
+        # The survivors re-formed with spares started once their first runners were up.
+        took = [log.read_text().count(TOOK_SPARE) for log in worker_logs(tmp_path, 3)]
+        assert sorted(took) == [1, 2, 2], took
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait(60)

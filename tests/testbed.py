@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import Proc, cluster_config
+from clusterkit import Proc, cluster_config, spare_flag
 
 PREFIX = "pbed"
 NETNS_DIR = Path("/run/netns")
@@ -714,7 +714,8 @@ class TestBed:
         pinned = ["--host", ip, "--address", ip, "--mdns-interface", ip] if pin_address else []
         args = [
             "worker", "--port", str(port), "--name", name, "--cluster", cluster, *pinned,
-            "--state-dir", str(state_dir), "--model-dir", str(model_dir), *extra,
+            "--state-dir", str(state_dir), "--model-dir", str(model_dir),
+            *spare_flag(extra), *extra,
         ]  # fmt: skip
         return self._spawn(i, f"worker-{name}", args, port, cluster)
 

@@ -39,6 +39,7 @@ from pomona.worker.sampler import Sampler
 from pomona.worker.stage_cache import StageCache, StageKey
 from pomona.worker.telemetry import effective_interval, telemetry_stream
 from pomona.worker.transfer_service import TransferService
+from pomona.worker.warm_runner import WarmRunner
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         # table does not know the chip or this variant of it.
         self.bandwidth_gbs: float | None = None
         self.stage_cache = StageCache(config.cache_dir, config.cache_max_bytes)
+        self.spare = WarmRunner(config.spare_runner)
+        self._refill: asyncio.Task[None] | None = None
 
     async def measure_bandwidth(self) -> None:
         if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
@@ -281,14 +284,17 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 prefill_step=request.prefill_step or RunnerSpec.prefill_step,
                 chat_template=request.chat_template,
             )
+            launch = rank_launch(spec.backend, spec.rank, launch_hosts(request))
             self.runner = RunnerProcess(
                 spec,
                 request.model,
-                rank_launch(spec.backend, spec.rank, launch_hosts(request)),
+                launch,
                 self.config.state_dir / "runs",
                 self.config.load_timeout,
             )
-            await self.runner.start()
+            await self.runner.start(warm=self.spare.take(launch.env))
+            if self.runner.adopted:
+                self._refill = asyncio.create_task(self._refill_spare(self.runner))
             return shard_to_proto(self.runner.info)
 
     async def _stage_or_model(
@@ -399,7 +405,24 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     # -- lifecycle --------------------------------------------------------------
 
+    async def _refill_spare(self, runner: RunnerProcess) -> None:
+        """Another spare once ``runner``, which took the last one, is up (or failed):
+        the next load — a re-form after a failure — starts without the imports."""
+        info = runner.info
+        while info.state not in (State.READY, *TERMINAL):
+            info = await runner.wait_change(info, 60.0)
+        await self.spare.ensure()
+
+    async def surveyed(self) -> None:
+        """A coordinator asked what this machine holds: a load may follow soon."""
+        runner = self.runner
+        if runner is None or runner.info.state in TERMINAL:
+            await self.spare.ensure()
+
     async def shutdown(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+        await self.spare.stop()
         if self.runner is not None:
             await self.runner.stop(grace=2.0)
 
@@ -422,6 +445,7 @@ async def serve(
     await server.start()
     await _set_serving(health_servicer)
     measuring = asyncio.create_task(daemon.measure_bandwidth())
+    await daemon.spare.ensure()  # a runner that has done its imports waits for the first load
     info = service_info(
         config.name,
         daemon.addresses,
@@ -466,7 +490,7 @@ def transfer_service(daemon: WorkerDaemon) -> TransferService:
         runner = daemon.runner
         return [Path(runner.spec.model_path)] if runner is not None else []
 
-    return TransferService(store, daemon.config.auth, in_use)
+    return TransferService(store, daemon.config.auth, in_use, on_survey=daemon.surveyed)
 
 
 async def _set_serving(servicer: object) -> None:

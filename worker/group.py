@@ -10,6 +10,8 @@ ring.
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from pomona.backends import mlx_backend
@@ -48,3 +50,70 @@ def join_group(backend: str, rank: int, world_size: int, timeout: float) -> Any:
             f"expected {rank} of {world_size}"
         )
     return group
+
+
+# The gap between a rank saying it is joining and its listening socket being up.
+LISTEN_GRACE_S = 0.05
+
+
+def wait_for_listeners(
+    workers: tuple[str, ...],
+    node_ids: tuple[str, ...],
+    load_id: str,
+    rank: int,
+    cluster_config: str,
+    timeout: float,
+) -> None:
+    """Return once every other rank of the load is joining its ring group (listening).
+
+    MLX's ring forms like this: every rank but the last first *accepts* its left
+    neighbour (waiting as long as it takes), then connects to its right one; the
+    last rank connects first, to rank 0, and its connect gives up after five
+    tries 1, 2, 4 and 8 s apart. Ranks finish loading at different times (a
+    slow disk, a slow first import, a larger stage), so a last rank that joined
+    as soon as it had loaded would wait a second or more for nothing, and one
+    15 s ahead of rank 0 would fail the group. The last rank therefore starts
+    the ring only when every other rank's daemon says its runner is joining:
+    then each connect of the chain finds its peer listening.
+    """
+    import grpc
+
+    from pomona import rpc
+    from pomona.security import Auth
+    from pomona.v1 import worker_pb2, worker_pb2_grpc
+
+    auth = Auth.load(Path(cluster_config)) if cluster_config else Auth.none()
+    targets = node_ids or ("",) * len(workers)
+    deadline = time.monotonic() + timeout
+    joining = (worker_pb2.SHARD_STATE_CONNECTING, worker_pb2.SHARD_STATE_READY)
+    for peer, (address, target) in enumerate(zip(workers, targets, strict=True)):
+        if peer == rank:
+            continue
+        with rpc.channel(address, auth, target) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(
+                        f"rank {peer} ({address}) did not join within {timeout:.0f} s"
+                    )
+                try:
+                    for status in stub.WatchShard(
+                        worker_pb2.WatchShardRequest(load_id=load_id), timeout=left
+                    ):
+                        if status.state in joining:
+                            break
+                        if status.state == worker_pb2.SHARD_STATE_FAILED:
+                            raise RuntimeError(f"rank {peer} ({address}) failed: {status.error}")
+                    else:
+                        time.sleep(0.05)  # the stream ended before joining: ask again
+                        continue
+                    break
+                except grpc.RpcError as e:
+                    if e.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                        raise RuntimeError(
+                            f"cannot ask rank {peer} ({address}) whether it is joining: "
+                            f"{rpc.describe_error(e, address)}"
+                        ) from e
+                    time.sleep(0.05)  # its load has not arrived yet
+    time.sleep(LISTEN_GRACE_S)

@@ -7,7 +7,8 @@ and runs lockstep generation. It talks to its daemon through its standard
 streams: JSON events on stdout (loading progress, ready, failed), commands on
 stdin (``wake``, ``stop``). When stdin closes — the daemon is gone — it exits.
 
-Run as ``python -m pomona.worker.runner SPEC_JSON``.
+Run as ``python -m pomona.worker.runner SPEC_JSON``, or as a spare started
+ahead of its load, ``python -m pomona.worker.runner --warm`` (warm_runner).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pomona.orphans import die_with_parent
-from pomona.worker.group import GroupError, join_group
+from pomona.worker.group import GroupError, join_group, wait_for_listeners
+from pomona.worker.warm_runner import WARM_FLAG
 
 log = logging.getLogger("pomona.worker.runner")
 
@@ -66,6 +68,8 @@ class RunnerSpec:
     step_timeout: float = 60.0
     # Seconds a backend other than the ring may take to form its group.
     join_timeout: float = 60.0
+    # Seconds the ring's last rank waits for the other ranks to load (group.py).
+    peers_timeout: float = 600.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -95,7 +99,13 @@ def main(argv: list[str]) -> int:
         stream=sys.stderr,
     )
     die_with_parent(signal.SIGKILL)
-    spec = RunnerSpec.from_json(argv[1])
+    if argv[1:2] == [WARM_FLAG]:
+        started = _wait_for_load()
+        if started is None:
+            return 0  # the daemon went away, or stopped the spare
+        spec = started
+    else:
+        spec = RunnerSpec.from_json(argv[1])
     try:
         return _run(spec)
     except Exception as e:  # the daemon reports it; the coordinator re-plans
@@ -105,6 +115,31 @@ def main(argv: list[str]) -> int:
         return 1
 
 
+def _wait_for_load() -> RunnerSpec | None:
+    """A spare runner (``--warm``): import what every load needs, then wait for one.
+
+    The daemon writes one line, ``{"cmd": "start", "spec": ..., "env": {...}}``;
+    the environment (the group's variables and files, pomona.backends) is set
+    before anything reads it. The imports are the runner's slow part.
+    """
+    import mlx.core  # noqa: F401
+    import mlx_lm.utils  # noqa: F401
+
+    import pomona.worker.lockstep  # noqa: F401
+    import pomona.worker.scheduler  # noqa: F401
+    import pomona.worker.shard  # noqa: F401
+
+    emit("warm")
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    command = json.loads(line)
+    if command.get("cmd") != "start":
+        return None
+    os.environ.update({str(k): str(v) for k, v in command.get("env", {}).items()})
+    return RunnerSpec.from_json(command["spec"])
+
+
 def _run(spec: RunnerSpec) -> int:
     import mlx.core as mx
 
@@ -112,6 +147,7 @@ def _run(spec: RunnerSpec) -> int:
     from pomona.worker.shard import StageSpec, load_stage
 
     stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size)
+    began = time.monotonic()
     group = None
     if spec.world_size > 1 and spec.backend != "ring":
         # Before loading: a backend that cannot form fails in seconds, not after the weights.
@@ -130,7 +166,17 @@ def _run(spec: RunnerSpec) -> int:
         weights_bytes=shard.weights_bytes,
         active_bytes=mx.get_active_memory(),
     )
+    loaded = time.monotonic()
     if spec.world_size > 1:
+        if group is None and spec.backend == "ring" and spec.rank == spec.world_size - 1:
+            wait_for_listeners(
+                spec.workers,
+                spec.node_ids,
+                spec.load_id,
+                spec.rank,
+                spec.cluster_config,
+                spec.peers_timeout,
+            )
         emit("state", state="connecting")
         if group is None:
             group = mx.distributed.init(backend=spec.backend, strict=True)
@@ -140,8 +186,17 @@ def _run(spec: RunnerSpec) -> int:
                 f"expected {spec.rank} of {spec.world_size}"
             )
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
+    joined = time.monotonic()
     engine = StageEngine(shard, StepWatch(first=spec.step_timeout))
     scheduler = _make_scheduler(spec, engine.can_batch()) if spec.rank == 0 else None
+    log.info(
+        "rank %d set up in %.2f s: weights %.2f s, group %.2f s, engine %.2f s",
+        spec.rank,
+        time.monotonic() - began,
+        loaded - began,
+        joined - loaded,
+        time.monotonic() - joined,
+    )
     _start_monitor(spec, engine, scheduler)
     if scheduler is not None:
         return _serve_head(spec, engine, scheduler, shard.config)

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from pathlib import Path
 from pomona.backends import RankLaunch
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runs_dir import prune_runs
+from pomona.worker.warm_runner import runner_command, runner_env
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class RunnerProcess:
     # The runner's latest once-a-second report (RunnerStats field names).
     stats: dict[str, object] = field(default_factory=dict, init=False)
     _last_heard: float = field(default_factory=time.monotonic, init=False)
+    # Whether the process was a spare, started before this load (warm_runner).
+    adopted: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         s = self.spec
@@ -98,30 +100,35 @@ class RunnerProcess:
             backend=s.backend,
         )
 
-    async def start(self) -> None:
+    async def start(self, warm: asyncio.subprocess.Process | None = None) -> None:
+        """Start the runner, or hand the load to ``warm``, a spare runner (warm_runner)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.update(self.launch.env, PYTHONUNBUFFERED="1")
+        extra = dict(self.launch.env)
         for name, content in self.launch.files.items():
             path = self.log_dir / f"{RUN_FILES[name]}-{self.spec.load_id}.json"
             path.write_text(content)
-            env[name] = str(path)
+            extra[name] = str(path)
         prune_runs(self.log_dir, current=self.spec.load_id)
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pomona.worker.runner",
-            self.spec.to_json(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
+        if warm is not None and warm.returncode is None and warm.stdin is not None:
+            self._proc = warm
+            self.adopted = True
+            start = {"cmd": "start", "spec": self.spec.to_json(), "env": extra}
+            warm.stdin.write((json.dumps(start) + "\n").encode())
+            await warm.stdin.drain()
+        else:
+            self._proc = await asyncio.create_subprocess_exec(
+                *runner_command(self.spec.to_json()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**runner_env(), **extra},
+                start_new_session=True,
+            )
         await self._set(pid=self._proc.pid)
         log.info(
-            "runner %d started for layers [%d, %d) as rank %d/%d",
+            "runner %d %s for layers [%d, %d) as rank %d/%d",
             self._proc.pid,
+            "(a spare) took the load" if self.adopted else "started",
             self.spec.start,
             self.spec.end,
             self.spec.rank,

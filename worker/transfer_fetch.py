@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from blake3 import blake3
 
 from pomona import rpc
 from pomona.safetensors_layout import (
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
 REQUEST_BYTES = 16 << 20
 MAX_CHUNKS_PER_REQUEST = 64
-IN_FLIGHT = 4
+IN_FLIGHT = 8
 CATALOG_TIMEOUT = 30.0
 # A request's deadline grows with its bytes (at 10 MB/s at least).
 READ_TIMEOUT_BASE = 30.0
@@ -400,7 +401,7 @@ class _Job:
                     self.progress.refetched += 1
                     source.bad_chunks += 1
                     log.warning(
-                        "chunk %s from %s failed its sha256 check: fetching it again",
+                        "chunk %s from %s failed its digest check: fetching it again",
                         span.key,
                         source.address,
                     )
@@ -432,7 +433,7 @@ class _Job:
                 continue
             at = len(self.header) + self.offsets[span.tensor] + span.offset
             data = os.pread(fd, span.length, at)
-            if hashlib.sha256(data).hexdigest() != self.digests.get(span.key):
+            if blake3(data).hexdigest() != self.digests.get(span.key):
                 bad.append(span.key)
         return bad
 
@@ -452,13 +453,17 @@ class _Job:
 
 
 def _check_and_write(fd: int, chunk: transfer_pb2.Chunk, length: int, at: int) -> str | None:
-    """The chunk's sha256 once written at ``at``; None (nothing written) if it is corrupt."""
+    """The chunk's BLAKE3 once written at ``at``; None (nothing written) if it is corrupt."""
     data = chunk.data
-    digest = hashlib.sha256(data)
-    if len(data) != length or digest.digest() != chunk.sha256:
+    digest = blake3(data).digest()
+    if chunk.blake3:
+        good = digest == chunk.blake3
+    else:  # a source from before BLAKE3
+        good = bool(chunk.sha256) and hashlib.sha256(data).digest() == chunk.sha256
+    if len(data) != length or not good:
         return None
     os.pwrite(fd, data, at)
-    return digest.hexdigest()
+    return digest.hex()
 
 
 def _take(todo: deque[ChunkSpan]) -> list[ChunkSpan]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from blake3 import blake3
 
 from pomona.models import ModelNotFound, ModelRefused, check_model_name
 from pomona.safetensors_layout import LayoutError
@@ -37,8 +37,11 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
         store: ModelStore,
         auth: Auth | None,
         in_use: Callable[[], list[Path]] = list,
+        on_survey: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        # Called when a coordinator surveys for a model (a plan, and a load, follow).
+        self.on_survey = on_survey
         self.auth = auth
         self.in_use = in_use
         # The transfer under way (or last finished) per stage folder, for status.
@@ -65,6 +68,8 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
                 check_model_name(model)
             except ModelNotFound as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if model and self.on_survey is not None:
+            await self.on_survey()
         held = await asyncio.to_thread(self.store.held, model)
         cache = self.store.cache
         return transfer_pb2.ListModelsReply(
@@ -152,7 +157,7 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
             if loc.path not in fds:
                 fds[loc.path] = os.open(loc.path, os.O_RDONLY)
             data = os.pread(fds[loc.path], ref.length, loc.start + ref.offset)
-            return data, hashlib.sha256(data).digest()
+            return data, blake3(data).digest()
 
         refs = list(request.chunks)
         # One chunk is read and hashed (in a thread) while the previous one is sent.
@@ -181,7 +186,7 @@ class TransferService(transfer_pb2_grpc.ModelTransferServicer):
 
     def chunk(self, ref: transfer_pb2.ChunkRef, data: bytes, digest: bytes) -> transfer_pb2.Chunk:
         """The reply for one chunk (a seam for tests that corrupt or cut replies)."""
-        return transfer_pb2.Chunk(ref=ref, data=data, sha256=digest)
+        return transfer_pb2.Chunk(ref=ref, data=data, blake3=digest)
 
     async def Stage(self, request, context) -> AsyncIterator[transfer_pb2.TransferProgress]:  # noqa: N802
         problem = _check_stage(request)

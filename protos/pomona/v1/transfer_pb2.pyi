@@ -128,14 +128,16 @@ class ReadChunksRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ChunkRef, _Mapping]]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("ref", "data", "sha256")
+    __slots__ = ("ref", "data", "sha256", "blake3")
     REF_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    BLAKE3_FIELD_NUMBER: _ClassVar[int]
     ref: ChunkRef
     data: bytes
     sha256: bytes
-    def __init__(self, ref: _Optional[_Union[ChunkRef, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    blake3: bytes
+    def __init__(self, ref: _Optional[_Union[ChunkRef, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ..., blake3: _Optional[bytes] = ...) -> None: ...
 
 class StageRequest(_message.Message):
     __slots__ = ("model", "start_layer", "end_layer", "rank", "world_size", "sources", "source_node_ids")

@@ -89,7 +89,7 @@ class ModelTransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadChunks(self, request, context):
-        """Byte ranges of tensors, each with the sha256 the source computed from
+        """Byte ranges of tensors, each with the digest (BLAKE3) the source computed from
         what it read, streamed in the order asked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
