@@ -240,7 +240,10 @@ class Links:
                 in_ring=key in self.ring,
                 measured_at=m.measured_at,
             )
-            for key, m in sorted(self.figures.items())
+            for key, m in sorted(
+                self.figures.items(),
+                key=lambda kv: (self.names.get(kv[0][0], ""), self.names.get(kv[0][1], ""), kv[0]),
+            )
         ]
 
 
