@@ -253,3 +253,22 @@ def describe(m: Measurement, names: dict[str, str]) -> str:
     if m.error:
         return f"{head}: {m.error}"
     return f"{head}: {m.rtt_ms:.2f} ms RTT, {m.bandwidth_bytes_per_s * 8 / 1e6:.0f} Mbit/s"
+
+
+def links_from_proto(measurements: Sequence[coordinator_pb2.LinkMeasurement]) -> list[Link]:
+    """Planner links from what a coordinator reports: per pair, the fastest working probe."""
+    out: dict[frozenset[str], Link] = {}
+    for m in measurements:
+        if m.error or m.bandwidth_bytes_per_s <= 0:
+            continue
+        link = Link(
+            m.from_node_id,
+            m.to_node_id,
+            latency_ms=m.rtt_ms / 2,
+            bandwidth_gbs=m.bandwidth_bytes_per_s / 1e9,
+            kind=m.kind or "unknown",
+        )
+        pair = frozenset((link.a, link.b))
+        if pair not in out or link.bandwidth_gbs > out[pair].bandwidth_gbs:
+            out[pair] = link
+    return list(out.values())
