@@ -10,13 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
-from clusterkit import generate_tokens, list_nodes, reference_tokens, wait_for, wait_serving
+from clusterkit import (
+    generate_tokens,
+    list_nodes,
+    reference_tokens,
+    wait_for,
+    wait_serving,
+    worker_stub,
+)
 from modelfactory import make_model
 from testbed import WORKER_PORT, TestBed, bed_fixture
 
 from pomona.links_view import link_line
-from pomona.v1 import coordinator_pb2
+from pomona.v1 import coordinator_pb2, worker_pb2
 
 pytestmark = pytest.mark.netns
 
@@ -58,7 +66,7 @@ def test_ring_runs_on_the_fast_network_and_reforms_over_the_other(
     expected = reference_tokens(model, PROMPT, 24)
     cluster = f"links-{bed.run_id[-4:]}"
     bed.start_worker(0, "w0", cluster, tmp_path)
-    bed.start_worker(1, "w1", cluster, tmp_path)
+    w1 = bed.start_worker(1, "w1", cluster, tmp_path)
     coord = bed.start_coordinator(2, model, cluster, min_workers=2, layers="2,2")
     reply = wait_serving(coord, timeout=240)
     h0, h1 = bed.host(0), bed.host(1)
@@ -74,6 +82,12 @@ def test_ring_runs_on_the_fast_network_and_reforms_over_the_other(
         assert abs(control.bandwidth_bytes_per_s * 8 / CONTROL_BITS - 1) < 0.2, control
         assert abs(fast.bandwidth_bytes_per_s * 8 / FAST_BITS - 1) < 0.2, fast
         assert fast.in_ring and not control.in_ring
+
+    # A probe's sink opens only on an address of the worker's own, for a signed call.
+    with pytest.raises(grpc.RpcError) as info:
+        worker_stub(w1).LinkListen(worker_pb2.LinkListenRequest(host="198.51.100.7"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an address of this machine" in (info.value.details() or "")
 
     # The ring's connection joins the fast addresses, and its traffic crosses thunderbolt0.
     assert ring_peers(bed, 0) <= {(h0.fast_ip, h1.fast_ip)} and ring_peers(bed, 0)

@@ -28,7 +28,7 @@ from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.tokens import describe_proof
 from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
-from pomona.worker.backend_facts import facts_to_proto, read_backend_facts
+from pomona.worker.backend_facts import facts_to_proto, interface_peers, read_backend_facts
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
@@ -161,7 +161,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     def _describe(self) -> worker_pb2.DescribeReply:
         hw = read_hardware()  # interfaces and their link state as they are now
-        peers = {p.interface: p.peer_domain_uuid for p in self.backend_facts.thunderbolt_ports}
+        peers = interface_peers(self.backend_facts)
         return worker_pb2.DescribeReply(
             node_id=self.node_id,
             name=self.config.name,
