@@ -134,10 +134,13 @@ class Links:
             started = time.monotonic()
             figures: dict[tuple[str, str, str], Measurement] = {}
             for src in members:
+                own = {a for i in src.describe.interfaces for a in i.addresses}
                 for dst in members:
                     if src is dst:
                         continue
                     for c in candidates(dst):
+                        if c.address in own and c.address != dst.host:
+                            continue  # an address both hold (docker0, say) reaches itself
                         figures[(src.node_id, dst.node_id, c.address)] = await self._probe(
                             src, dst, c
                         )

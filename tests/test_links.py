@@ -9,9 +9,11 @@ reads from it (buses with domain_uuid_key, receptacle_1_tag.receptacle_id_key, _
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -116,7 +118,7 @@ class FakeMember:
     def __init__(self, node_id: str, host: str, interfaces: list[worker_pb2.NetworkInterface]):
         self.node_id, self.name, self.host = node_id, node_id, host
         self.describe = worker_pb2.DescribeReply(node_id=node_id, interfaces=interfaces)
-        self.stub = None
+        self.stub: Any = None
 
 
 def nic(name: str, kind: str, *addresses: str, up: bool = True) -> worker_pb2.NetworkInterface:
@@ -170,6 +172,54 @@ def test_each_ring_neighbour_pair_uses_the_fastest_link() -> None:
     shown = links.to_proto()
     assert [x.address for x in shown if x.in_ring] == ["169.254.0.2", "10.9.0.3"]
     assert {frozenset((x.a, x.b)) for x in links_from_proto(shown)} == set(planner)
+
+
+class FakeStub:
+    """A worker's LinkListen/LinkProbe: probes to ``rates`` succeed at that Mbit/s."""
+
+    def __init__(self, rates: dict[str, float], calls: list[str]) -> None:
+        self.rates, self.calls = rates, calls
+
+    async def LinkListen(self, request, timeout):  # noqa: N802
+        return worker_pb2.LinkListenReply(port=1, ticket=b"t" * 32)
+
+    async def LinkProbe(self, request, timeout):  # noqa: N802
+        self.calls.append(request.host)
+        if request.host not in self.rates:
+            return worker_pb2.LinkProbeReply(error=f"{request.host}:1: Network is unreachable")
+        return worker_pb2.LinkProbeReply(
+            rtt_ms=0.1, bandwidth_bytes_per_s=self.rates[request.host] * 1e6 / 8
+        )
+
+
+def test_measuring_skips_shared_addresses_and_is_cached_until_the_topology_changes() -> None:
+    calls: list[str] = []
+    rates = {"10.0.0.1": 100, "10.0.0.2": 100, "10.9.0.2": 1000}
+    a = FakeMember("a", "10.0.0.1", [nic("eth0", "ethernet", "10.0.0.1"),
+                                     nic("docker0", "other", "172.17.0.1")])  # fmt: skip
+    b = FakeMember("b", "10.0.0.2", [nic("eth0", "ethernet", "10.0.0.2"),
+                                     nic("docker0", "other", "172.17.0.1"),
+                                     nic("thunderbolt0", "thunderbolt", "10.9.0.2")])  # fmt: skip
+    a.stub = b.stub = FakeStub(rates, calls)
+    links = Links()
+    asyncio.run(links.measure([a, b]))
+    # a probes b at its two own addresses (not the docker0 both hold); b probes a once.
+    assert sorted(calls) == ["10.0.0.1", "10.0.0.2", "10.9.0.2"]
+    assert links.ring_hosts([a, b]) == ["10.0.0.1", "10.9.0.2"]
+    asyncio.run(links.measure([a, b]))
+    assert len(calls) == 3  # nothing changed: the figures are kept
+    links.forget()  # the pipeline failed
+    del rates["10.9.0.2"]  # the cable is cut
+    asyncio.run(links.measure([a, b]))
+    assert len(calls) == 6
+    assert links.ring_hosts([a, b]) == ["10.0.0.1", "10.0.0.2"]
+    failed = [x for x in links.to_proto() if x.error]
+    assert [(x.address, x.interface, x.kind) for x in failed] == [
+        ("10.9.0.2", "thunderbolt0", "thunderbolt")
+    ]
+    b.describe.interfaces[2].link_state = "down"  # b reports the link down: a new topology
+    asyncio.run(links.measure([a, b]))
+    assert len(calls) == 8 and "10.9.0.2" not in calls[6:]
 
 
 # -- links in the nodes file and the planner ----------------------------------------------
