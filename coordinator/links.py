@@ -28,7 +28,8 @@ from pomona.v1 import coordinator_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-PROBE_BYTES = 16 << 20
+PROBE_BYTES = 64 << 20  # the most one probe sends
+PROBE_SEND_S = 0.5  # or it sends for this long
 PROBE_PINGS = 10
 PROBE_TIMEOUT_S = 3.0
 NEAR_TIE = 0.9  # bandwidths within 10% of each other: the lower RTT wins
@@ -112,8 +113,10 @@ class Links:
         nbytes: int = PROBE_BYTES,
         pings: int = PROBE_PINGS,
         timeout_s: float = PROBE_TIMEOUT_S,
+        send_s: float = PROBE_SEND_S,
     ) -> None:
         self.nbytes, self.pings, self.timeout_s = nbytes, pings, timeout_s
+        self.send_s = send_s
         self.figures: dict[tuple[str, str, str], Measurement] = {}
         self.names: dict[str, str] = {}
         self.ring: set[tuple[str, str, str]] = set()  # (from, to, address) the ring uses
@@ -170,6 +173,7 @@ class Links:
                     bytes=self.nbytes,
                     pings=self.pings,
                     timeout_s=self.timeout_s,
+                    send_s=self.send_s,
                 ),
                 timeout=self.timeout_s + 5.0,
             )

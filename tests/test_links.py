@@ -32,6 +32,7 @@ from pomona.worker.link_probe import (
     LinkSink,
     check_probe_request,
     probe,
+    received_rate,
 )
 
 PORTS_M3_ULTRA = (
@@ -94,6 +95,13 @@ def test_the_sink_serves_only_the_ticket_holder_and_the_prober_measures() -> Non
         probe("127.0.0.1", sink.port, sink.ticket, 1 << 20, 1, 2.0)
 
 
+def test_the_rate_leaves_out_the_first_tenth_of_the_time() -> None:
+    # A shaper's burst: 1 MB at once, then 1 MB per 0.1 s for a second.
+    samples = [(0.0, 1_000_000)] + [(0.1 * i, 1_000_000 * (i + 1)) for i in range(1, 11)]
+    assert received_rate(samples) == pytest.approx(10e6)
+    assert received_rate([(0.0, 5)]) == 0.0
+
+
 def test_bad_probe_requests_say_what_is_wrong() -> None:
     with pytest.raises(LinkProbeError, match="not an address of this machine"):
         LinkSink("198.51.100.7")
@@ -105,6 +113,7 @@ def test_bad_probe_requests_say_what_is_wrong() -> None:
         (("h", 1, ticket, MAX_BYTES + 1, 1, 1.0), "bytes must be 1 to"),
         (("h", 1, ticket, 1, 1000, 1.0), "pings must be 0 to 100"),
         (("h", 1, ticket, 1, 1, 60.0), "timeout_s must be above 0 and at most 30"),
+        (("h", 1, ticket, 1, 1, 1.0, 2.0), "send_s must be 0 or more and less than timeout_s"),
     ]
     for args, message in cases:
         with pytest.raises(LinkProbeError, match=message):

@@ -416,12 +416,12 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
     async def LinkProbe(self, request, context):  # noqa: N802
         r = request
         try:
-            check_probe_request(r.host, r.port, r.ticket, r.bytes, r.pings, r.timeout_s)
+            check_probe_request(r.host, r.port, r.ticket, r.bytes, r.pings, r.timeout_s, r.send_s)
         except LinkProbeError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             result = await asyncio.to_thread(
-                probe, r.host, r.port, r.ticket, r.bytes, r.pings, r.timeout_s
+                probe, r.host, r.port, r.ticket, r.bytes, r.pings, r.timeout_s, r.send_s
             )
         except (OSError, ConnectionError, struct.error) as e:
             why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))

@@ -5,11 +5,13 @@ two signed calls: ``LinkListen`` on B opens a one-shot TCP sink on that address 
 returns its port and a random ticket; ``LinkProbe`` on A connects there, presents the
 ticket (the sink serves nobody else: the ticket only ever travels in signed calls),
 times a few one-byte round trips, then sends a bounded number of bytes. The sink times
-the bytes after a warm-up (TCP's slow start, a shaper's burst) and sends the rate back.
+what arrives after a warm-up (the first tenth of the time: TCP's slow start, a shaper's
+burst) and sends the rate back. The prober sends for a fixed time (or until a byte
+bound), so that a scheduling hiccup of a busy machine is a small share of the window.
 
 Bounded on both sides: the sink accepts one connection within ``ACCEPT_S``, takes at
 most ``MAX_BYTES`` and lives at most ``SINK_S``; the prober gives up after its timeout
-and stops sending when its time is up (the sink then rates what arrived).
+and stops sending when its send time is up (the sink then rates what arrived).
 
 Wire format, prober to sink: ticket (32 bytes); ``pings`` times b"p", each echoed;
 b"d" and the byte count (8 bytes, big-endian); the bytes. Sink to prober, at the end:
@@ -35,7 +37,7 @@ MAX_TIMEOUT_S = 30.0
 ACCEPT_S = 10.0  # the sink waits this long for its one connection
 SINK_S = 30.0  # and lives at most this long in all
 CHUNK = 256 << 10
-WARMUP_SHARE = 8  # the first 1/8 of the bytes are not timed
+WARMUP = 0.1  # the first tenth of the receiving time is not timed
 _RESULT = struct.Struct("!dQ")
 _COUNT = struct.Struct("!Q")
 
@@ -120,28 +122,17 @@ class LinkSink:
         return True
 
     def _sink(self, conn: socket.socket, count: int) -> tuple[float, int]:
-        warmup = count // WARMUP_SHARE
         got = 0
-        first: tuple[float, int] | None = None  # the first receive, then past the warm-up
-        timed: tuple[float, int] | None = None
-        last = (0.0, 0)
+        samples: list[tuple[float, int]] = []  # (time, bytes so far) after each receive
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while got < count:
             n = conn.recv_into(view, min(CHUNK, count - got))
             if not n:
                 break  # the prober's time was up
-            now = time.perf_counter()
             got += n
-            if first is None:
-                first = (now, got)
-            if timed is None and got >= warmup:
-                timed = (now, got)
-            last = (now, got)
-        start = timed if timed is not None and last[0] > timed[0] else first
-        if start is None or last[0] <= start[0]:
-            return 0.0, got
-        return (last[1] - start[1]) / (last[0] - start[0]), got
+            samples.append((time.perf_counter(), got))
+        return received_rate(samples), got
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -151,8 +142,29 @@ class LinkSink:
             self._listener.close()
 
 
+def received_rate(samples: list[tuple[float, int]]) -> float:
+    """Bytes/s over (time, bytes so far) samples, leaving out the first tenth of the time
+    (all of it when fewer than two samples come after)."""
+    if len(samples) < 2:
+        return 0.0
+    first, last = samples[0], samples[-1]
+    cut = first[0] + WARMUP * (last[0] - first[0])
+    start = next((s for s in samples if s[0] >= cut), first)
+    if last[0] <= start[0]:
+        start = first
+    if last[0] <= start[0]:
+        return 0.0
+    return (last[1] - start[1]) / (last[0] - start[0])
+
+
 def probe(
-    host: str, port: int, ticket: bytes, nbytes: int, pings: int, timeout_s: float
+    host: str,
+    port: int,
+    ticket: bytes,
+    nbytes: int,
+    pings: int,
+    timeout_s: float,
+    send_s: float = 0.0,
 ) -> ProbeResult:
     """Connect to a sink and measure; raises OSError/ConnectionError when it cannot."""
     deadline = time.monotonic() + timeout_s
@@ -167,8 +179,10 @@ def probe(
             _recv_exactly(sock, 1)
             rtts.append(time.perf_counter() - t)
         sock.sendall(b"d" + _COUNT.pack(nbytes))
-        # Leave a quarter of the time for the sink to answer; then stop sending.
+        # Send for send_s, and leave a quarter of the time for the sink to answer.
         send_until = deadline - timeout_s / 4
+        if send_s > 0:
+            send_until = min(send_until, time.monotonic() + send_s)
         payload = memoryview(bytes(CHUNK))
         sent = 0
         while sent < nbytes and time.monotonic() < send_until:
@@ -190,7 +204,13 @@ def probe(
 
 
 def check_probe_request(
-    host: str, port: int, ticket: bytes, nbytes: int, pings: int, timeout_s: float
+    host: str,
+    port: int,
+    ticket: bytes,
+    nbytes: int,
+    pings: int,
+    timeout_s: float,
+    send_s: float = 0.0,
 ) -> None:
     """Raise LinkProbeError naming what is wrong with a LinkProbe request."""
     if not host:
@@ -205,3 +225,5 @@ def check_probe_request(
         raise LinkProbeError(f"pings must be 0 to {MAX_PINGS}, got {pings}")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise LinkProbeError(f"timeout_s must be above 0 and at most {MAX_TIMEOUT_S:g}")
+    if not 0 <= send_s < timeout_s:
+        raise LinkProbeError("send_s must be 0 or more and less than timeout_s")

@@ -368,20 +368,22 @@ class LinkListenReply(_message.Message):
     def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class LinkProbeRequest(_message.Message):
-    __slots__ = ("host", "port", "ticket", "bytes", "pings", "timeout_s")
+    __slots__ = ("host", "port", "ticket", "bytes", "pings", "timeout_s", "send_s")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     PINGS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SEND_S_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
     ticket: bytes
     bytes: int
     pings: int
     timeout_s: float
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., bytes: _Optional[int] = ..., pings: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    send_s: float
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., bytes: _Optional[int] = ..., pings: _Optional[int] = ..., timeout_s: _Optional[float] = ..., send_s: _Optional[float] = ...) -> None: ...
 
 class LinkProbeReply(_message.Message):
     __slots__ = ("rtt_ms", "bandwidth_bytes_per_s", "bytes", "error")
