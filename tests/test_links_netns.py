@@ -3,7 +3,7 @@ the other when it is cut, and the coordinator's figures match the shaping.
 
 Two workers share a "control" bridge (shaped to 100 Mbit/s, as an office network) with
 the coordinator, and a "thunderbolt" bridge of their own (shaped to 1 Gbit/s). The
-kernel here has no `netem`, so no delay can be added: RTTs are only shown, not checked.
+kernel here has no `netem`, so no delay can be added: RTTs are only shown.
 """
 
 from __future__ import annotations
