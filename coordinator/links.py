@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -32,9 +33,10 @@ PROBE_BYTES = 32 << 20  # the most one probe sends
 PROBE_SEND_S = 0.25  # or it sends for this long
 PROBE_PINGS = 10
 PROBE_TIMEOUT_S = 3.0
-# Each address is probed this many times, interleaved with the others, and keeps its
-# best figures: a busy endpoint only ever slows a probe down (a reader not scheduled
-# shrinks TCP's window), so the best of a few is the link's.
+# Where a pair has several addresses to choose between, each is probed this many times,
+# interleaved with the others, and keeps its best figures: a busy endpoint only ever
+# slows a probe down (a reader not scheduled shrinks TCP's window), so the best of a
+# few is the link's. A pair with one address is probed once.
 PROBE_ROUNDS = 3
 NEAR_TIE = 0.9  # bandwidths within 10% of each other: the lower RTT wins
 
@@ -161,10 +163,13 @@ class Links:
                         if c.address in own and c.address != dst.host:
                             continue  # an address both hold (docker0, say) reaches itself
                         probes.append((src, dst, c))
+            choices = Counter((src.node_id, dst.node_id) for src, dst, _ in probes)
             figures: dict[tuple[str, str, str], Measurement] = {}
-            for _ in range(self.rounds):
+            for n in range(self.rounds):
                 for src, dst, c in probes:
                     key3 = (src.node_id, dst.node_id, c.address)
+                    if n and choices[(src.node_id, dst.node_id)] == 1:
+                        continue  # one address, nothing to choose: once is enough
                     if key3 in figures and not figures[key3].ok:
                         continue  # unreachable: once is enough
                     figures[key3] = best_of(figures.get(key3), await self._probe(src, dst, c))
@@ -174,7 +179,7 @@ class Links:
             self._key = key
             if figures:
                 log.info(
-                    "measured %d links in %.1f s: %s",
+                    "measured %d links in %.2f s: %s",
                     len(figures),
                     time.monotonic() - started,
                     "; ".join(describe(m, self.names) for m in figures.values()),
