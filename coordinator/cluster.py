@@ -452,7 +452,8 @@ class Cluster:
         self.problem = f"loading {self.config.model} on {len(ordered)} workers"
         self.monitor.events.record(
             ev.PLAN_CHANGED,
-            message=f"{self.config.model}: {layout}; backend {choice.backend} ({choice.reason})",
+            message=f"{self.config.model}: {layout}; backend {choice.backend} ({choice.reason})"
+            + _ring_note(ordered, hosts),
         )
         self.monitor.events.record(ev.LOAD_STARTED, message=f"load {load_id}")
         log.info("loading %s (%d layers): %s", self.config.model, info.num_layers, layout)
@@ -656,6 +657,13 @@ class Cluster:
             self.serving = None
         for ch in self._channels.values():
             await ch.close()
+
+
+def _ring_note(ordered: list[Member], hosts: list[str]) -> str:
+    """Where the ring's addresses are not those the workers were found at: which."""
+    if all(h == m.host for m, h in zip(ordered, hosts, strict=True)):
+        return ""
+    return "; ring over " + ", ".join(f"{m.name} {h}" for m, h in zip(ordered, hosts, strict=True))
 
 
 def _facts_key(members: list[Member]) -> frozenset[tuple[str, bytes]]:

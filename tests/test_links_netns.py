@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from clusterkit import (
+    coordinator_stub,
     generate_tokens,
     list_nodes,
     reference_tokens,
@@ -83,6 +84,10 @@ def test_ring_runs_on_the_fast_network_and_reforms_over_the_other(
         assert abs(fast.bandwidth_bytes_per_s * 8 / FAST_BITS - 1) < 0.2, fast
         assert fast.in_ring and not control.in_ring
 
+    events = coordinator_stub(coord).Events(coordinator_pb2.EventsRequest(), timeout=10)
+    plans = [e.message for e in events if e.kind == "plan_changed"]
+    assert plans[-1].endswith(f"; ring over w0 {h0.fast_ip}, w1 {h1.fast_ip}")
+
     # A probe's sink opens only on an address of the worker's own, for a signed call.
     with pytest.raises(grpc.RpcError) as info:
         worker_stub(w1).LinkListen(worker_pb2.LinkListenRequest(host="198.51.100.7"), timeout=10)
@@ -111,3 +116,6 @@ def test_ring_runs_on_the_fast_network_and_reforms_over_the_other(
     assert ring_peers(bed, 0) <= {(h0.ip, h1.ip)} and ring_peers(bed, 0)
     assert measured(reply, "w0", h1.ip).in_ring and measured(reply, "w1", h0.ip).in_ring
     assert measured(reply, "w1", h0.fast_ip).error  # unreachable from w1 now
+    events = coordinator_stub(coord).Events(coordinator_pb2.EventsRequest(), timeout=10)
+    plans = [e.message for e in events if e.kind == "plan_changed"]
+    assert "ring over" not in plans[-1]  # the addresses the workers were found at
