@@ -130,12 +130,12 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         # Open telemetry streams per coordinator: the last one closing frees its lease.
         self._watchers: dict[str, int] = {}
         self._lock = asyncio.Lock()
+        self._sinks: list[LinkSink] = []  # link probes' sinks (LinkListen)
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
         # table does not know the chip or this variant of it.
         self.bandwidth_gbs: float | None = None
         self.stage_cache = StageCache(config.cache_dir, config.cache_max_bytes)
-        self._sinks: list[LinkSink] = []
 
     async def measure_bandwidth(self) -> None:
         if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
