@@ -33,6 +33,7 @@ from pomona.coordinator.distribution import (
     prefer_holders,
     relabel,
 )
+from pomona.coordinator.links import Links
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
@@ -115,6 +116,7 @@ class Cluster:
         # re-forming after a failure should not wait to read it again.
         self._model_info: worker_pb2.ModelInfo | None = None
         self.distribution = Distributor(self.monitor, self.channel)
+        self.links = Links()
 
     # -- membership -------------------------------------------------------------
 
@@ -262,6 +264,8 @@ class Cluster:
                 return
             if await self._adopt(members, info.num_layers):
                 return
+            self.problem = f"measuring the links between {len(members)} workers"
+            await self.links.measure(members)
             assignments, self.plan = place(
                 info,
                 [m.describe for m in members],
@@ -269,6 +273,7 @@ class Cluster:
                 context=self.config.context,
                 concurrency=self.config.concurrency,
                 objective=self.config.objective,
+                links=self.links.planner_links(),
             )
             assignments = prefer_holders(
                 assignments, [m.describe for m in members], survey, self.config.model
@@ -437,7 +442,8 @@ class Cluster:
         if self.plan is not None:
             self.plan = replace(self.plan, backend=choice.backend)
         load_id = uuid.uuid4().hex[:12]
-        ring_hosts = [f"{m.host}:{m.describe.ring_port}" for m in ordered]
+        hosts = self.links.ring_hosts(ordered)
+        ring_hosts = [f"{h}:{m.describe.ring_port}" for h, m in zip(hosts, ordered, strict=True)]
         workers = [m.address for m in ordered]
         max_context = min(self.config.context, info.max_context or self.config.context)
         layout = ", ".join(
@@ -446,7 +452,8 @@ class Cluster:
         self.problem = f"loading {self.config.model} on {len(ordered)} workers"
         self.monitor.events.record(
             ev.PLAN_CHANGED,
-            message=f"{self.config.model}: {layout}; backend {choice.backend} ({choice.reason})",
+            message=f"{self.config.model}: {layout}; backend {choice.backend} ({choice.reason})"
+            + _ring_note(ordered, hosts),
         )
         self.monitor.events.record(ev.LOAD_STARTED, message=f"load {load_id}")
         log.info("loading %s (%d layers): %s", self.config.model, info.num_layers, layout)
@@ -608,6 +615,7 @@ class Cluster:
             self.note_change()
             return
         self._dead_loads.add(serving.load_id)
+        self.links.forget()  # a stalled ring may be a cut cable: measure again
         self.failure = f"{member.name} ({member.node_id}) {reason}"
         self.problem = f"re-forming the pipeline: {self.failure}"
         self.reforming = True
@@ -649,6 +657,13 @@ class Cluster:
             self.serving = None
         for ch in self._channels.values():
             await ch.close()
+
+
+def _ring_note(ordered: list[Member], hosts: list[str]) -> str:
+    """Where the ring's addresses are not those the workers were found at: which."""
+    if all(h == m.host for m, h in zip(ordered, hosts, strict=True)):
+        return ""
+    return "; ring over " + ", ".join(f"{m.name} {h}" for m, h in zip(ordered, hosts, strict=True))
 
 
 def _facts_key(members: list[Member]) -> frozenset[tuple[str, bytes]]:

@@ -14,7 +14,15 @@ memory_in_use_gb, bandwidth_gbs (needed for a chip the table does not know), rdm
 address. JSON files take the same shape. With a top level ``nodes:``, an optional
 ``rdma_cables: [[studio-1, studio-2], ...]`` says which machines a Thunderbolt 5 cable
 with RDMA joins (without it, every ``rdma: true`` node is taken as cabled to the others):
-`pomona plan` picks the backend from it.
+`pomona plan` picks the backend from it. An optional ``links:`` gives measured (or
+expected) links between pairs of nodes, which the planner uses instead of assuming 10 GbE
+(``pomona nodes --json`` shows what a running cluster measured):
+
+```yaml
+links:
+  - {between: [studio-1, studio-2], latency_ms: 0.05, gbit: 40, kind: thunderbolt}
+  - {between: [studio-2, mini], latency_ms: 0.3, bandwidth_gbs: 1.1}   # GB/s
+```
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 import yaml
 
 from pomona.chips import lookup_chip, suggest_chip
-from pomona.coordinator.planner import NodeSpec
+from pomona.coordinator.planner import Link, NodeSpec
 
 GIB = 2**30
 REQUIRED = ("name", "chip", "memory_gb")
@@ -43,6 +51,7 @@ OPTIONAL = (
     "address",
 )
 MAX_COUNT = 256
+LINK_KEYS = ("between", "latency_ms", "bandwidth_gbs", "gbit", "kind")
 
 
 class NodesFileError(ValueError):
@@ -204,3 +213,69 @@ def load_rdma_cables(path: str | Path) -> list[tuple[str, str]] | None:
     ):
         raise NodesFileError(f"{file}: rdma_cables must be pairs of node names, e.g. [[a, b]]")
     return [(a, b) for a, b in cables]
+
+
+def load_links(path: str | Path, nodes: list[NodeSpec]) -> list[Link]:
+    """The top-level ``links:`` of a nodes file, between ``nodes`` (named as in the file,
+    ``count`` names included): one Link per pair, none when the file has no links."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+        data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError):
+        return []  # load_nodes_file has said what is wrong
+    entries = data.get("links") if isinstance(data, Mapping) else None
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise NodesFileError(
+            f"{file}: links must be a list, e.g. - {{between: [a, b], latency_ms: 0.3, gbit: 10}}"
+        )
+    ids = {n.name: n.node_id for n in nodes}
+    links: list[Link] = []
+    seen: set[frozenset[str]] = set()
+    for index, entry in enumerate(entries, start=1):
+        link = _link(entry, f"{file}: link {index}", ids)
+        pair = frozenset((link.a, link.b))
+        if pair in seen:
+            raise NodesFileError(f"{file}: link {index} joins a pair already given: keep one")
+        seen.add(pair)
+        links.append(link)
+    return links
+
+
+def _link(entry: Any, where: str, ids: Mapping[str, str]) -> Link:
+    if not isinstance(entry, Mapping):
+        raise NodesFileError(f"{where}: expected a mapping with between, latency_ms, gbit")
+    unknown = sorted(str(k) for k in entry if k not in LINK_KEYS)
+    if unknown:
+        raise NodesFileError(
+            f"{where}: unknown key {', '.join(unknown)}; allowed: {', '.join(LINK_KEYS)}"
+        )
+    pair = entry.get("between")
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        raise NodesFileError(f"{where}: between must name two nodes, e.g. [studio-1, studio-2]")
+    for name in pair:
+        if name not in ids:
+            raise NodesFileError(
+                f"{where}: no node is named {name!r}; the nodes are {', '.join(sorted(ids))}"
+            )
+    if pair[0] == pair[1]:
+        raise NodesFileError(f"{where}: a link joins two different nodes, not {pair[0]!r} twice")
+    latency = _optional_number(entry, "latency_ms", where, allow_zero=True)
+    if latency is None:
+        raise NodesFileError(f"{where}: missing latency_ms (one way, milliseconds)")
+    gbs = _optional_number(entry, "bandwidth_gbs", where)
+    gbit = _optional_number(entry, "gbit", where)
+    if (gbs is None) == (gbit is None):
+        raise NodesFileError(f"{where}: give the bandwidth once: gbit (Gbit/s) or bandwidth_gbs")
+    kind = entry.get("kind", "ethernet")
+    if not isinstance(kind, str) or not kind.strip():
+        raise NodesFileError(f"{where}: kind must be a word such as thunderbolt or ethernet")
+    return Link(
+        ids[pair[0]],
+        ids[pair[1]],
+        latency_ms=latency,
+        bandwidth_gbs=gbs if gbs is not None else (gbit or 0.0) / 8,
+        kind=kind.strip(),
+    )

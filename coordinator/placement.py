@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pomona.coordinator.planner import NodeSpec, Plan, PlanError, plan
+from pomona.coordinator.planner import Link, NodeSpec, Plan, PlanError, plan
 from pomona.model_profile import ModelProfile
 from pomona.units import format_bytes
 from pomona.v1 import worker_pb2
@@ -57,6 +57,7 @@ def place(
     context: int = 8192,
     concurrency: int = 1,
     objective: str = "latency",
+    links: Sequence[Link] = (),
 ) -> tuple[list[Assignment], Plan | None]:
     """Ranges in ring order for the model described by ``info``."""
     profile = ModelProfile.from_json(info.profile_json)
@@ -71,6 +72,7 @@ def place(
             context_length=context,
             concurrency=concurrency,
             objective=objective,  # type: ignore[arg-type]
+            links=links,
         )
     except PlanError as e:
         raise PlacementError(f"{info.model} does not fit: {e}") from e

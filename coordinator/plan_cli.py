@@ -19,7 +19,7 @@ JSON output (`--json`) is the plan as one object:
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -37,8 +37,16 @@ from pomona.coordinator.backend_choice import (
     described_facts,
     facts_of,
 )
-from pomona.coordinator.nodes_file import load_nodes_file, load_rdma_cables
-from pomona.coordinator.planner import OBJECTIVES, NodeSpec, Objective, Plan, plan
+from pomona.coordinator.nodes_file import load_links, load_nodes_file, load_rdma_cables
+from pomona.coordinator.planner import (
+    DEFAULT_LINK,
+    OBJECTIVES,
+    Link,
+    NodeSpec,
+    Objective,
+    Plan,
+    plan,
+)
 from pomona.credentials import CONFIG_OPTION
 from pomona.model_profile import ModelProfile
 
@@ -99,13 +107,14 @@ def load_profile(model: str, bits: int | None = None) -> ModelProfile:
 
 def _load_nodes_from_coordinator(
     address: str, config_path: Path | None = None
-) -> tuple[list[NodeSpec], dict[str, NodeFacts]]:
+) -> tuple[list[NodeSpec], dict[str, NodeFacts], list[Link]]:
     """The workers a running coordinator knows, as the planner and the backend choice
-    see them (facts by node id)."""
+    see them (facts by node id), and the links it measured between them."""
     import grpc
 
     from pomona import rpc
     from pomona.client import coordinator_error
+    from pomona.coordinator.links import links_from_proto
     from pomona.coordinator.placement import node_spec
     from pomona.credentials import client_auth
     from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -125,7 +134,27 @@ def _load_nodes_from_coordinator(
     if not nodes:
         raise click.ClickException(f"the coordinator at {address} knows no workers yet")
     facts = {n.node_id: facts_of(n.name, n.backend_facts) for n in reply.nodes}
-    return nodes, facts
+    return nodes, facts, links_from_proto(reply.links)
+
+
+def link_lines(result: Plan, links: list[Link]) -> list[str]:
+    """One line per hop of the plan's ring: the link it crosses, measured or assumed."""
+    by_pair = {frozenset((link.a, link.b)): link for link in links}
+    stages = result.stages
+    if len(stages) < 2:
+        return []
+    lines = []
+    for a, b in zip(stages, stages[1:] + stages[:1], strict=True):
+        link = by_pair.get(frozenset((a.node_id, b.node_id)))
+        if link is None:
+            figures = (
+                f"assumed {DEFAULT_LINK.latency_ms:g} ms, {DEFAULT_LINK.bandwidth_gbs:g} GB/s "
+                f"({DEFAULT_LINK.kind})"
+            )
+        else:
+            figures = f"{link.latency_ms:.3g} ms, {link.bandwidth_gbs:.3g} GB/s ({link.kind})"
+        lines.append(f"link {a.name} -> {b.name}: {figures}")
+    return lines
 
 
 def _gib(n: float) -> str:
@@ -277,8 +306,9 @@ def plan_command(
             cables = load_rdma_cables(nodes_file)
             by_name = described_facts([(n.name, n.rdma) for n in nodes], cables)
             facts = {n.node_id: by_name[n.name] for n in nodes}
+            links = load_links(nodes_file, nodes)
         else:
-            nodes, facts = _load_nodes_from_coordinator(str(coordinator), config_path)
+            nodes, facts, links = _load_nodes_from_coordinator(str(coordinator), config_path)
         profile = load_profile(model, int(bits) if bits else None)
         length = context or min(DEFAULT_CONTEXT, profile.max_context or DEFAULT_CONTEXT)
         result = plan(
@@ -288,13 +318,20 @@ def plan_command(
             concurrency=concurrency,
             objective=cast("Objective", objective),
             prompt_tokens=prompt_tokens,
+            links=links,
         )
         choice = choose_backend(backend, [facts[s.node_id] for s in result.stages])
     except ValueError as e:
         raise click.ClickException(" ".join(str(e).split())) from e
     result = replace(result, backend=choice.backend)
     if as_json:
-        extra = {"backend_reason": choice.reason, "model": _model_json(profile)}
+        extra = {
+            "backend_reason": choice.reason,
+            "model": _model_json(profile),
+            "links": [asdict(link) for link in links],
+        }
         click.echo(json.dumps({**result.to_dict(), **extra}, indent=2))
     else:
         print_plan(result, profile, Console(), choice.reason)
+        for line in link_lines(result, links):
+            click.echo(line)

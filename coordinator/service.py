@@ -70,6 +70,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             max_context=serving.max_context if serving is not None else 0,
         )
         reply.transfers.extend(cluster.distribution.node_transfers())
+        reply.links.extend(cluster.links.to_proto())
         return reply
 
     async def Status(  # noqa: N802
@@ -132,4 +133,5 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             problem=cluster.problem,
             nodes=nodes,
             serving=cluster.serving is not None,
+            links=cluster.links.to_proto(),
         )

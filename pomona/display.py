@@ -9,6 +9,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from pomona.links_view import link_lines
 from pomona.units import format_bytes
 from pomona.v1 import coordinator_pb2, worker_pb2
 
@@ -58,3 +59,5 @@ def print_nodes(reply: coordinator_pb2.ListNodesReply, as_json: bool = False) ->
         console.print(f"serving {reply.model} on {len(serving)} nodes{over}")
     else:
         console.print(f"not serving: {reply.problem}")
+    for line in link_lines(reply.links):
+        console.print(line)

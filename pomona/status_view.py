@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pomona.coordinator.monitor import derive_state
+from pomona.links_view import link_lines
 from pomona.v1 import coordinator_pb2
 
 __all__ = ["SCHEMA", "print_status", "run_live", "state_name", "status_json", "status_view"]
@@ -260,6 +261,7 @@ def status_view(
         parts.extend(_summary(reply, width))
         parts.extend(_notes(reply))
         parts.extend(transfer_lines(reply.transfers))
+        parts.extend(link_lines(reply.links))
     return Group(*parts)
 
 

@@ -27,8 +27,10 @@ def test_runner_memory_after_loading_is_within_15_percent_of_the_plan(
         coord = c.coordinator(str(model), min_workers=3)
         reply = wait_serving(coord)
         # The coordinator's workers, as `pomona plan --coordinator` sees them.
-        nodes, facts = _load_nodes_from_coordinator(coord.address, coord.config)
+        nodes, facts, links = _load_nodes_from_coordinator(coord.address, coord.config)
         assert len(nodes) == 3 and len(facts) == 3
+        # Every pair of workers was measured (on loopback: one address each).
+        assert len(links) == 3 and all(link.bandwidth_gbs > 0 for link in links)
     stages = sorted(reply.nodes, key=lambda n: n.shard.start_layer)
     for i, node in enumerate(stages):
         s = node.shard

@@ -70,6 +70,9 @@ def _calls(info: dict) -> list[tuple[str, str, object]]:
         "WatchShard": worker_pb2.WatchShardRequest(load_id="x"),
         "Wake": worker_pb2.WakeRequest(load_id="x"),
         "Telemetry": worker_pb2.TelemetryRequest(),
+        "LinkListen": worker_pb2.LinkListenRequest(host="127.0.0.1"),
+        "LinkProbe": worker_pb2.LinkProbeRequest(host="127.0.0.1", port=1, ticket=b"t" * 32,
+                                                 bytes=1, timeout_s=1),
     }  # fmt: skip
     out = []
     for name, req in worker_calls.items():

@@ -7,9 +7,14 @@ of its own, so the machine's real interfaces and routes are never touched.
 Pomona workers and coordinators run inside the hosts exactly as on real
 machines and find each other through real mDNS across the bridge.
 
+``TestBed(n, fast_hosts=k)`` also joins hosts 0..k-1 by a second network, a
+"thunderbolt" bridge: each of those hosts gets ``thunderbolt0`` with an address
+from 198.19.0.0/24 (the other half of the /15), as two Macs cabled by
+Thunderbolt have a network of their own beside the office's.
+
 Faults: kill a process (group), freeze and thaw it (SIGSTOP / SIGCONT),
 freeze a whole host, pull a host's cable (its bridge port down), and throttle
-a host's link with ``tc … tbf`` in both directions.
+a host's link with ``tc … tbf`` in both directions; each on either network.
 
 The test process itself stays in the root namespace. To reach a service in a
 host it dials a Unix socket that relays each connection to ``ip:port`` from
@@ -52,6 +57,9 @@ SUBNET = "198.18.0"  # host i is SUBNET.(i + 1)/24
 PREFIX_LEN = 24
 HOST_IF = "eth0"
 BRIDGE = "br0"
+FAST_SUBNET = "198.19.0"  # host i's second address (fast_hosts): FAST_SUBNET.(i + 1)/24
+FAST_IF = "thunderbolt0"  # the name Linux's thunderbolt-net gives a Thunderbolt link
+FAST_BRIDGE = "br1"
 WORKER_PORT = 7000  # the MLX ring listens on WORKER_PORT + 1, a head runner on + 2
 COORDINATOR_PORT = 7100
 CLONE_NEWNET = 0x40000000
@@ -128,9 +136,9 @@ def remove_netns(ns: str, timeout: float = 15.0) -> None:
     _sh("ip", "netns", "del", ns, check=False)
 
 
-def _add_veth(ns: str, peer: str, peer_ns: str) -> None:
-    """HOST_IF in ``ns`` paired with ``peer`` in ``peer_ns``, each made where it lives."""
-    _sh("ip", "-n", ns, "link", "add", HOST_IF, "type", "veth",
+def _add_veth(ns: str, peer: str, peer_ns: str, name: str = HOST_IF) -> None:
+    """``name`` in ``ns`` paired with ``peer`` in ``peer_ns``, each made where it lives."""
+    _sh("ip", "-n", ns, "link", "add", name, "type", "veth",
         "peer", "name", peer, "netns", peer_ns)  # fmt: skip
 
 
@@ -290,11 +298,32 @@ class Host:
     ns: str
     ip: str
     interface: str = HOST_IF
+    fast_ip: str = ""  # its address on the "thunderbolt" network, "" when not on it
+    fast_interface: str = FAST_IF
 
     @property
     def bridge_port(self) -> str:
         """This host's veth end in the bridge namespace."""
         return f"vh{self.index}"
+
+    @property
+    def fast_bridge_port(self) -> str:
+        """This host's veth end on the fast bridge."""
+        return f"vt{self.index}"
+
+    def port_of(self, network: str) -> tuple[str, str]:
+        """(its interface, its bridge port) on ``network``: "control" or "fast"."""
+        if network == "control":
+            return self.interface, self.bridge_port
+        if network == "fast" and self.fast_ip:
+            return self.fast_interface, self.fast_bridge_port
+        raise ValueError(f"host {self.index} is not on a network named {network!r}")
+
+    def interface_bytes(self, network: str = "control") -> int:
+        """Bytes sent plus received so far on its interface on ``network``."""
+        dev = self.port_of(network)[0]
+        stats = json.loads(self.check_output(["ip", "-j", "-s", "link", "show", "dev", dev]))[0]
+        return int(stats["stats64"]["rx"]["bytes"]) + int(stats["stats64"]["tx"]["bytes"])
 
     def run(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside this host, in its own process group."""
@@ -459,6 +488,7 @@ class TestBed:
 
     hosts_count: int = 3
     root: Path | None = None
+    fast_hosts: int = 0  # hosts 0..fast_hosts-1 are also on the "thunderbolt" bridge
     run_id: str = field(default_factory=lambda: f"{PREFIX}-{os.getpid()}-{secrets.token_hex(2)}")
     hosts: list[Host] = field(default_factory=list, init=False)
     procs: list[BedProc] = field(default_factory=list, init=False)
@@ -485,6 +515,8 @@ class TestBed:
     def __enter__(self) -> TestBed:
         if not 1 <= self.hosts_count <= 250:
             raise ValueError(f"a bed has 1 to 250 hosts, not {self.hosts_count}")
+        if not 0 <= self.fast_hosts <= self.hosts_count:
+            raise ValueError(f"fast_hosts must be 0 to {self.hosts_count}, not {self.fast_hosts}")
         self._catch_sigterm()
         try:
             self.setup()
@@ -513,12 +545,18 @@ class TestBed:
         # Without snooping the bridge floods all multicast, as a plain switch does.
         _sh("ip", "-n", br, "link", "add", BRIDGE, "type", "bridge", "mcast_snooping", "0")
         _sh("ip", "-n", br, "link", "set", BRIDGE, "up")
+        if self.fast_hosts:
+            _sh("ip", "-n", br, "link", "add", FAST_BRIDGE, "type", "bridge")
+            _sh("ip", "-n", br, "link", "set", FAST_BRIDGE, "up")
         for i in range(self.hosts_count):
-            host = Host(self, i, f"{self.run_id}-h{i}", f"{SUBNET}.{i + 1}")
+            fast_ip = f"{FAST_SUBNET}.{i + 1}" if i < self.fast_hosts else ""
+            host = Host(self, i, f"{self.run_id}-h{i}", f"{SUBNET}.{i + 1}", fast_ip=fast_ip)
             self.hosts.append(host)
             self._add_host(host)
         for host in self.hosts:
             self._wait_link(host, up=True)
+            if host.fast_ip:
+                self._wait_link(host, up=True, network="fast")
 
     def _add_host(self, host: Host) -> None:
         ns, br, port = host.ns, self.bridge_ns, host.bridge_port
@@ -531,6 +569,13 @@ class TestBed:
         _sh("ip", "-n", ns, "addr", "add", f"{host.ip}/{PREFIX_LEN}", "dev", HOST_IF)
         _sh("ip", "-n", ns, "link", "set", HOST_IF, "multicast", "on", "up")
         _sh("ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", HOST_IF)
+        if host.fast_ip:
+            dev, port = host.fast_interface, host.fast_bridge_port
+            _add_veth(ns, port, br, name=dev)
+            _sh("ip", "-n", br, "link", "set", port, "master", FAST_BRIDGE)
+            _sh("ip", "-n", br, "link", "set", port, "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{host.fast_ip}/{PREFIX_LEN}", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
 
     def _operstate(self, ns: str, dev: str) -> str:
         out = _sh("ip", "-n", ns, "-j", "link", "show", "dev", dev, check=False)
@@ -539,15 +584,17 @@ class TestBed:
         except (ValueError, IndexError):
             return ""
 
-    def _wait_link(self, host: Host, up: bool, timeout: float = 15.0) -> None:
+    def _wait_link(
+        self, host: Host, up: bool, timeout: float = 15.0, network: str = "control"
+    ) -> None:
+        dev, port = host.port_of(network)
+
         def ready() -> bool:
-            states = (
-                self._operstate(host.ns, HOST_IF),
-                self._operstate(self.bridge_ns, host.bridge_port),
-            )
+            states = (self._operstate(host.ns, dev), self._operstate(self.bridge_ns, port))
             return all(s == "UP" for s in states) if up else states[0] != "UP"
 
-        wait_until(ready, timeout, f"{host.ns}'s link to be {'up' if up else 'down'}")
+        what = f"{host.ns}'s {network} link to be {'up' if up else 'down'}"
+        wait_until(ready, timeout, what)
 
     def teardown(self) -> None:
         """Stop every process, close every relay and socket, delete the namespaces."""
@@ -650,29 +697,43 @@ class TestBed:
     def thaw_host(self, i: int) -> None:
         _signal_pids(self.hosts[i].pids(), signal.SIGCONT)
 
-    def link_down(self, i: int) -> None:
+    def link_down(self, i: int, network: str = "control") -> None:
         """Pull host ``i``'s cable: its bridge port goes down (the host sees no carrier)."""
         host = self.hosts[i]
-        _sh("ip", "-n", self.bridge_ns, "link", "set", host.bridge_port, "down")
-        self._wait_link(host, up=False)
+        _sh("ip", "-n", self.bridge_ns, "link", "set", host.port_of(network)[1], "down")
+        self._wait_link(host, up=False, network=network)
 
-    def link_up(self, i: int) -> None:
+    def link_up(self, i: int, network: str = "control") -> None:
         host = self.hosts[i]
-        _sh("ip", "-n", self.bridge_ns, "link", "set", host.bridge_port, "up")
-        self._wait_link(host, up=True)
+        _sh("ip", "-n", self.bridge_ns, "link", "set", host.port_of(network)[1], "up")
+        self._wait_link(host, up=True, network=network)
+
+    def interface_down(self, i: int, network: str = "control") -> None:
+        """``ip link set <interface> down`` inside host ``i``: the host takes the link down
+        itself (its address stays, its routes over the link go)."""
+        host = self.hosts[i]
+        _sh("ip", "-n", host.ns, "link", "set", host.port_of(network)[0], "down")
+        self._wait_link(host, up=False, network=network)
 
     def throttle(
-        self, i: int, rate: str = "1mbit", burst: str = "32kbit", latency: str = "50ms"
+        self,
+        i: int,
+        rate: str = "1mbit",
+        burst: str = "32kbit",
+        latency: str = "50ms",
+        network: str = "control",
     ) -> None:
         """Shape host ``i``'s link both ways with a token bucket (tc tbf)."""
         host = self.hosts[i]
+        dev, port = host.port_of(network)
         args = ("root", "tbf", "rate", rate, "burst", burst, "latency", latency)
-        _sh("tc", "-n", host.ns, "qdisc", "replace", "dev", HOST_IF, *args)  # host → bridge
-        _sh("tc", "-n", self.bridge_ns, "qdisc", "replace", "dev", host.bridge_port, *args)
+        _sh("tc", "-n", host.ns, "qdisc", "replace", "dev", dev, *args)  # host → bridge
+        _sh("tc", "-n", self.bridge_ns, "qdisc", "replace", "dev", port, *args)
 
-    def unthrottle(self, i: int) -> None:
+    def unthrottle(self, i: int, network: str = "control") -> None:
         host = self.hosts[i]
-        for ns, dev in ((host.ns, HOST_IF), (self.bridge_ns, host.bridge_port)):
+        interface, port = host.port_of(network)
+        for ns, dev in ((host.ns, interface), (self.bridge_ns, port)):
             if "tbf" in _sh("tc", "-n", ns, "qdisc", "show", "dev", dev, check=False):
                 _sh("tc", "-n", ns, "qdisc", "del", "dev", dev, "root")
 
@@ -748,10 +809,10 @@ class TestBed:
 
 
 @contextlib.contextmanager
-def open_bed(hosts: int = 3, root: Path | None = None) -> Iterator[TestBed]:
+def open_bed(hosts: int = 3, root: Path | None = None, fast_hosts: int = 0) -> Iterator[TestBed]:
     """A bed that prints its daemons' logs when the body fails."""
     skip_unless_available()
-    with TestBed(hosts, root) as bed:
+    with TestBed(hosts, root, fast_hosts=fast_hosts) as bed:
         try:
             yield bed
         except BaseException:
@@ -759,7 +820,7 @@ def open_bed(hosts: int = 3, root: Path | None = None) -> Iterator[TestBed]:
             raise
 
 
-def bed_fixture(hosts: int = 3, scope: str = "function") -> Any:
+def bed_fixture(hosts: int = 3, scope: str = "function", fast_hosts: int = 0) -> Any:
     """A pytest fixture giving a ``TestBed`` of ``hosts`` hosts, torn down after use.
 
     In a test module: ``bed = bed_fixture(3)`` then ``def test_x(bed): ...``.
@@ -770,7 +831,7 @@ def bed_fixture(hosts: int = 3, scope: str = "function") -> Any:
         request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     ) -> Iterator[TestBed]:
         failed = request.session.testsfailed
-        with open_bed(hosts, tmp_path_factory.mktemp("bed")) as bed:
+        with open_bed(hosts, tmp_path_factory.mktemp("bed"), fast_hosts) as bed:
             yield bed
             if request.session.testsfailed > failed:  # shown under the failure
                 print(bed.logs())

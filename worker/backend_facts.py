@@ -78,6 +78,12 @@ def parse_thunderbolt_ports(
     return tuple(sorted(ports, key=lambda p: p.interface))
 
 
+def interface_peers(facts: BackendFacts) -> dict[str, str]:
+    """Each Thunderbolt port's interface -> the domain UUID of the Mac cabled to it
+    ("" when nothing is): what `Describe` shows on that interface."""
+    return {p.interface: p.peer_domain_uuid for p in facts.thunderbolt_ports}
+
+
 def _cuda() -> bool:
     try:
         import mlx.core as mx

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 from pathlib import Path
 
 import grpc
@@ -27,11 +28,12 @@ from pomona.models import ModelNotFound, ModelRefused, resolve_model
 from pomona.tokens import describe_proof
 from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
-from pomona.worker.backend_facts import facts_to_proto, read_backend_facts
+from pomona.worker.backend_facts import facts_to_proto, interface_peers, read_backend_facts
 from pomona.worker.bandwidth import cached_bandwidth_gbs
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
 from pomona.worker.lease import Lease
+from pomona.worker.link_probe import LinkProbeError, LinkSink, check_probe_request, probe
 from pomona.worker.model_store import ModelStore
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
@@ -44,6 +46,7 @@ from pomona.worker.warm_runner import WarmRunner
 log = logging.getLogger(__name__)
 
 MAX_CHALLENGE_BYTES = 64
+MAX_SINKS = 8  # link probe sinks open at once
 
 
 def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
@@ -128,6 +131,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         # Open telemetry streams per coordinator: the last one closing frees its lease.
         self._watchers: dict[str, int] = {}
         self._lock = asyncio.Lock()
+        self._sinks: list[LinkSink] = []  # link probes' sinks (LinkListen)
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
         # table does not know the chip or this variant of it.
@@ -159,7 +163,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         return reply
 
     def _describe(self) -> worker_pb2.DescribeReply:
-        hw = self.hardware
+        hw = read_hardware()  # interfaces and their link state as they are now
+        peers = interface_peers(self.backend_facts)
         return worker_pb2.DescribeReply(
             node_id=self.node_id,
             name=self.config.name,
@@ -175,6 +180,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                     kind=i.kind,
                     is_up=i.is_up,
                     speed_mbps=i.speed_mbps or 0,
+                    link_state=i.link_state,
+                    peer_domain_uuid=peers.get(i.name, ""),
                 )
                 for i in hw.interfaces
             ],
@@ -261,7 +268,9 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         async with self._lock:
             if self.runner is not None:
                 await self.runner.stop()
-            own = request.ring_hosts[request.rank].rsplit(":", 1)[0]
+            # The head runner is reached where the coordinator reaches this daemon (the
+            # ring may run on another network, one the coordinator is not on).
+            own = request.workers[request.rank].rsplit(":", 1)[0]
             spec = RunnerSpec(
                 load_id=request.load_id,
                 model_path=str(path),
@@ -395,6 +404,39 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             if not watchers[request.coordinator]:
                 del watchers[request.coordinator]
                 self.lease.release(request.coordinator)
+
+    async def LinkListen(self, request, context):  # noqa: N802
+        self._sinks = [s for s in self._sinks if s.alive()]
+        if len(self._sinks) >= MAX_SINKS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_SINKS} link probes are open already; try again when they end",
+            )
+        try:
+            sink = LinkSink(request.host, request.max_bytes)
+        except LinkProbeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self._sinks.append(sink)
+        return worker_pb2.LinkListenReply(port=sink.port, ticket=sink.ticket)
+
+    async def LinkProbe(self, request, context):  # noqa: N802
+        r = request
+        try:
+            check_probe_request(r.host, r.port, r.ticket, r.bytes, r.pings, r.timeout_s, r.send_s)
+        except LinkProbeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            result = await asyncio.to_thread(
+                probe, r.host, r.port, r.ticket, r.bytes, r.pings, r.timeout_s, r.send_s
+            )
+        except (OSError, ConnectionError, struct.error) as e:
+            why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+            return worker_pb2.LinkProbeReply(error=f"{r.host}:{r.port}: {why}")
+        return worker_pb2.LinkProbeReply(
+            rtt_ms=result.rtt_ms,
+            bandwidth_bytes_per_s=result.bandwidth_bytes_per_s,
+            bytes=result.bytes,
+        )
 
     def _runner_state(self) -> tuple[worker_pb2.ShardStatus | None, dict[str, object]]:
         runner = self.runner

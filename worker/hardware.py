@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -86,6 +86,7 @@ class NetworkInterface:
     is_up: bool
     speed_mbps: int | None  # None where the OS does not report a link speed
     kind: str  # one of INTERFACE_KINDS
+    link_state: str = "unknown"  # "up", "down" (no carrier, or set down) or "unknown"
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,19 @@ def _probe_mlx() -> _MlxFacts:
         value = mx.device_info().get("max_recommended_working_set_size")
         working_set = value if isinstance(value, int) else None
     return _MlxFacts(version("mlx"), device, backends, working_set)
+
+
+def linux_link_state(operstate: str | None, admin_up: bool) -> str:
+    """A Linux operstate as "up", "down" or "unknown" (loopback and some virtual links
+    say "unknown" while carrying traffic: then the administrative state decides)."""
+    state = (operstate or "").strip().lower()
+    if state in ("up", "down"):
+        return state
+    if state in ("lowerlayerdown", "notpresent", "dormant"):
+        return "down"
+    if not admin_up:
+        return "down"
+    return "up" if state == "unknown" else "unknown"
 
 
 def _read_text(path: Path) -> str | None:
@@ -323,9 +337,19 @@ class HardwareReader:
                     is_up=bool(stat and stat.isup),
                     speed_mbps=stat.speed if stat and stat.speed > 0 else None,
                     kind=kind,
+                    link_state=self._link_state(name, stat),
                 )
             )
         return tuple(result)
+
+    def _link_state(self, name: str, stat: Any) -> str:
+        """Linux: /sys/class/net/<name>/operstate; macOS: the interface's running flag."""
+        if stat is None:
+            return "unknown"
+        if not self.is_macos:
+            return linux_link_state(_read_text(self._sys_class_net / name / "operstate"), stat.isup)
+        flags = getattr(stat, "flags", "") or ""
+        return "up" if stat.isup and "running" in flags.split(",") else "down"
 
     def read(self) -> HardwareInfo:
         with self._lock:

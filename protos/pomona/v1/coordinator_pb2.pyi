@@ -53,18 +53,48 @@ class Node(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., hardware: _Optional[_Union[_worker_pb2.Hardware, _Mapping]] = ..., shard: _Optional[_Union[_worker_pb2.ShardStatus, _Mapping]] = ..., mlx_version: _Optional[str] = ..., backend_facts: _Optional[_Union[_worker_pb2.BackendFacts, _Mapping]] = ...) -> None: ...
 
 class ListNodesReply(_message.Message):
-    __slots__ = ("cluster", "model", "problem", "nodes", "serving")
+    __slots__ = ("cluster", "model", "problem", "nodes", "serving", "links")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     model: str
     problem: str
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     serving: bool
-    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., serving: _Optional[bool] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkMeasurement]
+    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., serving: _Optional[bool] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
+
+class LinkMeasurement(_message.Message):
+    __slots__ = ("from_node_id", "from_name", "to_node_id", "to_name", "address", "interface", "kind", "rtt_ms", "bandwidth_bytes_per_s", "error", "in_ring", "measured_at")
+    FROM_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_NAME_FIELD_NUMBER: _ClassVar[int]
+    TO_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    IN_RING_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_AT_FIELD_NUMBER: _ClassVar[int]
+    from_node_id: str
+    from_name: str
+    to_node_id: str
+    to_name: str
+    address: str
+    interface: str
+    kind: str
+    rtt_ms: float
+    bandwidth_bytes_per_s: float
+    error: str
+    in_ring: bool
+    measured_at: float
+    def __init__(self, from_node_id: _Optional[str] = ..., from_name: _Optional[str] = ..., to_node_id: _Optional[str] = ..., to_name: _Optional[str] = ..., address: _Optional[str] = ..., interface: _Optional[str] = ..., kind: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., error: _Optional[str] = ..., in_ring: _Optional[bool] = ..., measured_at: _Optional[float] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -99,7 +129,7 @@ class PlanStage(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weights_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("cluster", "model", "serving", "problem", "nodes", "plan", "load_id", "tokens_per_s", "ttft_s", "requests_in_flight", "requests_total", "requests_failed", "timestamp", "vocab_size", "max_context", "model_profile_json", "transfers")
+    __slots__ = ("cluster", "model", "serving", "problem", "nodes", "plan", "load_id", "tokens_per_s", "ttft_s", "requests_in_flight", "requests_total", "requests_failed", "timestamp", "vocab_size", "max_context", "model_profile_json", "transfers", "links")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +147,7 @@ class StatusReply(_message.Message):
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     model: str
     serving: bool
@@ -134,7 +165,8 @@ class StatusReply(_message.Message):
     max_context: int
     model_profile_json: str
     transfers: _containers.RepeatedCompositeFieldContainer[NodeTransfer]
-    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., load_id: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., timestamp: _Optional[float] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., model_profile_json: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[NodeTransfer, _Mapping]]] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkMeasurement]
+    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., load_id: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., timestamp: _Optional[float] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., model_profile_json: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[NodeTransfer, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
 
 class NodeTransfer(_message.Message):
     __slots__ = ("node_id", "name", "progress")

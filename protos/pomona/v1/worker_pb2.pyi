@@ -34,18 +34,22 @@ class DescribeRequest(_message.Message):
     def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
 
 class NetworkInterface(_message.Message):
-    __slots__ = ("name", "addresses", "kind", "is_up", "speed_mbps")
+    __slots__ = ("name", "addresses", "kind", "is_up", "speed_mbps", "link_state", "peer_domain_uuid")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     IS_UP_FIELD_NUMBER: _ClassVar[int]
     SPEED_MBPS_FIELD_NUMBER: _ClassVar[int]
+    LINK_STATE_FIELD_NUMBER: _ClassVar[int]
+    PEER_DOMAIN_UUID_FIELD_NUMBER: _ClassVar[int]
     name: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     kind: str
     is_up: bool
     speed_mbps: int
-    def __init__(self, name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., is_up: _Optional[bool] = ..., speed_mbps: _Optional[int] = ...) -> None: ...
+    link_state: str
+    peer_domain_uuid: str
+    def __init__(self, name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., is_up: _Optional[bool] = ..., speed_mbps: _Optional[int] = ..., link_state: _Optional[str] = ..., peer_domain_uuid: _Optional[str] = ...) -> None: ...
 
 class Hardware(_message.Message):
     __slots__ = ("hostname", "os", "chip", "machine_model", "cpu_cores", "gpu_cores", "total_memory_bytes", "available_memory_bytes", "gpu_memory_limit_bytes", "rdma", "measured_bandwidth_gbs")
@@ -346,3 +350,49 @@ class NodeSample(_message.Message):
     shard: ShardStatus
     runner: RunnerStats
     def __init__(self, timestamp: _Optional[float] = ..., node_id: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_pressure: _Optional[str] = ..., swap_used_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ..., gpu_power_watts: _Optional[float] = ..., gpu_temperature_c: _Optional[float] = ..., cpu_power_watts: _Optional[float] = ..., thermal_state: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[InterfaceTraffic, _Mapping]]] = ..., shard: _Optional[_Union[ShardStatus, _Mapping]] = ..., runner: _Optional[_Union[RunnerStats, _Mapping]] = ...) -> None: ...
+
+class LinkListenRequest(_message.Message):
+    __slots__ = ("host", "max_bytes")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    max_bytes: int
+    def __init__(self, host: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class LinkListenReply(_message.Message):
+    __slots__ = ("port", "ticket")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
+
+class LinkProbeRequest(_message.Message):
+    __slots__ = ("host", "port", "ticket", "bytes", "pings", "timeout_s", "send_s")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINGS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SEND_S_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    ticket: bytes
+    bytes: int
+    pings: int
+    timeout_s: float
+    send_s: float
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., bytes: _Optional[int] = ..., pings: _Optional[int] = ..., timeout_s: _Optional[float] = ..., send_s: _Optional[float] = ...) -> None: ...
+
+class LinkProbeReply(_message.Message):
+    __slots__ = ("rtt_ms", "bandwidth_bytes_per_s", "bytes", "error")
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    rtt_ms: float
+    bandwidth_bytes_per_s: float
+    bytes: int
+    error: str
+    def __init__(self, rtt_ms: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...

@@ -70,6 +70,16 @@ class WorkerStub:
                 request_serializer=pomona_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
                 response_deserializer=pomona_dot_v1_dot_worker__pb2.NodeSample.FromString,
                 _registered_method=True)
+        self.LinkListen = channel.unary_unary(
+                '/pomona.v1.Worker/LinkListen',
+                request_serializer=pomona_dot_v1_dot_worker__pb2.LinkListenRequest.SerializeToString,
+                response_deserializer=pomona_dot_v1_dot_worker__pb2.LinkListenReply.FromString,
+                _registered_method=True)
+        self.LinkProbe = channel.unary_unary(
+                '/pomona.v1.Worker/LinkProbe',
+                request_serializer=pomona_dot_v1_dot_worker__pb2.LinkProbeRequest.SerializeToString,
+                response_deserializer=pomona_dot_v1_dot_worker__pb2.LinkProbeReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -128,6 +138,22 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LinkListen(self, request, context):
+        """Open a one-shot TCP sink for a link probe on one of this machine's
+        addresses; only a connection that presents the reply's ticket is served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkProbe(self, request, context):
+        """Probe another worker's sink (opened by its LinkListen): RTT by ping-pong,
+        then bandwidth by sending a bounded number of bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +191,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Telemetry,
                     request_deserializer=pomona_dot_v1_dot_worker__pb2.TelemetryRequest.FromString,
                     response_serializer=pomona_dot_v1_dot_worker__pb2.NodeSample.SerializeToString,
+            ),
+            'LinkListen': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkListen,
+                    request_deserializer=pomona_dot_v1_dot_worker__pb2.LinkListenRequest.FromString,
+                    response_serializer=pomona_dot_v1_dot_worker__pb2.LinkListenReply.SerializeToString,
+            ),
+            'LinkProbe': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkProbe,
+                    request_deserializer=pomona_dot_v1_dot_worker__pb2.LinkProbeRequest.FromString,
+                    response_serializer=pomona_dot_v1_dot_worker__pb2.LinkProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +392,60 @@ class Worker:
             '/pomona.v1.Worker/Telemetry',
             pomona_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
             pomona_dot_v1_dot_worker__pb2.NodeSample.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkListen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Worker/LinkListen',
+            pomona_dot_v1_dot_worker__pb2.LinkListenRequest.SerializeToString,
+            pomona_dot_v1_dot_worker__pb2.LinkListenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkProbe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Worker/LinkProbe',
+            pomona_dot_v1_dot_worker__pb2.LinkProbeRequest.SerializeToString,
+            pomona_dot_v1_dot_worker__pb2.LinkProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
