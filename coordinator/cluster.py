@@ -17,6 +17,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -117,6 +118,7 @@ class Cluster:
         self._model_info: worker_pb2.ModelInfo | None = None
         self.distribution = Distributor(self.monitor, self.channel)
         self.links = Links()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- membership -------------------------------------------------------------
 
@@ -264,8 +266,10 @@ class Cluster:
                 return
             if await self._adopt(members, info.num_layers):
                 return
-            self.problem = f"measuring the links between {len(members)} workers"
-            await self.links.measure(members)
+            if self.links.has_choices(members):
+                # Which address each ring hop uses depends on the figures.
+                self.problem = f"measuring the links between {len(members)} workers"
+                await self.links.measure(members)
             assignments, self.plan = place(
                 info,
                 [m.describe for m in members],
@@ -516,6 +520,10 @@ class Cluster:
         self.monitor.events.record(
             ev.LOAD_FINISHED, message=f"load {load_id} in {time.monotonic() - started:.1f} s"
         )
+        if not self.links.measured(members):
+            # Nothing hung on the figures (one address per worker): measure now, for
+            # status, `pomona plan` and the next plan, without delaying this one.
+            self._background(self.links.measure(members), "measuring links")
         log.info("serving %s; requests enter at %s", self.config.model, head.runner_address)
 
     async def _fall_back(
@@ -631,6 +639,17 @@ class Cluster:
         await self.close_unused_channels()
         self.note_change()
 
+    def _background(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("%s failed: %s", what, t.exception())
+
+        task.add_done_callback(done)
+
     async def _set_serving(self, serving: Serving | None) -> None:
         async with self._serving_changed:
             self.serving = serving
@@ -651,6 +670,8 @@ class Cluster:
             return self.serving if ready() else None
 
     async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self.serving is not None:
             members = [self.members[a.node_id] for a in self.serving.assignments]
             await self._unload(members, self.serving.load_id)

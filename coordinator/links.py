@@ -122,6 +122,21 @@ def topology_key(members: Sequence[LinkMember]) -> TopologyKey:
     return frozenset((m.node_id, m.host, tuple(candidates(m))) for m in members)
 
 
+def _probes(members: Sequence[LinkMember]) -> list[tuple[LinkMember, LinkMember, Candidate]]:
+    """Every (from, to, address) worth probing."""
+    probes = []
+    for src in members:
+        own = {a for i in src.describe.interfaces for a in i.addresses}
+        for dst in members:
+            if src is dst:
+                continue
+            for c in candidates(dst):
+                if c.address in own and c.address != dst.host:
+                    continue  # an address both hold (docker0, say) reaches itself
+                probes.append((src, dst, c))
+    return probes
+
+
 class Links:
     """Measured links, by (from, to, address); re-measured when the topology changes."""
 
@@ -145,6 +160,15 @@ class Links:
         """Measure again before the next plan (the pipeline failed: a link may be cut)."""
         self._key = None
 
+    def measured(self, members: Sequence[LinkMember]) -> bool:
+        return topology_key(members) == self._key
+
+    def has_choices(self, members: Sequence[LinkMember]) -> bool:
+        """Whether some worker can be reached at more than one address: only then does
+        the ring's address depend on what the probes find."""
+        choices = Counter((src.node_id, dst.node_id) for src, dst, _ in _probes(members))
+        return any(n > 1 for n in choices.values())
+
     async def measure(self, members: Sequence[LinkMember]) -> None:
         """Probe every ordered pair at every candidate address, unless already done for
         this topology."""
@@ -153,16 +177,7 @@ class Links:
             if key == self._key:
                 return
             started = time.monotonic()
-            probes = []
-            for src in members:
-                own = {a for i in src.describe.interfaces for a in i.addresses}
-                for dst in members:
-                    if src is dst:
-                        continue
-                    for c in candidates(dst):
-                        if c.address in own and c.address != dst.host:
-                            continue  # an address both hold (docker0, say) reaches itself
-                        probes.append((src, dst, c))
+            probes = _probes(members)
             choices = Counter((src.node_id, dst.node_id) for src, dst, _ in probes)
             figures: dict[tuple[str, str, str], Measurement] = {}
             for n in range(self.rounds):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from clusterkit import local_cluster, wait_serving
+from clusterkit import local_cluster, wait_for, wait_serving
 from modelfactory import make_model
 
 from pomona.coordinator.plan_cli import _load_nodes_from_coordinator
@@ -27,10 +27,18 @@ def test_runner_memory_after_loading_is_within_15_percent_of_the_plan(
         coord = c.coordinator(str(model), min_workers=3)
         reply = wait_serving(coord)
         # The coordinator's workers, as `pomona plan --coordinator` sees them.
-        nodes, facts, links = _load_nodes_from_coordinator(coord.address, coord.config)
+        nodes, facts, _ = _load_nodes_from_coordinator(coord.address, coord.config)
         assert len(nodes) == 3 and len(facts) == 3
-        # Every pair of workers was measured (on loopback: one address each).
-        assert len(links) == 3 and all(link.bandwidth_gbs > 0 for link in links)
+        # Every pair of workers is measured: on loopback (one address each, nothing
+        # to choose) once the pipeline serves, so that the plan does not wait for it.
+        links = wait_for(
+            lambda: (
+                len(ls := _load_nodes_from_coordinator(coord.address, coord.config)[2]) == 3 and ls
+            ),
+            60,
+            "the links to be measured",
+        )
+        assert all(link.bandwidth_gbs > 0 for link in links)
     stages = sorted(reply.nodes, key=lambda n: n.shard.start_layer)
     for i, node in enumerate(stages):
         s = node.shard
