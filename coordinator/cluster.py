@@ -285,7 +285,9 @@ class Cluster:
             self.plan = relabel(self.plan, assignments)
             check_disk(assignments, survey, self.config.model)
             self.problem = f"fetching the stages of {self.config.model} that workers lack"
-            await self.distribution.stage_all(
+            # Each worker loads as soon as it holds its stage (a holder at once), so
+            # loading overlaps the fetches still running; the ring forms once all are in.
+            staged = self.distribution.stage_jobs(
                 self.config.model,
                 members,
                 assignments,
@@ -293,7 +295,7 @@ class Cluster:
                 self.config.load_timeout,
                 lambda line: setattr(self, "problem", line),
             )
-            await self._load(info, members, assignments)
+            await self._load(info, members, assignments, staged=staged)
         except PlacementError as e:
             self.reforming = False
             self.problem = str(e)
@@ -439,7 +441,12 @@ class Cluster:
         members: list[Member],
         assignments: list[Assignment],
         choice: BackendChoice | None = None,
+        staged: dict[str, asyncio.Task[None]] | None = None,
     ) -> None:
+        """Load the plan; a worker with a fetch in ``staged`` loads once it holds its stage."""
+        staged = staged or {}
+        for job in staged.values():
+            job.add_done_callback(_observed)
         by_id = {m.node_id: m for m in members}
         ordered = [by_id[a.node_id] for a in assignments]
         choice = choice or self._choose_backend(ordered)
@@ -486,9 +493,30 @@ class Cluster:
             for rank, a in enumerate(assignments)
         ]
         started = time.monotonic()
-        results = await _first_failure(
-            [self._load_one(m, r) for m, r in zip(ordered, requests, strict=True)]
+        # Early loads wait in their group for the fetches: their watch waits that long too.
+        timeout = self.config.load_timeout + max(
+            (
+                self.distribution.deadline(self.config.load_timeout, a)
+                for a in assignments
+                if a.node_id in staged
+            ),
+            default=0.0,
         )
+        results = await _first_failure(
+            [
+                self._load_one(m, r, staged.get(m.node_id), timeout)
+                for m, r in zip(ordered, requests, strict=True)
+            ]
+        )
+        transfer_failed = [r for r in results if isinstance(r, TransferFailed)]
+        if transfer_failed:
+            # Not the load's fault: tear it down, fetch again shortly (plan_and_load).
+            self._dead_loads.add(load_id)
+            await self._unload(ordered, load_id)
+            for m in ordered:
+                if m.state != "lost":
+                    m.state = "idle"
+            raise TransferFailed("; ".join(str(r) for r in transfer_failed))
         errors = {
             m.node_id: f"{m.name}: {r}"
             for m, r in zip(ordered, results, strict=True)
@@ -581,14 +609,22 @@ class Cluster:
         asyncio.get_running_loop().call_later(delay, self.note_change)
 
     async def _load_one(
-        self, member: Member, request: worker_pb2.LoadRequest
+        self,
+        member: Member,
+        request: worker_pb2.LoadRequest,
+        staged: asyncio.Task[None] | None = None,
+        timeout: float | None = None,
     ) -> worker_pb2.ShardStatus:
+        if staged is not None:
+            # Shielded: a load cancelled for another rank's failure leaves the fetch
+            # running (it resumes anyway, but need not start over).
+            await asyncio.shield(staged)
         try:
             await member.stub.Load(request, timeout=rpc.CONTROL_TIMEOUT)
             last = None
             async for status in member.stub.WatchShard(
                 worker_pb2.WatchShardRequest(load_id=request.load_id),
-                timeout=self.config.load_timeout,
+                timeout=timeout or self.config.load_timeout,
             ):
                 last = status
                 if status.state == worker_pb2.SHARD_STATE_FAILED:
@@ -690,6 +726,12 @@ def _ring_note(ordered: list[Member], hosts: list[str]) -> str:
 def _facts_key(members: list[Member]) -> frozenset[tuple[str, bytes]]:
     facts = [m.describe.backend_facts.SerializeToString(deterministic=True) for m in members]
     return frozenset(zip((m.node_id for m in members), facts, strict=True))
+
+
+def _observed(task: asyncio.Future[None]) -> None:
+    """Retrieve a finished fetch's exception (its load reports it, if still waiting)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _first_failure(calls: list[Any]) -> list[object]:

@@ -262,12 +262,32 @@ class Distributor:
         on_progress: Callable[[str], None] = lambda line: None,
     ) -> None:
         """Every worker of the plan holds its stage, or TransferFailed says who does not."""
+        jobs = self.stage_jobs(model, members, assignments, survey, timeout, on_progress)
+        results = await asyncio.gather(*jobs.values(), return_exceptions=True)
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise TransferFailed("; ".join(errors))
+
+    def stage_jobs(
+        self,
+        model: str,
+        members: Sequence[Member],
+        assignments: Sequence[Assignment],
+        survey: Survey,
+        timeout: float,
+        on_progress: Callable[[str], None] = lambda line: None,
+    ) -> dict[str, asyncio.Task[None]]:
+        """A running fetch for every worker of the plan that lacks its stage, by node id.
+
+        Each task ends once its worker holds its stage (TransferFailed if it cannot),
+        so that worker's load can start while the others still fetch.
+        """
         by_id = {m.node_id: m for m in members}
         self.names.update({m.node_id: m.name for m in members})
         self.transfers.clear()
         self._on_progress = on_progress
         world = len(assignments)
-        jobs = []
+        jobs = {}
         for rank, a in enumerate(assignments):
             if a.node_id not in survey:
                 continue  # it cannot say what it holds: it loads from its own model dirs
@@ -275,11 +295,15 @@ class Distributor:
             if held is not None and held.complete:
                 continue
             sources = self.sources(members, model, a.node_id, survey)
-            jobs.append(self._stage_one(model, by_id[a.node_id], sources, a, rank, world, timeout))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        errors = [str(r) for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise TransferFailed("; ".join(errors))
+            job = self._stage_one(model, by_id[a.node_id], sources, a, rank, world, timeout)
+            jobs[a.node_id] = asyncio.ensure_future(job)
+        return jobs
+
+    @staticmethod
+    def deadline(timeout: float, a: Assignment) -> float:
+        """Seconds a stage's fetch may take: a large stage on a slow link may take longer
+        than a load (at least 10 MB/s)."""
+        return max(timeout, 60.0 + a.weights_bytes / 10e6)
 
     async def _stage_one(
         self,
@@ -305,8 +329,7 @@ class Distributor:
         announced = False
         last = None
         try:
-            # A large stage on a slow link may take longer than a load: at least 10 MB/s.
-            deadline = max(timeout, 60.0 + a.weights_bytes / 10e6)
+            deadline = self.deadline(timeout, a)
             async for progress in self._stub(member).Stage(request, timeout=deadline):
                 last = progress
                 self.transfers[member.node_id] = progress

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from clusterkit import describe, wait_for
+from clusterkit import describe, wait_for, wait_serving
 from modelfactory import make_model
 from testbed import TestBed, bed_fixture
 
 from pomona import rpc
 from pomona.safetensors_layout import read_layout
-from pomona.v1 import transfer_pb2, transfer_pb2_grpc
+from pomona.v1 import transfer_pb2, transfer_pb2_grpc, worker_pb2
 from pomona.worker.shard import weight_map
 from pomona.worker.stage_cache import StageKey, tensors_for_stage
 from pomona.worker.transfer_fetch import CHUNK_BYTES
@@ -100,3 +100,47 @@ def test_a_transfer_cut_by_a_pulled_cable_resumes_once_it_is_back(
     assert final.bytes_received == share - done
     held = read_layout(Path(final.path) / "model.safetensors")
     assert sum(t.info.nbytes for t in held.values()) == share
+
+
+def test_a_holder_loads_while_the_other_worker_still_fetches(bed: TestBed, tmp_path: Path) -> None:
+    """Each worker's load starts once it holds its stage, not once every fetch is done."""
+    make_model(
+        tmp_path / "holder" / "big",
+        "llama",
+        num_layers=4,
+        shards=2,
+        overrides={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8},
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    holder = bed.start_worker(
+        0,
+        "holder",
+        "lab2",
+        tmp_path / "holder",
+        extra=["--spare-runner", "--cache-dir", str(tmp_path / "c0")],
+    )
+    receiver = bed.start_worker(
+        1, "receiver", "lab2", empty, extra=["--cache-dir", str(tmp_path / "c1")]
+    )
+    wait_for(lambda: describe(holder) and describe(receiver), 120, "the workers")
+    # The receiver's half, about 33 MB, takes some 4.5 s at 60 Mbit/s.
+    bed.throttle(1, rate="60mbit", burst="256kb", latency="400ms")
+    coordinator = bed.start_coordinator(
+        0,
+        "big",
+        "lab2",
+        2,
+        extra=["--state-dir", str(tmp_path / "co"), "--objective", "throughput"],
+    )
+    fetching = tmp_path / "c1" / "stages"
+
+    def holder_loaded_during_the_fetch() -> bool:
+        shard = describe(holder).shard
+        loaded = shard.load_id and (
+            shard.state == worker_pb2.SHARD_STATE_CONNECTING or shard.progress >= 1.0
+        )
+        return bool(loaded) and bool(list(fetching.glob("*/*.partial")))
+
+    wait_for(holder_loaded_during_the_fetch, 60, "the holder's load during the fetch", interval=0.1)
+    assert wait_serving(coordinator, 120).serving

@@ -85,6 +85,7 @@ def wait_for_listeners(
     auth = Auth.load(Path(cluster_config)) if cluster_config else Auth.none()
     targets = node_ids or ("",) * len(workers)
     deadline = time.monotonic() + timeout
+    pause = 0.05  # between asks of a rank whose load has not arrived; grows to 1 s
     joining = (worker_pb2.SHARD_STATE_CONNECTING, worker_pb2.SHARD_STATE_READY)
     for peer, (address, target) in enumerate(zip(workers, targets, strict=True)):
         if peer == rank:
@@ -106,7 +107,8 @@ def wait_for_listeners(
                         if status.state == worker_pb2.SHARD_STATE_FAILED:
                             raise RuntimeError(f"rank {peer} ({address}) failed: {status.error}")
                     else:
-                        time.sleep(0.05)  # the stream ended before joining: ask again
+                        time.sleep(pause)  # the stream ended before joining: ask again
+                        pause = min(1.0, pause * 2)
                         continue
                     break
                 except grpc.RpcError as e:
@@ -115,5 +117,6 @@ def wait_for_listeners(
                             f"cannot ask rank {peer} ({address}) whether it is joining: "
                             f"{rpc.describe_error(e, address)}"
                         ) from e
-                    time.sleep(0.05)  # its load has not arrived yet
+                    time.sleep(pause)  # its load has not arrived yet (still fetching)
+                    pause = min(1.0, pause * 2)
     time.sleep(LISTEN_GRACE_S)

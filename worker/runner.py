@@ -68,8 +68,9 @@ class RunnerSpec:
     step_timeout: float = 60.0
     # Seconds a backend other than the ring may take to form its group.
     join_timeout: float = 60.0
-    # Seconds the ring's last rank waits for the other ranks to load (group.py).
-    peers_timeout: float = 600.0
+    # Seconds the ring's last rank waits for the other ranks to load (group.py):
+    # they may be fetching their stages (as long as the daemon's group_timeout).
+    peers_timeout: float = 3600.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -75,6 +75,9 @@ class RunnerProcess:
     # MLX's evaluation does not block; this long without a line from it, the
     # process is frozen (stopped, or hung holding the interpreter).
     silence_timeout: float = 4.0
+    # Seconds a runner whose weights are in may wait for its group (the other
+    # ranks' fetches and loads): an hour fetches 13 GB at 30 MB/s.
+    group_timeout: float = 3600.0
     info: ShardInfo = field(init=False)
     _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False)
@@ -213,16 +216,29 @@ class RunnerProcess:
         log.info("runner %d exited with code %s", self._proc.pid, code)
 
     async def _watch_load_time(self) -> None:
+        """Fail a runner that does not load within ``load_timeout``, or, once its weights
+        are in, does not join its group within ``group_timeout``.
+
+        The two are apart because a rank may load long before its group can form:
+        the coordinator starts each worker's load as soon as that worker holds its
+        stage, while others may still be fetching theirs for minutes.
+        """
         deadline = time.monotonic() + self.load_timeout
+        loaded = False
         info = self.info
         while info.state not in (State.READY, *TERMINAL):
+            if not loaded and info.progress >= 1.0:
+                loaded = True
+                deadline = time.monotonic() + self.group_timeout
             left = deadline - time.monotonic()
             if left <= 0:
-                log.error("runner did not become ready in %.0f s; stopping it", self.load_timeout)
+                what = "join its group" if loaded else "load and join its group"
+                bound = self.group_timeout if loaded else self.load_timeout
+                log.error("runner did not %s in %.0f s; stopping it", what, bound)
                 await self._set(
                     state=State.FAILED,
-                    error=f"the runner did not load and join its group within "
-                    f"{self.load_timeout:.0f} s (last state: {info.state.value})",
+                    error=f"the runner did not {what} within {bound:.0f} s "
+                    f"(last state: {info.state.value})",
                     group_failed=info.state is State.CONNECTING,
                 )
                 await self.stop(grace=0.0)
