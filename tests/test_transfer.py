@@ -19,19 +19,19 @@ import pytest
 from modelfactory import ARCHITECTURES, make_model
 
 from pomona import rpc
+from pomona.model_store import ModelStore
 from pomona.models import resolve_model
 from pomona.safetensors_layout import LayoutError, read_layout
 from pomona.security import Auth, ClusterSecrets
-from pomona.v1 import transfer_pb2, transfer_pb2_grpc
-from pomona.worker.model_store import ModelStore
-from pomona.worker.shard import StageSpec, load_stage, weight_map
-from pomona.worker.stage_cache import (
+from pomona.stage_cache import (
     STAGE_META,
     StageCache,
     StageKey,
     tensors_for_stage,
     write_stage_meta,
 )
+from pomona.v1 import transfer_pb2, transfer_pb2_grpc
+from pomona.worker.shard import StageSpec, load_stage, weight_map
 from pomona.worker.transfer_fetch import TransferError, fetch_stage
 from pomona.worker.transfer_service import TransferService
 

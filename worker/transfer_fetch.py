@@ -28,6 +28,7 @@ import grpc
 from blake3 import blake3
 
 from pomona import rpc
+from pomona.model_store import MAX_SMALL_FILE_BYTES, SMALL_FILES
 from pomona.safetensors_layout import (
     ChunkSpan,
     LayoutError,
@@ -38,16 +39,15 @@ from pomona.safetensors_layout import (
     weight_index,
 )
 from pomona.security import Auth
-from pomona.units import format_bytes
-from pomona.v1 import transfer_pb2, transfer_pb2_grpc
-from pomona.worker.model_store import MAX_SMALL_FILE_BYTES, SMALL_FILES
-from pomona.worker.stage_cache import (
+from pomona.stage_cache import (
     PARTIAL,
     StageCache,
     StageKey,
     tensors_for_stage,
     write_stage_meta,
 )
+from pomona.units import format_bytes
+from pomona.v1 import transfer_pb2, transfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What a worker holds and may serve to other workers: models and stage folders.
+"""What a worker (or the coordinator) holds and may serve to workers: models and stage folders.
 
 A complete model is a folder in the worker's model directories or its Hugging
 Face cache (found by ``pomona.models``, with all its checks); a partial one is
@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pomona.models import ModelNotFound, ModelRefused, default_hf_cache
-from pomona.safetensors_layout import LayoutError, TensorLocation, read_layout
-from pomona.worker.shard import layer_index, weight_map
-from pomona.worker.stage_cache import StageCache, StageKey
+from pomona.safetensors_layout import (
+    LayoutError,
+    TensorLocation,
+    layer_index,
+    read_layout,
+    weight_map,
+)
+from pomona.stage_cache import StageCache, StageKey
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,14 @@ class Holding:
 
 
 class ModelStore:
+    """The models held here: whole in ``model_dirs`` and the HF cache, and stage
+    folders in ``cache`` (a worker's; None for a coordinator, which fetches none)."""
+
     def __init__(
         self,
         resolve: Callable[[str], Path],
         model_dirs: tuple[Path, ...],
-        cache: StageCache,
+        cache: StageCache | None,
         hf_cache: Path | None = None,
     ) -> None:
         self._resolve = resolve
@@ -82,7 +90,7 @@ class ModelStore:
         self.hf_cache = hf_cache or default_hf_cache()
 
     def holding(self, model: str) -> Holding:
-        """What this worker holds of ``model``; ModelNotFound when nothing."""
+        """What is held here of ``model``; ModelNotFound when nothing."""
         try:
             path: Path | None = self._resolve(model)
         except ModelRefused:
@@ -91,9 +99,9 @@ class ModelStore:
             path = None
         if path is not None:
             return complete_holding(model, path)
-        folders = self.cache.folders(model)
+        folders = self.cache.folders(model) if self.cache is not None else []
         if not folders:
-            raise ModelNotFound(f"this worker holds no part of model {model!r}")
+            raise ModelNotFound(f"no part of model {model!r} is held here")
         tensors: dict[str, TensorLocation] = {}
         for f in folders:
             tensors.update(read_layout(f.path / "model.safetensors"))
@@ -127,7 +135,8 @@ class ModelStore:
                 out.append(self.holding(name))
             except (ModelNotFound, OSError, ValueError) as e:
                 log.debug("not listing %s: %s", name, e)
-        partial = sorted({f.model for f in self.cache.folders()} - set(names))
+        cached = self.cache.folders() if self.cache is not None else []
+        partial = sorted({f.model for f in cached} - set(names))
         for name in partial:
             try:
                 out.append(self.holding(name))
@@ -142,7 +151,7 @@ class ModelStore:
             if not root.is_dir():
                 continue
             for child in sorted(root.iterdir()):
-                if child.name == "stages" and root == self.cache.root:
+                if child.name == "stages" and self.cache is not None and root == self.cache.root:
                     continue
                 if _is_model(child):
                     names.append(child.name)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pomona.worker.shard import layer_index
+from pomona.safetensors_layout import layer_index
 
 log = logging.getLogger(__name__)
 
