@@ -364,14 +364,25 @@ class Distributor:
         self._on_progress = on_progress
         world = len(assignments)
         jobs = []
+        # Workers fetching now, in rank order: each is a peer of those after it, which
+        # take the tensors they share with it (a tied embedding) from it, not the sources.
+        receivers: list[tuple[str, str, transfer_pb2.LayerRange]] = []
         for rank, a in enumerate(assignments):
             if a.node_id not in survey:
                 continue  # it cannot say what it holds: it loads from its own model dirs
             held = held_model(survey[a.node_id], model)
+            need = StageNeed.of(a, rank, world)
             if held is not None and held.complete:
                 continue
-            sources = self.sources(members, model, by_id[a.node_id], survey)
-            jobs.append(self._stage_one(model, by_id[a.node_id], sources, a, rank, world, timeout))
+            member = by_id[a.node_id]
+            sources = self.sources(members, model, member, survey)
+            jobs.append(
+                self._stage_one(model, member, sources, list(receivers), a, rank, world, timeout)
+            )
+            stage = transfer_pb2.LayerRange(
+                start_layer=a.start, end_layer=a.end, first=need.first, last=need.last
+            )
+            receivers.append((member.address, member.node_id, stage))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         if errors:
@@ -382,6 +393,7 @@ class Distributor:
         model: str,
         member: Member,
         sources: list[tuple[str, str]],
+        peers: list[tuple[str, str, transfer_pb2.LayerRange]],
         a: Assignment,
         rank: int,
         world: int,
@@ -395,6 +407,9 @@ class Distributor:
             world_size=world,
             sources=[address for address, _ in sources],
             source_node_ids=[node_id for _, node_id in sources],
+            peers=[address for address, _, _ in peers],
+            peer_node_ids=[node_id for _, node_id, _ in peers],
+            peer_stages=[stage for _, _, stage in peers],
         )
         what = f"layers [{a.start}, {a.end}) of {model}"
         started = time.monotonic()
@@ -426,7 +441,12 @@ class Distributor:
                 member.node_id,
                 member.name,
                 f"{what}: {format_bytes(last.bytes_received)} received in {seconds:.1f} s "
-                f"({format_bytes(int(last.bytes_received / max(seconds, 1e-3)))}/s)",
+                f"({format_bytes(int(last.bytes_received / max(seconds, 1e-3)))}/s)"
+                + (
+                    f", {format_bytes(last.bytes_from_peers)} of it from peers"
+                    if last.bytes_from_peers
+                    else ""
+                ),
             )
 
 

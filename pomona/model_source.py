@@ -22,7 +22,7 @@ from blake3 import blake3
 from pomona.model_profile import ModelProfile
 from pomona.model_store import MAX_SMALL_FILE_BYTES, SMALL_FILES, Holding, ModelStore
 from pomona.models import ModelNotFound, ModelRefused, check_model_name
-from pomona.safetensors_layout import LayoutError
+from pomona.safetensors_layout import LayoutError, TensorLocation
 from pomona.v1 import transfer_pb2, transfer_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ class ModelSource(transfer_pb2_grpc.ModelTransferServicer):
         if model and self.on_survey is not None:
             await self.on_survey()
         held = await asyncio.to_thread(self.store.held, model)
-        reply = transfer_pb2.ListModelsReply(models=held_models(held))
+        reply = transfer_pb2.ListModelsReply(
+            models=held_models(held), bytes_sent=self.bytes_sent_total
+        )
         cache = self.store.cache
         if cache is not None:
             reply.cache_dir = str(cache.root)
@@ -111,19 +113,43 @@ class ModelSource(transfer_pb2_grpc.ModelTransferServicer):
         data = await asyncio.to_thread((h.files_dir / request.name).read_bytes)
         return transfer_pb2.FileData(name=request.name, data=data)
 
+    def coming(self, model: str, folder: Path | None) -> bool:
+        """Whether the chunks missing from ``folder`` (a ``.partial`` folder; None: any
+        of ``model``) are being fetched here now. Only a worker fetches."""
+        return False
+
     async def ReadChunks(self, request, context) -> AsyncIterator[transfer_pb2.Chunk]:  # noqa: N802
+        """Chunks of the tensors held here, and the verified chunks of stages still arriving.
+
+        A chunk of a stage still arriving that is not verified yet is answered
+        ``missing`` (and ``coming`` while it is being fetched), not an error:
+        the asker takes it from elsewhere or asks again.
+        """
+        model = request.model
         if len(request.chunks) > MAX_CHUNKS_PER_REQUEST:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.chunks)} chunks in one request: at most {MAX_CHUNKS_PER_REQUEST}",
             )
-        h = await self._holding(request.model, context)
+        try:
+            check_model_name(model)
+            partial = await asyncio.to_thread(self.store.partial_tensors, model)
+        except ModelRefused as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        whole: dict[str, TensorLocation] = {}
+        if not partial and not self.coming(model, None):
+            whole = (await self._holding(model, context)).tensors
+        else:
+            with contextlib.suppress(ModelNotFound, OSError, LayoutError):
+                whole = (await asyncio.to_thread(self.store.holding, model)).tensors
         for ref in request.chunks:
-            loc = h.tensors.get(ref.tensor)
+            loc = whole.get(ref.tensor) or (p.location if (p := partial.get(ref.tensor)) else None)
             if loc is None:
+                if self.coming(model, None):
+                    continue  # its plan is not written yet: answered missing, coming
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND,
-                    f"{request.model!r} has no tensor {ref.tensor[:120]!r} here",
+                    f"{model!r} has no tensor {ref.tensor[:120]!r} here",
                 )
                 raise AssertionError("abort raises")
             if ref.length > MAX_CHUNK_BYTES or ref.offset + ref.length > loc.info.nbytes:
@@ -134,12 +160,25 @@ class ModelSource(transfer_pb2_grpc.ModelTransferServicer):
                 )
         fds: dict[Path, int] = {}
 
-        def read(ref: transfer_pb2.ChunkRef) -> tuple[bytes, bytes]:
-            loc = h.tensors[ref.tensor]
+        def pread(loc: TensorLocation, ref: transfer_pb2.ChunkRef) -> bytes:
             if loc.path not in fds:
                 fds[loc.path] = os.open(loc.path, os.O_RDONLY)
-            data = os.pread(fds[loc.path], ref.length, loc.start + ref.offset)
-            return data, blake3(data).digest()
+            return os.pread(fds[loc.path], ref.length, loc.start + ref.offset)
+
+        def read(ref: transfer_pb2.ChunkRef) -> tuple[bytes, bytes] | None:
+            """The chunk and its digest; None when it is not here (yet)."""
+            if ref.tensor in whole:
+                data = pread(whole[ref.tensor], ref)
+                return data, blake3(data).digest()
+            p = partial.get(ref.tensor)
+            recorded = p.chunk(ref.offset, ref.length) if p is not None else None
+            if p is None or recorded is None:
+                return None
+            data = pread(p.location, ref)
+            digest = blake3(data).digest()
+            # The log is written after the chunk: a crash between the two leaves a
+            # recorded chunk whose bytes are not on disk.
+            return (data, digest) if digest.hex() == recorded else None
 
         refs = list(request.chunks)
         # One chunk is read and hashed (in a thread) while the previous one is sent.
@@ -147,12 +186,18 @@ class ModelSource(transfer_pb2_grpc.ModelTransferServicer):
         try:
             for i, ref in enumerate(refs):
                 assert ahead is not None
-                data, digest = await ahead
+                got = await ahead
                 ahead = (
                     asyncio.ensure_future(asyncio.to_thread(read, refs[i + 1]))
                     if i + 1 < len(refs)
                     else None
                 )
+                if got is None:
+                    p = partial.get(ref.tensor)
+                    coming = self.coming(model, p.folder if p is not None else None)
+                    yield transfer_pb2.Chunk(ref=ref, missing=True, coming=coming)
+                    continue
+                data, digest = got
                 if len(data) != ref.length:
                     await context.abort(
                         grpc.StatusCode.DATA_LOSS,
@@ -161,11 +206,11 @@ class ModelSource(transfer_pb2_grpc.ModelTransferServicer):
                 self.bytes_sent_total += len(data)
                 self.bytes_sent[ref.tensor] = self.bytes_sent.get(ref.tensor, 0) + len(data)
                 log.debug(
-                    "sent %s bytes [%d, %d) of %s",
-                    ref.tensor,
+                    "sent bytes [%d, %d) of %s of %s",
                     ref.offset,
                     ref.offset + len(data),
-                    request.model,
+                    ref.tensor,
+                    model,
                 )
                 yield self.chunk(ref, data, digest)
         finally:

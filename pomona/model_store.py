@@ -23,7 +23,14 @@ from pomona.safetensors_layout import (
     read_layout,
     weight_map,
 )
-from pomona.stage_cache import StageCache, StageKey
+from pomona.stage_cache import (
+    DONE_LOG,
+    PLAN_FILE,
+    WEIGHTS,
+    StageCache,
+    StageKey,
+    read_chunks_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,23 @@ class Holding:
         return out
 
 
+@dataclass(frozen=True)
+class PartialTensor:
+    """A tensor of a stage still being received here: only its verified chunks are served."""
+
+    location: TensorLocation
+    folder: Path
+    chunk_bytes: int
+    # Offset -> BLAKE3 (hex) of each chunk verified so far.
+    digests: dict[int, str]
+
+    def chunk(self, offset: int, length: int) -> str | None:
+        """The digest of the verified chunk ``[offset, offset + length)``; None if not here."""
+        if length != min(self.chunk_bytes, self.location.info.nbytes - offset):
+            return None
+        return self.digests.get(offset)
+
+
 class ModelStore:
     """The models held here: whole in ``model_dirs`` and the HF cache, and stage
     folders in ``cache`` (a worker's; None for a coordinator, which fetches none)."""
@@ -113,6 +137,30 @@ class ModelStore:
             folders[0].path,
             tuple(f.key for f in folders),
         )
+
+    def partial_tensors(self, model: str) -> dict[str, PartialTensor]:
+        """Tensors of ``model`` in ``.partial`` stage folders here, with their verified chunks."""
+        out: dict[str, PartialTensor] = {}
+        for folder in self.cache.partials(model) if self.cache is not None else []:
+            try:
+                plan = json.loads((folder / PLAN_FILE).read_text())
+                if plan.get("model") != model:
+                    continue
+                chunk_bytes = int(plan["chunk_bytes"])
+                layout = read_layout(folder / WEIGHTS)
+                done = read_chunks_log(folder / DONE_LOG)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                log.debug("not serving from %s: %s", folder, e)
+                continue
+            by_tensor: dict[str, dict[int, str]] = {}
+            for key, digest in done.items():
+                tensor, _, offset = key.rpartition("@")
+                if offset.isdigit():
+                    by_tensor.setdefault(tensor, {})[int(offset)] = digest
+            for name, loc in layout.items():
+                if name not in out:
+                    out[name] = PartialTensor(loc, folder, chunk_bytes, by_tensor.get(name, {}))
+        return out
 
     def held(self, model: str = "") -> list[Holding]:
         """Every model held here, complete ones first; unreadable folders are skipped.

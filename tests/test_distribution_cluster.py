@@ -183,6 +183,47 @@ def test_a_model_only_the_coordinator_holds_serves_on_two_workers(tmp_path: Path
     _run(tmp_path, 2, "2,2", 4, coordinator_holds=True)
 
 
+def test_a_tied_embedding_two_stages_need_leaves_the_source_once(tmp_path: Path) -> None:
+    """Fan-out: w0 holds the model and takes the middle stage; the first and the last
+    stage both need the tied embedding, and the last takes it from the first."""
+    model = make_model(tmp_path / "holder" / "tied", "qwen2", num_layers=4, shards=2, seed=11)
+    expected = reference_tokens(model, PROMPT, 12)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with local_cluster(tmp_path) as c:
+        for i in range(3):
+            extra: tuple[str, ...] = ("--cache-dir", str(tmp_path / f"cache-w{i}"))
+            if i == 0:
+                extra += ("--model-dir", str(tmp_path / "holder"))
+            c.worker(f"w{i}", extra=extra, model_dir=empty)
+        coord = c.coordinator("tied", min_workers=3, layers="1,2,1")
+        reply = wait_serving(coord)
+        tokens, _, _ = generate_tokens(coord, PROMPT, max_tokens=12)
+        assert tokens == expected
+        shards = {n.name: n.shard for n in reply.nodes}
+        assert shards["w0"].rank == 1
+        source = next(p for p in c.procs if p.name == "worker-w0")
+        stub = transfer_pb2_grpc.ModelTransferStub(
+            rpc.channel(source.address, source.auth, describe(source).node_id)
+        )
+        sent = stub.ListModels(transfer_pb2.ListModelsRequest(), timeout=10).bytes_sent
+        events = pomona("events", "--coordinator", coord.address, config=coord.config).stdout
+    shares = {}
+    for name, shard in shards.items():
+        key = StageKey.of(shard.start_layer, shard.end_layer, shard.rank, 3)
+        shares[name] = _share(model, key)[1]
+    embed, embed_bytes = _share(model, StageKey.of(0, 0, 0, 3))
+    assert embed == ["model.embed_tokens.weight"]
+    # Each receiver's share once, the embedding they share once.
+    assert (
+        sent
+        == shares[next(n for n, s in shards.items() if s.rank == 0)]
+        + shares[next(n for n, s in shards.items() if s.rank == 2)]
+        - embed_bytes
+    )
+    assert "of it from peers" in events
+
+
 def _logged_bytes(partial: Path, model: Path) -> int:
     """Bytes of the chunks a cut transfer had verified and recorded."""
     sizes = {}

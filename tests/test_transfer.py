@@ -256,6 +256,45 @@ async def test_a_cut_transfer_resumes_from_another_holder_without_resending_chun
 
 
 @run
+async def test_a_peer_serves_the_chunks_it_verified_and_the_source_only_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Fan-out: the last stage takes the tied embedding from the first stage's
+    ``.partial`` folder, chunk by chunk; the chunks that peer lacks come from the source."""
+    model = make_model(tmp_path / "m" / "tied", "qwen2", num_layers=3, shards=2, seed=5)
+    embed = "model.embed_tokens.weight"
+    nbytes = read_layout(model / weight_map(model)[embed])[embed].info.nbytes
+    src = Dying(store_for((tmp_path / "m",), tmp_path / "src"), None, limit=10)
+    first, last = StageKey.of(0, 1, 0, 3), StageKey.of(2, 3, 2, 3)
+    peer = TransferService(store_for((), tmp_path / "peer"), None)
+    async with source(src) as (s, _), source(peer) as (p, _):
+        # The first stage fetches tensors outside the layers first: cut in its embedding.
+        with pytest.raises(TransferError):
+            await fetch_stage(
+                "tied", first, [s], StageCache(tmp_path / "peer"), chunk_bytes=SMALL_CHUNK,
+                in_flight=1,
+            )  # fmt: skip
+        had = [k for k in src.sent if k.startswith(f"{embed}@")]
+        assert 0 < len(had) < nbytes // SMALL_CHUNK
+        src.limit = 1 << 30
+        path, progress = await fetch_stage(
+            "tied", last, [s], StageCache(tmp_path / "follower"), chunk_bytes=SMALL_CHUNK,
+            peers=[(p, "", first)],
+        )  # fmt: skip
+    sent = [k for k in src.sent if k.startswith(f"{embed}@")]
+    # Every chunk of the embedding left the source once, to one receiver or the other.
+    assert len(sent) == len(set(sent)) == -(-nbytes // SMALL_CHUNK)
+    assert progress.bytes_from_peers == len(had) * SMALL_CHUNK
+    assert peer.bytes_sent == {embed: len(had) * SMALL_CHUNK}
+    held = read_layout(path / "model.safetensors")[embed]
+    original = read_layout(model / weight_map(model)[embed])[embed]
+    with open(path / "model.safetensors", "rb") as a, open(original.path, "rb") as b:
+        a.seek(held.start)
+        b.seek(original.start)
+        assert a.read(nbytes) == b.read(nbytes)
+
+
+@run
 async def test_a_worker_that_received_a_stage_serves_it_on(models: Path, tmp_path: Path) -> None:
     first = StageCache(tmp_path / "first")
     key = StageKey.of(2, 4, 1, 3)

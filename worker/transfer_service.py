@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -18,13 +19,15 @@ from pomona.model_store import Holding, ModelStore
 from pomona.models import ModelNotFound, check_model_name
 from pomona.safetensors_layout import LayoutError
 from pomona.security import Auth
-from pomona.stage_cache import StageCache, StageKey
+from pomona.stage_cache import PARTIAL, StageCache, StageKey
 from pomona.v1 import transfer_pb2
 from pomona.worker.transfer_fetch import Progress, TransferError, fetch_stage
 
 log = logging.getLogger(__name__)
 
 MAX_SOURCES = 64
+
+K = TypeVar("K")
 
 
 class TransferService(ModelSource):
@@ -47,6 +50,15 @@ class TransferService(ModelSource):
         self.transfers: dict[str, Progress] = {}
         self.bytes_received_total = 0
         self._locks: dict[Path, asyncio.Lock] = {}
+        # The .partial folders being fetched now, and fetches under way per model:
+        # what peers asking for a chunk not verified yet are told to wait for.
+        self._fetching: dict[Path, int] = {}
+        self._fetching_models: dict[str, int] = {}
+
+    def coming(self, model: str, folder: Path | None) -> bool:
+        if folder is None:
+            return self._fetching_models.get(model, 0) > 0
+        return self._fetching.get(folder, 0) > 0
 
     async def Stage(self, request, context) -> AsyncIterator[transfer_pb2.TransferProgress]:  # noqa: N802
         problem = _check_stage(request)
@@ -109,16 +121,31 @@ class TransferService(ModelSource):
             progress.bytes_total = progress.bytes_done = whole.bytes
             on_progress(progress)
             return Path(str(whole.files_dir)), progress
-        path, progress = await fetch_stage(
-            request.model,
-            key,
-            list(request.sources),
-            self.cache,
-            self.auth,
-            on_progress=on_progress,
-            keep=self.in_use(),
-            targets=dict(zip(request.sources, request.source_node_ids, strict=False)),
-        )
+        peers = [
+            (address, node_id, StageKey(s.start_layer, s.end_layer, s.first, s.last))
+            for address, node_id, s in zip(
+                request.peers, request.peer_node_ids, request.peer_stages, strict=True
+            )
+        ]
+        folder = self.cache.folder(request.model, key)
+        partial = folder.with_name(folder.name + PARTIAL)
+        self._fetching[partial] = self._fetching.get(partial, 0) + 1
+        self._fetching_models[request.model] = self._fetching_models.get(request.model, 0) + 1
+        try:
+            path, progress = await fetch_stage(
+                request.model,
+                key,
+                list(request.sources),
+                self.cache,
+                self.auth,
+                on_progress=on_progress,
+                keep=self.in_use(),
+                targets=dict(zip(request.sources, request.source_node_ids, strict=False)),
+                peers=peers,
+            )
+        finally:
+            _drop(self._fetching, partial)
+            _drop(self._fetching_models, request.model)
         on_progress(progress)
         return path, progress
 
@@ -136,4 +163,17 @@ def _check_stage(r: transfer_pb2.StageRequest) -> str:
         return f"{len(r.sources)} sources: at most {MAX_SOURCES}"
     if r.source_node_ids and len(r.source_node_ids) != len(r.sources):
         return "source_node_ids must name every source, in order"
+    if len(r.peers) > MAX_SOURCES:
+        return f"{len(r.peers)} peers: at most {MAX_SOURCES}"
+    if not len(r.peers) == len(r.peer_node_ids) == len(r.peer_stages):
+        return "peer_node_ids and peer_stages must name every peer, in order"
+    for s in r.peer_stages:
+        if not 0 <= s.start_layer < s.end_layer <= 100_000:
+            return f"a peer's layer range [{s.start_layer}, {s.end_layer}) is empty or negative"
     return ""
+
+
+def _drop(counts: dict[K, int], key: K) -> None:
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
