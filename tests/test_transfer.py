@@ -295,6 +295,37 @@ async def test_a_peer_serves_the_chunks_it_verified_and_the_source_only_the_rest
 
 
 @run
+async def test_a_receiver_waits_for_a_peer_that_has_not_started_fetching_yet(
+    tmp_path: Path,
+) -> None:
+    model = make_model(tmp_path / "m" / "tied", "qwen2", num_layers=3, shards=2, seed=5)
+    embed = "model.embed_tokens.weight"
+    nbytes = read_layout(model / weight_map(model)[embed])[embed].info.nbytes
+    src = Dying(store_for((tmp_path / "m",), tmp_path / "src"), None, limit=1 << 30)
+    peer = TransferService(store_for((), tmp_path / "peer"), None)
+    first, last = StageKey.of(0, 1, 0, 3), StageKey.of(2, 3, 2, 3)
+    async with source(src) as (s, _), source(peer) as (p, _):
+        follower = asyncio.create_task(
+            fetch_stage("tied", last, [s], StageCache(tmp_path / "f"), peers=[(p, "", first)])
+        )
+        await asyncio.sleep(0.5)  # the peer answers NOT_FOUND meanwhile: the follower waits
+        assert not follower.done()
+        channel = rpc.aio_channel(p)
+        request = transfer_pb2.StageRequest(
+            model="tied", start_layer=0, end_layer=1, rank=0, world_size=3, sources=[s]
+        )
+        states = [
+            x.state async for x in transfer_pb2_grpc.ModelTransferStub(channel).Stage(request)
+        ]
+        await channel.close()
+        path, progress = await follower
+    assert states[-1] == "done"
+    assert [k for k in src.sent if k.startswith(f"{embed}@")] == [f"{embed}@0"]
+    assert progress.bytes_from_peers == nbytes
+    load_stage(path, StageSpec(2, 3, 2, 3))
+
+
+@run
 async def test_a_worker_that_received_a_stage_serves_it_on(models: Path, tmp_path: Path) -> None:
     first = StageCache(tmp_path / "first")
     key = StageKey.of(2, 4, 1, 3)

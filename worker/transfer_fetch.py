@@ -484,8 +484,14 @@ class _Job:
                 self.progress.bytes_done += span.length
                 self._report()
         except grpc.aio.AioRpcError as e:
-            source.dead = rpc.describe_error(e, source.address)
-            log.warning("source %s failed: %s", source.address, source.dead)
+            if source.peer and e.code() == grpc.StatusCode.NOT_FOUND:
+                # A peer whose own transfer has not started yet: as if every chunk were coming.
+                for span in list(pending.values()):
+                    del pending[span.key]
+                    self._missing(source, span, True, coming, todo)
+            else:
+                source.dead = rpc.describe_error(e, source.address)
+                log.warning("source %s failed: %s", source.address, source.dead)
         except TransferError as e:
             source.dead = str(e)
         todo.extend(pending.values())
