@@ -174,7 +174,10 @@ class ModelSource(transfer_pb2_grpc.ModelTransferServicer):
             recorded = p.chunk(ref.offset, ref.length) if p is not None else None
             if p is None or recorded is None:
                 return None
-            data = pread(p.location, ref)
+            try:
+                data = pread(p.location, ref)
+            except FileNotFoundError:
+                return None  # renamed complete since listed: the asker asks again
             digest = blake3(data).digest()
             # The log is written after the chunk: a crash between the two leaves a
             # recorded chunk whose bytes are not on disk.
@@ -194,7 +197,9 @@ class ModelSource(transfer_pb2_grpc.ModelTransferServicer):
                 )
                 if got is None:
                     p = partial.get(ref.tensor)
-                    coming = self.coming(model, p.folder if p is not None else None)
+                    coming = self.coming(model, p.folder if p is not None else None) or (
+                        p is not None and not p.folder.exists()
+                    )
                     yield transfer_pb2.Chunk(ref=ref, missing=True, coming=coming)
                     continue
                 data, digest = got
