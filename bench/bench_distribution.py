@@ -48,10 +48,9 @@ from bench_model import default_cache_dir, ensure_model  # noqa: E402
 from clusterkit import coordinator_stub, describe, list_nodes, wait_for  # noqa: E402
 from testbed import TestBed, unavailable_reason  # noqa: E402
 
-from pomona.safetensors_layout import read_layout  # noqa: E402
+from pomona.safetensors_layout import read_layout, weight_map  # noqa: E402
+from pomona.stage_cache import StageKey, tensors_for_stage  # noqa: E402
 from pomona.v1 import common_pb2, coordinator_pb2  # noqa: E402
-from pomona.worker.shard import weight_map  # noqa: E402
-from pomona.worker.stage_cache import StageKey, tensors_for_stage  # noqa: E402
 
 CLUSTER = "bench"
 HTTP_PORT = 8000

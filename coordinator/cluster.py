@@ -405,6 +405,10 @@ class Cluster:
         """The model's profile from the first member that can read it (once)."""
         if self._model_info is not None:
             return self._model_info
+        local = await self.distribution.local_profile(self.config.model)
+        if local is not None:
+            self._model_info = local
+            return local
         problems = []
         for member in members:
             try:

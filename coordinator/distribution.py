@@ -1,19 +1,22 @@
 """Model distribution, the coordinator's side: who holds the model, who needs which stage.
 
 Before a load, the coordinator asks every worker what it holds (``ListModels``),
-reads the model's profile from a worker that holds it whole, prefers holders
-when the planner's choice is among interchangeable machines, refuses a plan
-whose transfers do not fit a worker's disk, and then has every worker that
-lacks its stage fetch it (``Stage``) from the holders, watching progress.
+reads the model's profile from a worker that holds it whole (or from its own
+``--model-dir`` when none does), prefers holders when the planner's choice is
+among interchangeable machines, refuses a plan whose transfers do not fit a
+worker's disk, and then has every worker that lacks its stage fetch it
+(``Stage``) from the holders, the coordinator among them, watching progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -23,6 +26,10 @@ from pomona.coordinator import events as ev
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError
 from pomona.coordinator.planner import Plan
+from pomona.model_source import held_models, model_info
+from pomona.model_store import ModelStore
+from pomona.models import DEFAULT_MODEL, ModelNotFound, ModelRefused, resolve_model
+from pomona.safetensors_layout import LayoutError
 from pomona.units import format_bytes
 from pomona.v1 import coordinator_pb2, transfer_pb2, transfer_pb2_grpc, worker_pb2
 
@@ -32,6 +39,9 @@ LIST_TIMEOUT = 10.0
 
 
 Survey = dict[str, transfer_pb2.ListModelsReply]  # by node id
+# The coordinator's entry in a survey: "" is what calls to it are signed for.
+COORDINATOR = ""
+COORDINATOR_NAME = "coordinator"
 
 
 class Member(Protocol):
@@ -177,6 +187,54 @@ def relabel(plan: Plan | None, assignments: Sequence[Assignment]) -> Plan | None
     return replace(plan, stages=stages)
 
 
+class LocalModels:
+    """The models in the coordinator's own ``--model-dir``s, served to workers.
+
+    The coordinator holds no layers: it is a holder in the survey (under
+    ``COORDINATOR``), a source of ``Stage`` calls, and where the model's profile
+    is read when no worker holds the model whole.
+    """
+
+    def __init__(self, model_dirs: tuple[Path, ...], host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.store = ModelStore(self._resolve, model_dirs, None)
+
+    def _resolve(self, name: str) -> Path:
+        if name == DEFAULT_MODEL:
+            # Every worker makes the demo model itself.
+            raise ModelNotFound("the coordinator does not serve the demo model")
+        return resolve_model(name, self.store.model_dirs)
+
+    def reply(self, model: str) -> transfer_pb2.ListModelsReply:
+        return transfer_pb2.ListModelsReply(models=held_models(self.store.held(model)))
+
+    def profile(self, model: str) -> worker_pb2.ModelInfo | None:
+        """The model's profile from the folder here; None when it is not here or unreadable."""
+        try:
+            return model_info(model, self._resolve(model))
+        except (ModelNotFound, ModelRefused, OSError, ValueError, LayoutError) as e:
+            log.warning("cannot read %s from the coordinator's model folders: %s", model, e)
+            return None
+
+    def address_for(self, worker: str) -> str:
+        """The coordinator's address as the worker at ``worker`` ("host:port") reaches it."""
+        host = self.host
+        if host in ("", "0.0.0.0", "::"):
+            host = _route_to(worker.rsplit(":", 1)[0].strip("[]"))
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def _route_to(host: str) -> str:
+    """This machine's address on the route to ``host`` (no packet is sent)."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            return str(s.getsockname()[0]).split("%", 1)[0]
+    except (OSError, IndexError):
+        return socket.gethostname()
+
+
 class TransferFailed(PlacementError):
     pass
 
@@ -189,6 +247,10 @@ class Distributor:
         self.transfers: dict[str, transfer_pb2.TransferProgress] = {}
         self.names: dict[str, str] = {}
         self._on_progress: Callable[[str], None] = lambda line: None
+        # The coordinator's own model folders, when it serves them (--model-dir).
+        self.local: LocalModels | None = None
+        # The last survey taken: whether any worker holds the model whole.
+        self.last_survey: Survey = {}
 
     def _stub(self, m: Member) -> transfer_pb2_grpc.ModelTransferStub:
         return transfer_pb2_grpc.ModelTransferStub(self._channel(m.address, m.node_id))
@@ -209,8 +271,37 @@ class Distributor:
                 )
                 return None
 
-        replies = await asyncio.gather(*(one(m) for m in members))
-        return {m.node_id: r for m, r in zip(members, replies, strict=True) if r is not None}
+        async def own() -> transfer_pb2.ListModelsReply | None:
+            if self.local is None:
+                return None
+            try:
+                return await asyncio.to_thread(self.local.reply, model)
+            except (OSError, ValueError) as e:
+                log.warning("cannot list the coordinator's own models: %s", e)
+                return None
+
+        replies = await asyncio.gather(own(), *(one(m) for m in members))
+        survey = {m.node_id: r for m, r in zip(members, replies[1:], strict=True) if r is not None}
+        if replies[0] is not None:
+            survey[COORDINATOR] = replies[0]
+        self.last_survey = survey
+        return survey
+
+    async def local_profile(self, model: str) -> worker_pb2.ModelInfo | None:
+        """The profile read here, when the last survey found no worker holding ``model`` whole."""
+        if self.local is None:
+            return None
+        survey = self.last_survey
+        own = held_model(survey.get(COORDINATOR), model)
+        if own is None or not own.complete:
+            return None
+        if any(
+            (h := held_model(r, model)) is not None and h.complete
+            for n, r in survey.items()
+            if n != COORDINATOR
+        ):
+            return None
+        return await asyncio.to_thread(self.local.profile, model)
 
     def holders_first(self, members: Sequence[Member], model: str, survey: Survey) -> list[Member]:
         """``members``, those holding ``model`` whole first (they can profile it)."""
@@ -222,16 +313,21 @@ class Distributor:
         return sorted(members, key=lambda m: not whole(m))
 
     def sources(
-        self, members: Sequence[Member], model: str, exclude: str, survey: Survey
+        self, members: Sequence[Member], model: str, receiver: Member, survey: Survey
     ) -> list[tuple[str, str]]:
-        """Addresses of the members holding ``model``: whole first, then stage folders."""
+        """Addresses and node ids of the holders of ``model``: workers holding it whole,
+        then the coordinator, then workers with stage folders."""
         held = [
             (m, h)
             for m in members
-            if m.node_id != exclude and (h := held_model(survey.get(m.node_id), model))
+            if m.node_id != receiver.node_id and (h := held_model(survey.get(m.node_id), model))
         ]
-        held.sort(key=lambda mh: not mh[1].complete)
-        return [(m.address, m.node_id) for m, _ in held]
+        whole = [(m.address, m.node_id) for m, h in held if h.complete]
+        folders = [(m.address, m.node_id) for m, h in held if not h.complete]
+        own = held_model(survey.get(COORDINATOR), model)
+        if self.local is not None and own is not None and own.complete:
+            whole.append((self.local.address_for(receiver.address), COORDINATOR))
+        return whole + folders
 
     def node_transfers(self) -> list[coordinator_pb2.NodeTransfer]:
         return [
@@ -288,15 +384,24 @@ class Distributor:
         self._on_progress = on_progress
         world = len(assignments)
         jobs = {}
+        # Workers fetching now, in rank order: each is a peer of those after it, which
+        # take the tensors they share with it (a tied embedding) from it, not the sources.
+        receivers: list[tuple[str, str, transfer_pb2.LayerRange]] = []
         for rank, a in enumerate(assignments):
             if a.node_id not in survey:
                 continue  # it cannot say what it holds: it loads from its own model dirs
             held = held_model(survey[a.node_id], model)
+            need = StageNeed.of(a, rank, world)
             if held is not None and held.complete:
                 continue
-            sources = self.sources(members, model, a.node_id, survey)
-            job = self._stage_one(model, by_id[a.node_id], sources, a, rank, world, timeout)
+            member = by_id[a.node_id]
+            sources = self.sources(members, model, member, survey)
+            job = self._stage_one(model, member, sources, list(receivers), a, rank, world, timeout)
             jobs[a.node_id] = asyncio.ensure_future(job)
+            stage = transfer_pb2.LayerRange(
+                start_layer=a.start, end_layer=a.end, first=need.first, last=need.last
+            )
+            receivers.append((member.address, member.node_id, stage))
         return jobs
 
     @staticmethod
@@ -310,6 +415,7 @@ class Distributor:
         model: str,
         member: Member,
         sources: list[tuple[str, str]],
+        peers: list[tuple[str, str, transfer_pb2.LayerRange]],
         a: Assignment,
         rank: int,
         world: int,
@@ -323,6 +429,9 @@ class Distributor:
             world_size=world,
             sources=[address for address, _ in sources],
             source_node_ids=[node_id for _, node_id in sources],
+            peers=[address for address, _, _ in peers],
+            peer_node_ids=[node_id for _, node_id, _ in peers],
+            peer_stages=[stage for _, _, stage in peers],
         )
         what = f"layers [{a.start}, {a.end}) of {model}"
         started = time.monotonic()
@@ -353,7 +462,12 @@ class Distributor:
                 member.node_id,
                 member.name,
                 f"{what}: {format_bytes(last.bytes_received)} received in {seconds:.1f} s "
-                f"({format_bytes(int(last.bytes_received / max(seconds, 1e-3)))}/s)",
+                f"({format_bytes(int(last.bytes_received / max(seconds, 1e-3)))}/s)"
+                + (
+                    f", {format_bytes(last.bytes_from_peers)} of it from peers"
+                    if last.bytes_from_peers
+                    else ""
+                ),
             )
 
 
@@ -362,6 +476,7 @@ def cluster_models(
 ) -> coordinator_pb2.ClusterModels:
     """Every model some worker holds, with who holds it and how much."""
     models: dict[str, coordinator_pb2.ClusterModel] = {}
+    names = {COORDINATOR: COORDINATOR_NAME, **names}
     for node_id, reply in sorted(survey.items(), key=lambda kv: names.get(kv[0], kv[0])):
         for held in reply.models:
             entry = models.setdefault(held.model, coordinator_pb2.ClusterModel(model=held.model))

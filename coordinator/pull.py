@@ -30,8 +30,9 @@ async def plan_pull(cluster: Cluster, model: str, workers: int) -> tuple[list[As
     dist = cluster.distribution
     survey = await dist.take_survey(members, model)
     inspector = dist.holders_first(members, model, survey)[0]
+    info = await dist.local_profile(model)
     try:
-        info = await inspector.stub.InspectModel(
+        info = info or await inspector.stub.InspectModel(
             worker_pb2.InspectModelRequest(model=model), timeout=rpc.INSPECT_TIMEOUT
         )
     except grpc.aio.AioRpcError as e:

@@ -14,6 +14,7 @@ from pomona import rpc
 from pomona.config import LOOPBACK_HOSTS, CoordinatorConfig
 from pomona.coordinator.cluster import Cluster
 from pomona.coordinator.discovery import Browser
+from pomona.coordinator.distribution import LocalModels
 from pomona.coordinator.events import EventLog, events_path, prune_event_logs
 from pomona.coordinator.health import HealthWatcher
 from pomona.coordinator.metrics import metrics_route
@@ -21,7 +22,8 @@ from pomona.coordinator.monitor import Monitor, Thresholds
 from pomona.coordinator.openai_api import create_app
 from pomona.coordinator.router import Router
 from pomona.coordinator.service import CoordinatorService
-from pomona.v1 import coordinator_pb2_grpc
+from pomona.model_source import ModelSource
+from pomona.v1 import coordinator_pb2_grpc, transfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,11 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event | None = None) ->
     router = Router(cluster)
     service = CoordinatorService(cluster, router)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
+    if config.model_dirs:
+        # The coordinator's own models, served to workers like a worker serves its own.
+        local = LocalModels(config.model_dirs, config.host, port)
+        cluster.distribution.local = local
+        transfer_pb2_grpc.add_ModelTransferServicer_to_server(ModelSource(local.store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()

@@ -318,6 +318,14 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--state-dir", type=click.Path(path_type=Path), default=None, help="Event log directory."
 )
+@click.option(
+    "--model-dir",
+    "model_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Serve the models in this folder (and the Hugging Face cache) to workers that "
+    "lack them (repeatable).",
+)
 @CHAT_TEMPLATE_OPTION
 @BACKEND_OPTION
 @CONFIG_OPTION
@@ -343,6 +351,7 @@ def coordinator(
     heartbeat_timeout: float,
     retry_timeout: float,
     state_dir: Path | None,
+    model_dirs: tuple[Path, ...],
     chat_template_file: Path | None,
     backend: str,
     config_path: Path | None,
@@ -353,6 +362,9 @@ def coordinator(
 
     for seed in seeds:
         check_address(seed, "--worker")
+    for folder in model_dirs:
+        if not folder.is_dir():
+            raise click.BadParameter(f"{folder} is not a folder", param_hint="--model-dir")
     split = _parse_layers(layers)
     chat_template = read_chat_template(chat_template_file)
     cluster_config, _ = config_for_daemon(config_path, insecure)
@@ -390,6 +402,7 @@ def coordinator(
         heartbeat_timeout=heartbeat_timeout,
         retry_timeout=retry_timeout,
         state_dir=state_dir or default_state_dir() / "coordinator",
+        model_dirs=tuple(d.resolve() for d in model_dirs),
     )
     _run_until_signal(lambda stop: serve(config, stop=stop))
 

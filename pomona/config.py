@@ -133,6 +133,9 @@ class CoordinatorConfig:
     retry_timeout: float = 120.0
     # The event logs (events/<cluster>.jsonl) live here.
     state_dir: Path = field(default_factory=lambda: default_state_dir() / "coordinator")
+    # Model folders (and the Hugging Face cache) the coordinator serves to
+    # workers that lack the model; empty: it serves none.
+    model_dirs: tuple[Path, ...] = ()
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})

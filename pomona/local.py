@@ -153,7 +153,7 @@ class LocalCluster:
             "--mdns-interface", LOOPBACK, "--objective", "throughput",
             "--http-port", str(self.http_port),
             "--state-dir", str(self.state_dir / "coordinator"),
-            "--config", str(self.config), "--backend", self.backend,
+            "--config", str(self.config), "--backend", self.backend, *self._model_dir_args(),
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]

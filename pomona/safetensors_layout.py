@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from pomona.model_profile import read_safetensors_header
 
 MAX_HEADER_BYTES = 100 << 20
 MAX_TENSORS = 1_000_000
@@ -172,3 +175,26 @@ def weight_index(files: Mapping[str, Iterable[str]], total_bytes: int) -> str:
     """A ``model.safetensors.index.json`` for ``file name -> tensor names``."""
     wmap = {name: file for file, names in files.items() for name in names}
     return json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": wmap}, indent=1)
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    match = _LAYER_KEY.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def weight_map(model_path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name, from the index or the single file."""
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(model_path.glob("model*.safetensors"))
+    if len(files) == 1:
+        return {name: files[0].name for name in read_safetensors_header(files[0])}
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {model_path}")
+    raise FileNotFoundError(
+        f"{model_path} has {len(files)} safetensors files but no model.safetensors.index.json"
+    )

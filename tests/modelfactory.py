@@ -129,7 +129,7 @@ def make_model(
 
 
 def _write_shards(folder: Path, weights: dict[str, mx.array], num_layers: int, shards: int) -> None:
-    from pomona.worker.shard import layer_index
+    from pomona.safetensors_layout import layer_index
 
     groups: list[dict[str, mx.array]] = [{} for _ in range(shards)]
     for name, value in weights.items():

@@ -45,6 +45,7 @@ def test_coordinator_address_comes_from_the_environment() -> None:
         (["coordinator", "--worker", "host-without-port"], "is not HOST:PORT"),
         (["coordinator", "--layers", "3,x"], "layers per worker"),
         (["up", "--local", "0"], "0 is not in the range"),
+        (["coordinator", "--model-dir", "/no/such/folder"], "/no/such/folder is not a folder"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_starts(args: list[str], words: str) -> None:

@@ -1,7 +1,7 @@
 """A model on one worker is enough: real worker and coordinator processes, real gRPC.
 
-Only one worker's model directory holds the model; the others fetch exactly
-their stage's tensors from it before their runners start.
+Only one worker's model directory (or only the coordinator's) holds the model;
+the others fetch exactly their stage's tensors from it before their runners start.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from modelfactory import make_model
 
 from pomona import rpc
 from pomona.local import free_port_pair
-from pomona.safetensors_layout import read_layout
+from pomona.safetensors_layout import read_layout, weight_map
+from pomona.stage_cache import StageKey, tensors_for_stage
 from pomona.v1 import transfer_pb2, transfer_pb2_grpc
-from pomona.worker.shard import weight_map
-from pomona.worker.stage_cache import StageKey, tensors_for_stage
 from pomona.worker.transfer_fetch import CHUNK_BYTES
 
 pytestmark = pytest.mark.cluster
@@ -97,29 +96,79 @@ def _check_visible(tmp_path: Path, coord: Proc, http_port: int) -> None:
     assert len(list((tmp_path / "cache-w1" / "stages").glob("other-*/*"))) == 1
 
 
-def _run(tmp_path: Path, workers: int, layers: str, num_layers: int) -> None:
+def _run(
+    tmp_path: Path, workers: int, layers: str, num_layers: int, coordinator_holds: bool = False
+) -> None:
+    """Serves with the model on w0 only, or on the coordinator only."""
     model = make_model(
         tmp_path / "holder" / "tiny", "llama", num_layers=num_layers, shards=3, seed=7
     )
     expected = reference_tokens(model, PROMPT, 24)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    holds = ("--model-dir", str(tmp_path / "holder"))
     with local_cluster(tmp_path) as c:
-        procs = []
         for i in range(workers):
             extra: tuple[str, ...] = ("--cache-dir", str(tmp_path / f"cache-w{i}"))
-            if i == 0:
-                extra += ("--model-dir", str(tmp_path / "holder"))
-            procs.append(c.worker(f"w{i}", extra=extra))
+            if i == 0 and not coordinator_holds:
+                extra += holds
+            c.worker(f"w{i}", extra=extra, model_dir=empty)
         http_port = free_port_pair(c.taken)
-        coord = c.coordinator("tiny", min_workers=workers, layers=layers, http_port=http_port)
+        coord = c.coordinator(
+            "tiny",
+            min_workers=workers,
+            layers=layers,
+            http_port=http_port,
+            extra=holds if coordinator_holds else (),
+        )
         reply = wait_serving(coord)
         tokens, _, _ = generate_tokens(coord, PROMPT, max_tokens=24)
         assert tokens == expected
         by_name = {n.name: n for n in reply.nodes}
-        assert not _stage_folders(tmp_path / "cache-w0")
-        for i in range(1, workers):
+        receivers = range(workers) if coordinator_holds else range(1, workers)
+        if not coordinator_holds:
+            assert not _stage_folders(tmp_path / "cache-w0")
+        for i in receivers:
             _check_only_its_share(model, tmp_path / f"cache-w{i}", by_name[f"w{i}"].shard, workers)
-        if workers == 2:
+        if coordinator_holds:
+            _check_coordinator_listed(coord)
+        elif workers == 2:
             _check_visible(tmp_path, coord, http_port)
+
+
+def _check_coordinator_listed(coord: Proc) -> None:
+    """`pomona models` names the coordinator as the model's one whole holder."""
+    listed = pomona("models", "--json", "--coordinator", coord.address, config=coord.config)
+    assert listed.returncode == 0, listed.stderr
+    tiny = next(m for m in json.loads(listed.stdout)["models"] if m["model"] == "tiny")
+    assert [(h["name"], h["complete"]) for h in tiny["holders"] if h["complete"]] == [
+        ("coordinator", True)
+    ]
+    events = pomona("events", "--coordinator", coord.address, config=coord.config).stdout
+    assert events.count("transfer_finished") == 2
+    # Its ModelTransfer service makes the checks a worker's makes, signed for "".
+    stub = transfer_pb2_grpc.ModelTransferStub(rpc.channel(coord.address, coord.auth))
+    catalog = stub.Catalog(transfer_pb2.CatalogRequest(model="tiny"), timeout=10)
+    assert catalog.complete and "config.json" in [f.name for f in catalog.files]
+    refusals = [
+        (stub.ReadFile, transfer_pb2.ReadFileRequest(model="tiny", name="../tiny/config.json")),
+        (stub.Catalog, transfer_pb2.CatalogRequest(model="../holder/tiny")),
+        (stub.Catalog, transfer_pb2.CatalogRequest(model="/etc")),
+    ]
+    for call, request in refusals:
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, timeout=10)
+        assert refused.value.code() in (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.NOT_FOUND,
+        ), refused.value
+    with pytest.raises(grpc.RpcError) as no_stage:
+        list(stub.Stage(transfer_pb2.StageRequest(model="tiny"), timeout=10))
+    assert no_stage.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    unsigned = transfer_pb2_grpc.ModelTransferStub(rpc.channel(coord.address))
+    with pytest.raises(grpc.RpcError) as unauthenticated:
+        unsigned.Catalog(transfer_pb2.CatalogRequest(model="tiny"), timeout=10)
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_model_on_one_of_two_workers_serves_with_greedy_tokens_of_mlx_lm(tmp_path: Path) -> None:
@@ -128,6 +177,51 @@ def test_a_model_on_one_of_two_workers_serves_with_greedy_tokens_of_mlx_lm(tmp_p
 
 def test_three_workers_each_receive_only_their_share(tmp_path: Path) -> None:
     _run(tmp_path, 3, "2,2,2", 6)
+
+
+def test_a_model_only_the_coordinator_holds_serves_on_two_workers(tmp_path: Path) -> None:
+    _run(tmp_path, 2, "2,2", 4, coordinator_holds=True)
+
+
+def test_a_tied_embedding_two_stages_need_leaves_the_source_once(tmp_path: Path) -> None:
+    """Fan-out: w0 holds the model and takes the middle stage; the first and the last
+    stage both need the tied embedding, and the last takes it from the first."""
+    model = make_model(tmp_path / "holder" / "tied", "qwen2", num_layers=4, shards=2, seed=11)
+    expected = reference_tokens(model, PROMPT, 12)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with local_cluster(tmp_path) as c:
+        for i in range(3):
+            extra: tuple[str, ...] = ("--cache-dir", str(tmp_path / f"cache-w{i}"))
+            if i == 0:
+                extra += ("--model-dir", str(tmp_path / "holder"))
+            c.worker(f"w{i}", extra=extra, model_dir=empty)
+        coord = c.coordinator("tied", min_workers=3, layers="1,2,1")
+        reply = wait_serving(coord)
+        tokens, _, _ = generate_tokens(coord, PROMPT, max_tokens=12)
+        assert tokens == expected
+        shards = {n.name: n.shard for n in reply.nodes}
+        assert shards["w0"].rank == 1
+        source = next(p for p in c.procs if p.name == "worker-w0")
+        stub = transfer_pb2_grpc.ModelTransferStub(
+            rpc.channel(source.address, source.auth, describe(source).node_id)
+        )
+        sent = stub.ListModels(transfer_pb2.ListModelsRequest(), timeout=10).bytes_sent
+        events = pomona("events", "--coordinator", coord.address, config=coord.config).stdout
+    shares = {}
+    for name, shard in shards.items():
+        key = StageKey.of(shard.start_layer, shard.end_layer, shard.rank, 3)
+        shares[name] = _share(model, key)[1]
+    embed, embed_bytes = _share(model, StageKey.of(0, 0, 0, 3))
+    assert embed == ["model.embed_tokens.weight"]
+    # Each receiver's share once, the embedding they share once.
+    assert (
+        sent
+        == shares[next(n for n, s in shards.items() if s.rank == 0)]
+        + shares[next(n for n, s in shards.items() if s.rank == 2)]
+        - embed_bytes
+    )
+    assert "of it from peers" in events
 
 
 def _logged_bytes(partial: Path, model: Path) -> int:

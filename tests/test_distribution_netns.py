@@ -12,10 +12,9 @@ from modelfactory import make_model
 from testbed import TestBed, bed_fixture
 
 from pomona import rpc
-from pomona.safetensors_layout import read_layout
+from pomona.safetensors_layout import read_layout, weight_map
+from pomona.stage_cache import StageKey, tensors_for_stage
 from pomona.v1 import transfer_pb2, transfer_pb2_grpc, worker_pb2
-from pomona.worker.shard import weight_map
-from pomona.worker.stage_cache import StageKey, tensors_for_stage
 from pomona.worker.transfer_fetch import CHUNK_BYTES
 
 pytestmark = pytest.mark.netns

@@ -19,19 +19,19 @@ import pytest
 from modelfactory import ARCHITECTURES, make_model
 
 from pomona import rpc
+from pomona.model_store import ModelStore
 from pomona.models import resolve_model
 from pomona.safetensors_layout import LayoutError, read_layout
 from pomona.security import Auth, ClusterSecrets
-from pomona.v1 import transfer_pb2, transfer_pb2_grpc
-from pomona.worker.model_store import ModelStore
-from pomona.worker.shard import StageSpec, load_stage, weight_map
-from pomona.worker.stage_cache import (
+from pomona.stage_cache import (
     STAGE_META,
     StageCache,
     StageKey,
     tensors_for_stage,
     write_stage_meta,
 )
+from pomona.v1 import transfer_pb2, transfer_pb2_grpc
+from pomona.worker.shard import StageSpec, load_stage, weight_map
 from pomona.worker.transfer_fetch import TransferError, fetch_stage
 from pomona.worker.transfer_service import TransferService
 
@@ -253,6 +253,76 @@ async def test_a_cut_transfer_resumes_from_another_holder_without_resending_chun
     assert not set(dying.sent) & set(spare.sent)
     assert progress.bytes_received == expected - dying.sent_bytes
     assert sum(t.info.nbytes for t in read_layout(path / "model.safetensors").values()) == expected
+
+
+@run
+async def test_a_peer_serves_the_chunks_it_verified_and_the_source_only_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Fan-out: the last stage takes the tied embedding from the first stage's
+    ``.partial`` folder, chunk by chunk; the chunks that peer lacks come from the source."""
+    model = make_model(tmp_path / "m" / "tied", "qwen2", num_layers=3, shards=2, seed=5)
+    embed = "model.embed_tokens.weight"
+    nbytes = read_layout(model / weight_map(model)[embed])[embed].info.nbytes
+    src = Dying(store_for((tmp_path / "m",), tmp_path / "src"), None, limit=10)
+    first, last = StageKey.of(0, 1, 0, 3), StageKey.of(2, 3, 2, 3)
+    peer = TransferService(store_for((), tmp_path / "peer"), None)
+    async with source(src) as (s, _), source(peer) as (p, _):
+        # The first stage fetches tensors outside the layers first: cut in its embedding.
+        with pytest.raises(TransferError):
+            await fetch_stage(
+                "tied", first, [s], StageCache(tmp_path / "peer"), chunk_bytes=SMALL_CHUNK,
+                in_flight=1,
+            )  # fmt: skip
+        had = [k for k in src.sent if k.startswith(f"{embed}@")]
+        assert 0 < len(had) < nbytes // SMALL_CHUNK
+        src.limit = 1 << 30
+        path, progress = await fetch_stage(
+            "tied", last, [s], StageCache(tmp_path / "follower"), chunk_bytes=SMALL_CHUNK,
+            peers=[(p, "", first)],
+        )  # fmt: skip
+    sent = [k for k in src.sent if k.startswith(f"{embed}@")]
+    # Every chunk of the embedding left the source once, to one receiver or the other.
+    assert len(sent) == len(set(sent)) == -(-nbytes // SMALL_CHUNK)
+    assert progress.bytes_from_peers == len(had) * SMALL_CHUNK
+    assert peer.bytes_sent == {embed: len(had) * SMALL_CHUNK}
+    held = read_layout(path / "model.safetensors")[embed]
+    original = read_layout(model / weight_map(model)[embed])[embed]
+    with open(path / "model.safetensors", "rb") as a, open(original.path, "rb") as b:
+        a.seek(held.start)
+        b.seek(original.start)
+        assert a.read(nbytes) == b.read(nbytes)
+
+
+@run
+async def test_a_receiver_waits_for_a_peer_that_has_not_started_fetching_yet(
+    tmp_path: Path,
+) -> None:
+    model = make_model(tmp_path / "m" / "tied", "qwen2", num_layers=3, shards=2, seed=5)
+    embed = "model.embed_tokens.weight"
+    nbytes = read_layout(model / weight_map(model)[embed])[embed].info.nbytes
+    src = Dying(store_for((tmp_path / "m",), tmp_path / "src"), None, limit=1 << 30)
+    peer = TransferService(store_for((), tmp_path / "peer"), None)
+    first, last = StageKey.of(0, 1, 0, 3), StageKey.of(2, 3, 2, 3)
+    async with source(src) as (s, _), source(peer) as (p, _):
+        follower = asyncio.create_task(
+            fetch_stage("tied", last, [s], StageCache(tmp_path / "f"), peers=[(p, "", first)])
+        )
+        await asyncio.sleep(0.5)  # the peer answers NOT_FOUND meanwhile: the follower waits
+        assert not follower.done()
+        channel = rpc.aio_channel(p)
+        request = transfer_pb2.StageRequest(
+            model="tied", start_layer=0, end_layer=1, rank=0, world_size=3, sources=[s]
+        )
+        states = [
+            x.state async for x in transfer_pb2_grpc.ModelTransferStub(channel).Stage(request)
+        ]
+        await channel.close()
+        path, progress = await follower
+    assert states[-1] == "done"
+    assert [k for k in src.sent if k.startswith(f"{embed}@")] == [f"{embed}@0"]
+    assert progress.bytes_from_peers == nbytes
+    load_stage(path, StageSpec(2, 3, 2, 3))
 
 
 @run

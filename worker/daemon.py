@@ -24,7 +24,9 @@ from pomona.chips import chip_bandwidth_gbs
 from pomona.config import MAX_CHAT_TEMPLATE_CHARS, PROTOCOL_VERSION, WorkerConfig
 from pomona.mdns import make_zeroconf
 from pomona.model_profile import ModelProfile
+from pomona.model_store import ModelStore
 from pomona.models import ModelNotFound, ModelRefused, resolve_model
+from pomona.stage_cache import StageCache, StageKey
 from pomona.tokens import describe_proof
 from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
@@ -34,11 +36,9 @@ from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
 from pomona.worker.lease import Lease
 from pomona.worker.link_probe import LinkProbeError, LinkSink, check_probe_request, probe
-from pomona.worker.model_store import ModelStore
 from pomona.worker.runner import RunnerSpec
 from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, State
 from pomona.worker.sampler import Sampler
-from pomona.worker.stage_cache import StageCache, StageKey
 from pomona.worker.telemetry import effective_interval, telemetry_stream
 from pomona.worker.transfer_service import TransferService
 from pomona.worker.warm_runner import WarmRunner

@@ -11,9 +11,7 @@ MLX evaluates lazily and the stage evaluates only what it sends or samples.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +24,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes, load_config, load_model
 
 from pomona.model_profile import read_safetensors_header
+from pomona.safetensors_layout import layer_index, weight_map
 
 log = logging.getLogger(__name__)
-
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -134,26 +131,6 @@ def layer_list(model: nn.Module) -> list[nn.Module]:
     raise ValueError(
         f"{type(model).__module__} has no list of layers; "
         "Pomona can only pipeline decoder models whose blocks are a list"
-    )
-
-
-def layer_index(tensor_name: str) -> int | None:
-    match = _LAYER_KEY.search(tensor_name)
-    return int(match.group(1)) if match else None
-
-
-def weight_map(model_path: Path) -> dict[str, str]:
-    """Tensor name -> safetensors file name, from the index or the single file."""
-    index = model_path / "model.safetensors.index.json"
-    if index.exists():
-        return dict(json.loads(index.read_text())["weight_map"])
-    files = sorted(model_path.glob("model*.safetensors"))
-    if len(files) == 1:
-        return {name: files[0].name for name in read_safetensors_header(files[0])}
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {model_path}")
-    raise FileNotFoundError(
-        f"{model_path} has {len(files)} safetensors files but no model.safetensors.index.json"
     )
 
 

@@ -2,17 +2,23 @@
 
 The stage's tensors are cut into fixed-size chunks; several requests of a few
 chunks each are in flight at once, and each chunk is checked against the
-sha256 the source computed from what it read. A chunk that fails the check is
-fetched again; a source that fails is dropped and its chunks go to the next.
-Progress is kept in the ``.partial`` folder (one line per verified chunk), so a
-transfer cut off resumes without fetching a completed chunk again. Once every
-chunk is there, the whole file is verified once more and the folder renamed.
+BLAKE3 digest the source computed from what it read. A chunk that fails the
+check is fetched again; a source that fails is dropped and its chunks go to
+the next. Progress is kept in the ``.partial`` folder (one line per verified
+chunk), so a transfer cut off resumes without fetching a completed chunk
+again. Once every chunk is there, the whole file is verified once more and the
+folder renamed.
+
+Tensors this stage shares with a peer (another worker fetching a stage of the
+same model now, e.g. the tied embedding of the first and the last stage) are
+fetched last and from the peer, chunk by chunk as the peer verifies them, so
+that they cross the source's link once; a chunk the peer will not have comes
+from the sources.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +34,7 @@ import grpc
 from blake3 import blake3
 
 from pomona import rpc
+from pomona.model_store import MAX_SMALL_FILE_BYTES, SMALL_FILES
 from pomona.safetensors_layout import (
     ChunkSpan,
     LayoutError,
@@ -35,19 +42,23 @@ from pomona.safetensors_layout import (
     check_tensor,
     chunk_spans,
     header_for,
+    layer_index,
     weight_index,
 )
 from pomona.security import Auth
-from pomona.units import format_bytes
-from pomona.v1 import transfer_pb2, transfer_pb2_grpc
-from pomona.worker.model_store import MAX_SMALL_FILE_BYTES, SMALL_FILES
-from pomona.worker.stage_cache import (
+from pomona.stage_cache import (
+    DONE_LOG,
     PARTIAL,
+    PLAN_FILE,
+    WEIGHTS,
     StageCache,
     StageKey,
+    read_chunks_log,
     tensors_for_stage,
     write_stage_meta,
 )
+from pomona.units import format_bytes
+from pomona.v1 import transfer_pb2, transfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +70,10 @@ CATALOG_TIMEOUT = 30.0
 # A request's deadline grows with its bytes (at 10 MB/s at least).
 READ_TIMEOUT_BASE = 30.0
 BAD_CHUNKS_PER_SOURCE = 3
-WEIGHTS = "model.safetensors"
-PLAN_FILE = "transfer.json"
-DONE_LOG = "chunks.log"
+# A chunk a peer is still fetching is asked for again after PEER_RETRY_S; a peer
+# that gives none of the chunks waited for in PEER_WAIT_S is given up.
+PEER_RETRY_S = 0.2
+PEER_WAIT_S = 60.0
 
 
 class TransferError(RuntimeError):
@@ -74,6 +86,7 @@ class Progress:
     bytes_total: int = 0
     bytes_done: int = 0
     bytes_received: int = 0
+    bytes_from_peers: int = 0
     refetched: int = 0
     source: str = ""
     state: str = "fetching"
@@ -103,6 +116,7 @@ class Progress:
             bytes_received=self.bytes_received,
             chunks_refetched=self.refetched,
             path=self.path,
+            bytes_from_peers=self.bytes_from_peers,
         )
 
 
@@ -114,6 +128,10 @@ class _Source:
     tensors: dict[str, TensorInfo]
     bad_chunks: int = 0
     dead: str = ""
+    # A peer: a worker fetching the same tensors now, which serves the chunks it verified.
+    peer: bool = False
+    # Since when chunks asked of this peer are all still coming.
+    waiting_since: float | None = None
 
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
@@ -131,10 +149,14 @@ async def fetch_stage(
     in_flight: int = IN_FLIGHT,
     keep: Sequence[Path] = (),
     targets: Mapping[str, str] | None = None,
+    peers: Sequence[tuple[str, str, StageKey]] = (),
+    peer_wait_s: float = PEER_WAIT_S,
 ) -> tuple[Path, Progress]:
     """The stage folder of ``key`` for ``model``, fetched from ``sources`` where missing.
 
     ``targets`` gives each source's node id, which calls to it are signed for.
+    ``peers`` (address, node id, stage) are workers fetching stages of the same
+    model now: the tensors shared with one are fetched last, from it.
     """
     progress = Progress(model)
     held = cache.find(model, key)
@@ -157,7 +179,9 @@ async def fetch_stage(
             raise TransferError(f"{model!r} has no tensors for layers [{key.start}, {key.end})")
         infos = _agreed_infos(needed, found)
         progress.source = found[0].address
+        shared = _peers(model, names, infos, peers, auth, channels)
         job = _Job(model, key, num_layers, infos, cache, chunk_bytes, progress, on_progress)
+        job.peers, job.peer_wait_s = shared, peer_wait_s
         await job.run(found, in_flight, keep)
         return job.final, progress
     finally:
@@ -195,6 +219,29 @@ async def _catalogs(
     found = await asyncio.gather(*(one(a) for a in dict.fromkeys(sources)))
     # Complete holders first: they know every tensor name of the model.
     return sorted((s for s in found if s is not None), key=lambda s: not s.catalog.complete)
+
+
+def _peers(
+    model: str,
+    names: list[str],
+    infos: list[TensorInfo],
+    peers: Sequence[tuple[str, str, StageKey]],
+    auth: Auth | None,
+    channels: list[grpc.aio.Channel],
+) -> list[_Source]:
+    """The peers with tensors in common with this stage, each knowing only those."""
+    mine = {t.name: t for t in infos}
+    out = []
+    for address, node_id, key in peers:
+        shared = {n: mine[n] for n in tensors_for_stage(names, key) if n in mine}
+        if not shared:
+            continue
+        channel = rpc.aio_channel(address, auth, node_id)
+        channels.append(channel)
+        stub = transfer_pb2_grpc.ModelTransferStub(channel)
+        out.append(_Source(address, stub, transfer_pb2.ModelCatalog(), shared, peer=True))
+        log.info("%s of %s will come from peer %s", ", ".join(shared), model, address)
+    return out
 
 
 def _model_tensors(sources: list[_Source]) -> tuple[list[str], int]:
@@ -246,6 +293,21 @@ class _Job:
         progress.bytes_total = sum(t.nbytes for t in infos)
         self.digests: dict[str, str] = {}
         self.resumed: set[str] = set()
+        self.peers: list[_Source] = []
+        self.peer_wait_s = PEER_WAIT_S
+        # Chunks a peer said it will not have: they come from the sources.
+        self.from_sources: set[str] = set()
+
+    def _peer_for(self, span: ChunkSpan) -> _Source | None:
+        if span.key in self.from_sources:
+            return None
+        return next((p for p in self.peers if not p.dead and span.tensor in p.tensors), None)
+
+    def _order(self, spans: list[ChunkSpan]) -> list[ChunkSpan]:
+        """Tensors outside the layers (what another stage may share) first, so that a
+        peer can take them early; tensors a peer fetches too, last, by when it has them."""
+        shared = {n for p in self.peers for n in p.tensors}
+        return sorted(spans, key=lambda s: (s.tensor in shared, layer_index(s.tensor) is not None))
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -261,7 +323,7 @@ class _Job:
         try:
             with (self.partial / DONE_LOG).open("a") as done_log:
                 for _ in range(3):
-                    todo = deque(s for s in self.spans if s.key not in self.digests)
+                    todo = deque(self._order([s for s in self.spans if s.key not in self.digests]))
                     self.progress.bytes_done = total - sum(s.length for s in todo)
                     self._report(force=True)
                     await self._fetch(todo, sources, fd, done_log, in_flight)
@@ -292,7 +354,7 @@ class _Job:
         }
         plan_path = self.partial / PLAN_FILE
         if plan_path.is_file() and json.loads(plan_path.read_text()) == plan:
-            self.digests = _read_done(self.partial / DONE_LOG)
+            self.digests = read_chunks_log(self.partial / DONE_LOG)
             self.resumed = set(self.digests)
             log.info(
                 "resuming %s: %d of %d chunks already here",
@@ -346,8 +408,8 @@ class _Job:
 
         async def lane() -> None:
             while todo:
-                batch = _take(todo)
-                source = next(
+                batch = _take(todo, self._peer_for)
+                source = self._peer_for(batch[0]) or next(
                     (
                         s
                         for s in sources
@@ -380,6 +442,7 @@ class _Job:
         done_log: object,
     ) -> None:
         pending = {s.key: s for s in batch}
+        coming: list[ChunkSpan] = []
         request = transfer_pb2.ReadChunksRequest(
             model=self.model,
             chunks=[
@@ -393,7 +456,12 @@ class _Job:
                 span = pending.pop(f"{chunk.ref.tensor}@{chunk.ref.offset}", None)
                 if span is None or chunk.ref.length != span.length:
                     raise TransferError(f"{source.address} sent a chunk that was not asked for")
+                if chunk.missing:
+                    self._missing(source, span, chunk.coming, coming, todo)
+                    continue
                 self.progress.bytes_received += len(chunk.data)
+                if source.peer:
+                    self.progress.bytes_from_peers += len(chunk.data)
                 self.progress._rate_bytes += len(chunk.data)
                 at = len(self.header) + self.offsets[span.tensor] + span.offset
                 digest = await asyncio.to_thread(_check_and_write, fd, chunk, span.length, at)
@@ -410,16 +478,53 @@ class _Job:
                     todo.append(span)
                     continue
                 self.digests[span.key] = digest
+                source.waiting_since = None
                 done_log.write(f"{span.key} {digest}\n")  # type: ignore[attr-defined]
                 done_log.flush()  # type: ignore[attr-defined]
                 self.progress.bytes_done += span.length
                 self._report()
         except grpc.aio.AioRpcError as e:
-            source.dead = rpc.describe_error(e, source.address)
-            log.warning("source %s failed: %s", source.address, source.dead)
+            if source.peer and e.code() == grpc.StatusCode.NOT_FOUND:
+                # A peer whose own transfer has not started yet: as if every chunk were coming.
+                for span in list(pending.values()):
+                    del pending[span.key]
+                    self._missing(source, span, True, coming, todo)
+            else:
+                source.dead = rpc.describe_error(e, source.address)
+                log.warning("source %s failed: %s", source.address, source.dead)
         except TransferError as e:
             source.dead = str(e)
         todo.extend(pending.values())
+        if coming:
+            await asyncio.sleep(PEER_RETRY_S)
+            todo.extend(coming)
+
+    def _missing(
+        self,
+        source: _Source,
+        span: ChunkSpan,
+        coming: bool,
+        waiting: list[ChunkSpan],
+        todo: deque[ChunkSpan],
+    ) -> None:
+        """A chunk ``source`` has not got: wait for a peer that is fetching it, else the sources."""
+        if not source.peer:
+            # A source offers only what it holds whole: this one is broken.
+            source.bad_chunks += 1
+            if source.bad_chunks >= BAD_CHUNKS_PER_SOURCE:
+                source.dead = f"{source.bad_chunks} chunks it offered and did not have"
+            todo.append(span)
+            return
+        now = time.monotonic()
+        if coming:
+            source.waiting_since = source.waiting_since or now
+            if now - source.waiting_since <= self.peer_wait_s:
+                waiting.append(span)
+                return
+            source.dead = f"gave none of the chunks it is fetching in {self.peer_wait_s:.0f} s"
+            log.warning("peer %s %s: fetching from the sources", source.address, source.dead)
+        self.from_sources.add(span.key)
+        todo.append(span)
 
     def _verify(self, fd: int) -> list[str]:
         """Chunks recorded by an earlier run whose bytes on disk no longer match.
@@ -466,26 +571,18 @@ def _check_and_write(fd: int, chunk: transfer_pb2.Chunk, length: int, at: int) -
     return digest.hex()
 
 
-def _take(todo: deque[ChunkSpan]) -> list[ChunkSpan]:
+def _take(
+    todo: deque[ChunkSpan], group: Callable[[ChunkSpan], object] = lambda span: None
+) -> list[ChunkSpan]:
+    """The next request's chunks: up to REQUEST_BYTES, all of one ``group`` (one peer, or none)."""
     batch: list[ChunkSpan] = []
     size = 0
     while todo and len(batch) < MAX_CHUNKS_PER_REQUEST:
-        if batch and size + todo[0].length > REQUEST_BYTES:
+        if batch and (
+            size + todo[0].length > REQUEST_BYTES or group(todo[0]) is not group(batch[0])
+        ):
             break
         span = todo.popleft()
         batch.append(span)
         size += span.length
     return batch
-
-
-def _read_done(path: Path) -> dict[str, str]:
-    done: dict[str, str] = {}
-    with contextlib.suppress(FileNotFoundError), path.open() as f:
-        for line in f:
-            if line.startswith("-"):
-                done.pop(line[1:].strip(), None)
-                continue
-            key, _, digest = line.rstrip("\n").rpartition(" ")
-            if key and len(digest) == 64:
-                done[key] = digest
-    return done

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pomona/v1/transfer.proto\x12\tpomona.v1\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Q\n\nLayerRange\x12\x13\n\x0bstart_layer\x18\x01 \x01(\x05\x12\x11\n\tend_layer\x18\x02 \x01(\x05\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\"v\n\tHeldModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12%\n\x06stages\x18\x05 \x03(\x0b\x32\x15.pomona.v1.LayerRange\"\x97\x01\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.pomona.v1.HeldModel\x12\x11\n\tcache_dir\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61\x63he_free_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\x05 \x01(\x04\"\x1f\n\x0e\x43\x61talogRequest\x12\r\n\x05model\x18\x01 \x01(\t\"I\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\'\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x91\x01\n\x0cModelCatalog\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.pomona.v1.TensorEntry\x12#\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x14.pomona.v1.FileEntry\".\n\x0fReadFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"&\n\x08\x46ileData\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x08\x43hunkRef\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"G\n\x11ReadChunksRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x13.pomona.v1.ChunkRef\"W\n\x05\x43hunk\x12 \n\x03ref\x18\x01 \x01(\x0b\x32\x13.pomona.v1.ChunkRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x0e\n\x06\x62lake3\x18\x46 \x01(\x0c\"\x91\x01\n\x0cStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x0f\n\x07sources\x18\x06 \x03(\t\x12\x17\n\x0fsource_node_ids\x18\x07 \x03(\t\"\xdc\x01\n\x10TransferProgress\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_per_s\x18\x05 \x01(\x01\x12\x12\n\x05\x65ta_s\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12\x18\n\x10\x63hunks_refetched\x18\t \x01(\r\x12\x0c\n\x04path\x18\n \x01(\tB\x08\n\x06_eta_s2\xd4\x02\n\rModelTransfer\x12\x46\n\nListModels\x12\x1c.pomona.v1.ListModelsRequest\x1a\x1a.pomona.v1.ListModelsReply\x12=\n\x07\x43\x61talog\x12\x19.pomona.v1.CatalogRequest\x1a\x17.pomona.v1.ModelCatalog\x12;\n\x08ReadFile\x12\x1a.pomona.v1.ReadFileRequest\x1a\x13.pomona.v1.FileData\x12>\n\nReadChunks\x12\x1c.pomona.v1.ReadChunksRequest\x1a\x10.pomona.v1.Chunk0\x01\x12?\n\x05Stage\x12\x17.pomona.v1.StageRequest\x1a\x1b.pomona.v1.TransferProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pomona/v1/transfer.proto\x12\tpomona.v1\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Q\n\nLayerRange\x12\x13\n\x0bstart_layer\x18\x01 \x01(\x05\x12\x11\n\tend_layer\x18\x02 \x01(\x05\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\"v\n\tHeldModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12%\n\x06stages\x18\x05 \x03(\x0b\x32\x15.pomona.v1.LayerRange\"\xab\x01\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.pomona.v1.HeldModel\x12\x11\n\tcache_dir\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61\x63he_free_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18G \x01(\x04\"\x1f\n\x0e\x43\x61talogRequest\x12\r\n\x05model\x18\x01 \x01(\t\"I\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\'\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x91\x01\n\x0cModelCatalog\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.pomona.v1.TensorEntry\x12#\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x14.pomona.v1.FileEntry\".\n\x0fReadFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"&\n\x08\x46ileData\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x08\x43hunkRef\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"G\n\x11ReadChunksRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x13.pomona.v1.ChunkRef\"x\n\x05\x43hunk\x12 \n\x03ref\x18\x01 \x01(\x0b\x32\x13.pomona.v1.ChunkRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x0e\n\x06\x62lake3\x18\x46 \x01(\x0c\x12\x0f\n\x07missing\x18G \x01(\x08\x12\x0e\n\x06\x63oming\x18H \x01(\x08\"\xe3\x01\n\x0cStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x0f\n\x07sources\x18\x06 \x03(\t\x12\x17\n\x0fsource_node_ids\x18\x07 \x03(\t\x12\r\n\x05peers\x18G \x03(\t\x12\x15\n\rpeer_node_ids\x18H \x03(\t\x12*\n\x0bpeer_stages\x18I \x03(\x0b\x32\x15.pomona.v1.LayerRange\"\xf6\x01\n\x10TransferProgress\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_per_s\x18\x05 \x01(\x01\x12\x12\n\x05\x65ta_s\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12\x18\n\x10\x63hunks_refetched\x18\t \x01(\r\x12\x0c\n\x04path\x18\n \x01(\t\x12\x18\n\x10\x62ytes_from_peers\x18G \x01(\x04\x42\x08\n\x06_eta_s2\xd4\x02\n\rModelTransfer\x12\x46\n\nListModels\x12\x1c.pomona.v1.ListModelsRequest\x1a\x1a.pomona.v1.ListModelsReply\x12=\n\x07\x43\x61talog\x12\x19.pomona.v1.CatalogRequest\x1a\x17.pomona.v1.ModelCatalog\x12;\n\x08ReadFile\x12\x1a.pomona.v1.ReadFileRequest\x1a\x13.pomona.v1.FileData\x12>\n\nReadChunks\x12\x1c.pomona.v1.ReadChunksRequest\x1a\x10.pomona.v1.Chunk0\x01\x12?\n\x05Stage\x12\x17.pomona.v1.StageRequest\x1a\x1b.pomona.v1.TransferProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,29 +39,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELDMODEL']._serialized_start=158
   _globals['_HELDMODEL']._serialized_end=276
   _globals['_LISTMODELSREPLY']._serialized_start=279
-  _globals['_LISTMODELSREPLY']._serialized_end=430
-  _globals['_CATALOGREQUEST']._serialized_start=432
-  _globals['_CATALOGREQUEST']._serialized_end=463
-  _globals['_TENSORENTRY']._serialized_start=465
-  _globals['_TENSORENTRY']._serialized_end=538
-  _globals['_FILEENTRY']._serialized_start=540
-  _globals['_FILEENTRY']._serialized_end=579
-  _globals['_MODELCATALOG']._serialized_start=582
-  _globals['_MODELCATALOG']._serialized_end=727
-  _globals['_READFILEREQUEST']._serialized_start=729
-  _globals['_READFILEREQUEST']._serialized_end=775
-  _globals['_FILEDATA']._serialized_start=777
-  _globals['_FILEDATA']._serialized_end=815
-  _globals['_CHUNKREF']._serialized_start=817
-  _globals['_CHUNKREF']._serialized_end=875
-  _globals['_READCHUNKSREQUEST']._serialized_start=877
-  _globals['_READCHUNKSREQUEST']._serialized_end=948
-  _globals['_CHUNK']._serialized_start=950
-  _globals['_CHUNK']._serialized_end=1037
-  _globals['_STAGEREQUEST']._serialized_start=1040
-  _globals['_STAGEREQUEST']._serialized_end=1185
-  _globals['_TRANSFERPROGRESS']._serialized_start=1188
-  _globals['_TRANSFERPROGRESS']._serialized_end=1408
-  _globals['_MODELTRANSFER']._serialized_start=1411
-  _globals['_MODELTRANSFER']._serialized_end=1751
+  _globals['_LISTMODELSREPLY']._serialized_end=450
+  _globals['_CATALOGREQUEST']._serialized_start=452
+  _globals['_CATALOGREQUEST']._serialized_end=483
+  _globals['_TENSORENTRY']._serialized_start=485
+  _globals['_TENSORENTRY']._serialized_end=558
+  _globals['_FILEENTRY']._serialized_start=560
+  _globals['_FILEENTRY']._serialized_end=599
+  _globals['_MODELCATALOG']._serialized_start=602
+  _globals['_MODELCATALOG']._serialized_end=747
+  _globals['_READFILEREQUEST']._serialized_start=749
+  _globals['_READFILEREQUEST']._serialized_end=795
+  _globals['_FILEDATA']._serialized_start=797
+  _globals['_FILEDATA']._serialized_end=835
+  _globals['_CHUNKREF']._serialized_start=837
+  _globals['_CHUNKREF']._serialized_end=895
+  _globals['_READCHUNKSREQUEST']._serialized_start=897
+  _globals['_READCHUNKSREQUEST']._serialized_end=968
+  _globals['_CHUNK']._serialized_start=970
+  _globals['_CHUNK']._serialized_end=1090
+  _globals['_STAGEREQUEST']._serialized_start=1093
+  _globals['_STAGEREQUEST']._serialized_end=1320
+  _globals['_TRANSFERPROGRESS']._serialized_start=1323
+  _globals['_TRANSFERPROGRESS']._serialized_end=1569
+  _globals['_MODELTRANSFER']._serialized_start=1572
+  _globals['_MODELTRANSFER']._serialized_end=1912
 # @@protoc_insertion_point(module_scope)

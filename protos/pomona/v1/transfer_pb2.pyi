@@ -40,18 +40,20 @@ class HeldModel(_message.Message):
     def __init__(self, model: _Optional[str] = ..., complete: _Optional[bool] = ..., bytes: _Optional[int] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ...) -> None: ...
 
 class ListModelsReply(_message.Message):
-    __slots__ = ("models", "cache_dir", "cache_free_bytes", "cache_used_bytes", "cache_max_bytes")
+    __slots__ = ("models", "cache_dir", "cache_free_bytes", "cache_used_bytes", "cache_max_bytes", "bytes_sent")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CACHE_DIR_FIELD_NUMBER: _ClassVar[int]
     CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[HeldModel]
     cache_dir: str
     cache_free_bytes: int
     cache_used_bytes: int
     cache_max_bytes: int
-    def __init__(self, models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., cache_free_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ...) -> None: ...
+    bytes_sent: int
+    def __init__(self, models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., cache_free_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class CatalogRequest(_message.Message):
     __slots__ = ("model",)
@@ -128,19 +130,23 @@ class ReadChunksRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ChunkRef, _Mapping]]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("ref", "data", "sha256", "blake3")
+    __slots__ = ("ref", "data", "sha256", "blake3", "missing", "coming")
     REF_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     BLAKE3_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    COMING_FIELD_NUMBER: _ClassVar[int]
     ref: ChunkRef
     data: bytes
     sha256: bytes
     blake3: bytes
-    def __init__(self, ref: _Optional[_Union[ChunkRef, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ..., blake3: _Optional[bytes] = ...) -> None: ...
+    missing: bool
+    coming: bool
+    def __init__(self, ref: _Optional[_Union[ChunkRef, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ..., blake3: _Optional[bytes] = ..., missing: _Optional[bool] = ..., coming: _Optional[bool] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "rank", "world_size", "sources", "source_node_ids")
+    __slots__ = ("model", "start_layer", "end_layer", "rank", "world_size", "sources", "source_node_ids", "peers", "peer_node_ids", "peer_stages")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +154,9 @@ class StageRequest(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    PEER_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_STAGES_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -155,10 +164,13 @@ class StageRequest(_message.Message):
     world_size: int
     sources: _containers.RepeatedScalarFieldContainer[str]
     source_node_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., source_node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    peer_node_ids: _containers.RepeatedScalarFieldContainer[str]
+    peer_stages: _containers.RepeatedCompositeFieldContainer[LayerRange]
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., source_node_ids: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[str]] = ..., peer_node_ids: _Optional[_Iterable[str]] = ..., peer_stages: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ...) -> None: ...
 
 class TransferProgress(_message.Message):
-    __slots__ = ("model", "state", "bytes_done", "bytes_total", "bytes_per_s", "eta_s", "source", "bytes_received", "chunks_refetched", "path")
+    __slots__ = ("model", "state", "bytes_done", "bytes_total", "bytes_per_s", "eta_s", "source", "bytes_received", "chunks_refetched", "path", "bytes_from_peers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +181,7 @@ class TransferProgress(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_REFETCHED_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FROM_PEERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: str
     bytes_done: int
@@ -179,4 +192,5 @@ class TransferProgress(_message.Message):
     bytes_received: int
     chunks_refetched: int
     path: str
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., source: _Optional[str] = ..., bytes_received: _Optional[int] = ..., chunks_refetched: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+    bytes_from_peers: int
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., source: _Optional[str] = ..., bytes_received: _Optional[int] = ..., chunks_refetched: _Optional[int] = ..., path: _Optional[str] = ..., bytes_from_peers: _Optional[int] = ...) -> None: ...

@@ -10,6 +10,7 @@ evicted when the cache passes its limit, never one a runner uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,13 +22,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pomona.worker.shard import layer_index
+from pomona.safetensors_layout import layer_index
 
 log = logging.getLogger(__name__)
 
 STAGE_META = "pomona-stage.json"
 STAGES_DIR = "stages"
 PARTIAL = ".partial"
+# Inside a stage folder: the weights; inside a ``.partial`` one, also the
+# transfer's plan and the log of verified chunks (``tensor@offset digest``).
+WEIGHTS = "model.safetensors"
+PLAN_FILE = "transfer.json"
+DONE_LOG = "chunks.log"
 # Names of non-layer tensors that are the token embedding (used by the first
 # stage, and by the last when the head is tied to it).
 _EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|tok_embeddings|word_embeddings)\.")
@@ -133,6 +139,15 @@ class StageCache:
                     log.warning("ignoring stage folder %s: %s", path, e)
         return [f for f in out if model is None or f.model == model]
 
+    def partials(self, model: str) -> list[Path]:
+        """The ``.partial`` folders of ``model`` whose transfer has its plan written."""
+        parent = self.stages_root / model_folder_name(model)
+        if not parent.is_dir():
+            return []
+        return sorted(
+            p for p in parent.iterdir() if p.name.endswith(PARTIAL) and (p / PLAN_FILE).is_file()
+        )
+
     def find(self, model: str, key: StageKey) -> StageFolder | None:
         """A complete stage folder holding every tensor stage ``key`` of ``model`` needs."""
         for folder in self.folders(model):
@@ -196,3 +211,20 @@ def read_stage_meta(path: Path) -> StageFolder:
         int(meta["start_layer"]), int(meta["end_layer"]), bool(meta["first"]), bool(meta["last"])
     )
     return StageFolder(path, str(meta["model"]), key, int(meta["num_layers"]), int(meta["bytes"]))
+
+
+def read_chunks_log(path: Path) -> dict[str, str]:
+    """``tensor@offset -> BLAKE3 hex`` of the chunks a ``chunks.log`` records verified.
+
+    A line ``-key`` takes back a chunk that failed a later check.
+    """
+    done: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError), path.open() as f:
+        for line in f:
+            if line.startswith("-"):
+                done.pop(line[1:].strip(), None)
+                continue
+            key, _, digest = line.rstrip("\n").rpartition(" ")
+            if key and len(digest) == 64:
+                done[key] = digest
+    return done

@@ -1,4 +1,4 @@
-"""What a worker holds and may serve to other workers: models and stage folders.
+"""What a worker (or the coordinator) holds and may serve to workers: models and stage folders.
 
 A complete model is a folder in the worker's model directories or its Hugging
 Face cache (found by ``pomona.models``, with all its checks); a partial one is
@@ -16,9 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pomona.models import ModelNotFound, ModelRefused, default_hf_cache
-from pomona.safetensors_layout import LayoutError, TensorLocation, read_layout
-from pomona.worker.shard import layer_index, weight_map
-from pomona.worker.stage_cache import StageCache, StageKey
+from pomona.safetensors_layout import (
+    LayoutError,
+    TensorLocation,
+    layer_index,
+    read_layout,
+    weight_map,
+)
+from pomona.stage_cache import (
+    DONE_LOG,
+    PLAN_FILE,
+    WEIGHTS,
+    StageCache,
+    StageKey,
+    read_chunks_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +80,32 @@ class Holding:
         return out
 
 
+@dataclass(frozen=True)
+class PartialTensor:
+    """A tensor of a stage still being received here: only its verified chunks are served."""
+
+    location: TensorLocation
+    folder: Path
+    chunk_bytes: int
+    # Offset -> BLAKE3 (hex) of each chunk verified so far.
+    digests: dict[int, str]
+
+    def chunk(self, offset: int, length: int) -> str | None:
+        """The digest of the verified chunk ``[offset, offset + length)``; None if not here."""
+        if length != min(self.chunk_bytes, self.location.info.nbytes - offset):
+            return None
+        return self.digests.get(offset)
+
+
 class ModelStore:
+    """The models held here: whole in ``model_dirs`` and the HF cache, and stage
+    folders in ``cache`` (a worker's; None for a coordinator, which fetches none)."""
+
     def __init__(
         self,
         resolve: Callable[[str], Path],
         model_dirs: tuple[Path, ...],
-        cache: StageCache,
+        cache: StageCache | None,
         hf_cache: Path | None = None,
     ) -> None:
         self._resolve = resolve
@@ -82,7 +114,7 @@ class ModelStore:
         self.hf_cache = hf_cache or default_hf_cache()
 
     def holding(self, model: str) -> Holding:
-        """What this worker holds of ``model``; ModelNotFound when nothing."""
+        """What is held here of ``model``; ModelNotFound when nothing."""
         try:
             path: Path | None = self._resolve(model)
         except ModelRefused:
@@ -91,9 +123,9 @@ class ModelStore:
             path = None
         if path is not None:
             return complete_holding(model, path)
-        folders = self.cache.folders(model)
+        folders = self.cache.folders(model) if self.cache is not None else []
         if not folders:
-            raise ModelNotFound(f"this worker holds no part of model {model!r}")
+            raise ModelNotFound(f"no part of model {model!r} is held here")
         tensors: dict[str, TensorLocation] = {}
         for f in folders:
             tensors.update(read_layout(f.path / "model.safetensors"))
@@ -105,6 +137,30 @@ class ModelStore:
             folders[0].path,
             tuple(f.key for f in folders),
         )
+
+    def partial_tensors(self, model: str) -> dict[str, PartialTensor]:
+        """Tensors of ``model`` in ``.partial`` stage folders here, with their verified chunks."""
+        out: dict[str, PartialTensor] = {}
+        for folder in self.cache.partials(model) if self.cache is not None else []:
+            try:
+                plan = json.loads((folder / PLAN_FILE).read_text())
+                if plan.get("model") != model:
+                    continue
+                chunk_bytes = int(plan["chunk_bytes"])
+                layout = read_layout(folder / WEIGHTS)
+                done = read_chunks_log(folder / DONE_LOG)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                log.debug("not serving from %s: %s", folder, e)
+                continue
+            by_tensor: dict[str, dict[int, str]] = {}
+            for key, digest in done.items():
+                tensor, _, offset = key.rpartition("@")
+                if offset.isdigit():
+                    by_tensor.setdefault(tensor, {})[int(offset)] = digest
+            for name, loc in layout.items():
+                if name not in out:
+                    out[name] = PartialTensor(loc, folder, chunk_bytes, by_tensor.get(name, {}))
+        return out
 
     def held(self, model: str = "") -> list[Holding]:
         """Every model held here, complete ones first; unreadable folders are skipped.
@@ -127,7 +183,8 @@ class ModelStore:
                 out.append(self.holding(name))
             except (ModelNotFound, OSError, ValueError) as e:
                 log.debug("not listing %s: %s", name, e)
-        partial = sorted({f.model for f in self.cache.folders()} - set(names))
+        cached = self.cache.folders() if self.cache is not None else []
+        partial = sorted({f.model for f in cached} - set(names))
         for name in partial:
             try:
                 out.append(self.holding(name))
@@ -142,7 +199,7 @@ class ModelStore:
             if not root.is_dir():
                 continue
             for child in sorted(root.iterdir()):
-                if child.name == "stages" and root == self.cache.root:
+                if child.name == "stages" and self.cache is not None and root == self.cache.root:
                     continue
                 if _is_model(child):
                     names.append(child.name)
