@@ -118,6 +118,7 @@ class Cluster:
         self._model_info: worker_pb2.ModelInfo | None = None
         self.distribution = Distributor(self.monitor, self.channel)
         self.links = Links()
+        self.distribution.links = self.links
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- membership -------------------------------------------------------------

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
 import pytest
 
-from pomona.coordinator.distribution import StageNeed, check_disk, holds_stage, prefer_holders
+from pomona.coordinator.distribution import (
+    Distributor,
+    StageNeed,
+    check_disk,
+    holds_stage,
+    prefer_holders,
+)
+from pomona.coordinator.links import Candidate, Links, Measurement
+from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError
 from pomona.v1 import transfer_pb2, worker_pb2
 
@@ -157,3 +166,47 @@ def test_models_and_transfers_read_as_one_line_each() -> None:
     )
     [line] = transfer_lines([coordinator_pb2.NodeTransfer(name="mini-2", progress=progress)])
     assert str(line) == "mini-2: fetching its stage, 0.9 GiB of 3.7 GiB (25%), 95 MiB/s, 30 s left"
+
+
+@dataclass
+class Holder:
+    node_id: str
+    address: str
+    name: str = ""
+    describe: worker_pb2.DescribeReply = field(default_factory=worker_pb2.DescribeReply)
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+
+def test_a_receiver_fetches_from_the_holder_on_its_fastest_measured_link_first() -> None:
+    receiver = Holder("r", "10.0.0.9:7000")
+    ethernet = Holder("e", "10.0.0.1:7000")  # holds the model whole, 1 Gbit/s away
+    thunderbolt = Holder("t", "10.0.0.2:7000")  # holds it whole too, also over Thunderbolt
+    folder = Holder("f", "10.0.0.3:7000")  # holds a stage folder only
+    survey = {
+        "e": holding(complete=True),
+        "t": holding(complete=True),
+        "f": holding(complete=False, stages=((0, 4, True, False),)),
+    }
+    links = Links()
+    measured = [
+        Measurement("r", "e", Candidate("10.0.0.1", "en0", "ethernet"), 0.2, 118e6),
+        Measurement("r", "t", Candidate("10.0.0.2", "en0", "ethernet"), 0.2, 117e6),
+        Measurement("r", "t", Candidate("169.254.7.2", "bridge0", "thunderbolt"), 0.05, 2.4e9),
+    ]
+    links.figures = {(m.src, m.dst, m.candidate.address): m for m in measured}
+    dist = Distributor(Monitor(), lambda address, target: None)  # type: ignore[arg-type,return-value]
+    members = [receiver, ethernet, thunderbolt, folder]
+    unmeasured = dist.sources(members, "m", receiver, survey)
+    assert unmeasured == [("10.0.0.1:7000", "e"), ("10.0.0.2:7000", "t"), ("10.0.0.3:7000", "f")]
+    dist.links = links
+    # Thunderbolt first, then the same holder where it was found (a daemon listening on
+    # one address refuses the other), then the rest: whole models before stage folders.
+    assert dist.sources(members, "m", receiver, survey) == [
+        ("169.254.7.2:7000", "t"),
+        ("10.0.0.2:7000", "t"),
+        ("10.0.0.1:7000", "e"),
+        ("10.0.0.3:7000", "f"),
+    ]
