@@ -327,6 +327,7 @@ class StageEngine:
         self.spec = self.shard.spec
         self.model = self.shard.model
         self._kinds = [cache_kind(c) for c in make_stage_cache(self.model, self.spec)]
+        self.kinds = tuple(self._kinds)  # every layer's, held here or not
         self._ctrl_template = mx.zeros((CTRL_LEN,), dtype=mx.int32)
 
     @property

@@ -28,15 +28,15 @@ from pomona.v1 import transfer_pb2 as pomona_dot_v1_dot_transfer__pb2
 from pomona.v1 import worker_pb2 as pomona_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpomona/v1/coordinator.proto\x12\tpomona.v1\x1a\x16pomona/v1/common.proto\x1a\x18pomona/v1/transfer.proto\x1a\x16pomona/v1/worker.proto\"\x12\n\x10ListNodesRequest\"\xee\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.pomona.v1.NodeState\x12%\n\x08hardware\x18\x05 \x01(\x0b\x32\x13.pomona.v1.Hardware\x12%\n\x05shard\x18\x06 \x01(\x0b\x32\x16.pomona.v1.ShardStatus\x12\x13\n\x0bmlx_version\x18\x07 \x01(\t\x12.\n\rbackend_facts\x18\x1e \x01(\x0b\x32\x17.pomona.v1.BackendFacts\"r\n\x0eListNodesReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x1e\n\x05nodes\x18\x04 \x03(\x0b\x32\x0f.pomona.v1.Node\x12\x0f\n\x07serving\x18\x05 \x01(\x08\"\x0f\n\rStatusRequest\"\xd7\x01\n\nNodeStatus\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.pomona.v1.Node\x12%\n\x06sample\x18\x02 \x01(\x0b\x32\x15.pomona.v1.NodeSample\x12\x1c\n\x0fheartbeat_rtt_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0blast_seen_s\x18\x04 \x01(\x01\x12\"\n\x15pipeline_tokens_per_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_heartbeat_rtt_sB\x18\n\x16_pipeline_tokens_per_s\"i\n\tPlanStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x15\n\rweights_bytes\x18\x05 \x01(\x04\"\xb1\x03\n\x0bStatusReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12$\n\x05nodes\x18\x05 \x03(\x0b\x32\x15.pomona.v1.NodeStatus\x12\"\n\x04plan\x18\x06 \x03(\x0b\x32\x14.pomona.v1.PlanStage\x12\x0f\n\x07load_id\x18\x07 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x13\n\x06ttft_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12requests_in_flight\x18\n \x01(\x05\x12\x16\n\x0erequests_total\x18\x0b \x01(\x04\x12\x17\n\x0frequests_failed\x18\x0c \x01(\x04\x12\x11\n\ttimestamp\x18\r \x01(\x01\x12\x12\n\nvocab_size\x18\x0e \x01(\x05\x12\x13\n\x0bmax_context\x18\x0f \x01(\x05\x12\x1a\n\x12model_profile_json\x18\x10 \x01(\t\x12*\n\ttransfers\x18\x11 \x03(\x0b\x32\x17.pomona.v1.NodeTransferB\t\n\x07_ttft_s\"\\\n\x0cNodeTransfer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.pomona.v1.TransferProgress\"t\n\x0bModelHolder\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12%\n\x06stages\x18\x05 \x03(\x0b\x32\x15.pomona.v1.LayerRange\"Z\n\x0c\x43lusterModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\'\n\x07holders\x18\x03 \x03(\x0b\x32\x16.pomona.v1.ModelHolder\"8\n\rClusterModels\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.pomona.v1.ClusterModel\"-\n\x0bPullRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\"l\n\x0cPullProgress\x12\"\n\x04plan\x18\x01 \x03(\x0b\x32\x14.pomona.v1.PlanStage\x12*\n\ttransfers\x18\x02 \x03(\x0b\x32\x17.pomona.v1.NodeTransfer\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\".\n\rEventsRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\"j\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t*\xb5\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15NODE_STATE_DISCOVERED\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x16\n\x12NODE_STATE_SERVING\x10\x03\x12\x13\n\x0fNODE_STATE_IDLE\x10\x04\x12\x13\n\x0fNODE_STATE_LOST\x10\x05\x12\x17\n\x13NODE_STATE_DEGRADED\x10\x06\x32\x8b\x03\n\x0b\x43oordinator\x12\x42\n\x08Generate\x12\x1a.pomona.v1.GenerateRequest\x1a\x18.pomona.v1.GenerateChunk0\x01\x12\x43\n\tListNodes\x12\x1b.pomona.v1.ListNodesRequest\x1a\x19.pomona.v1.ListNodesReply\x12:\n\x06Status\x12\x18.pomona.v1.StatusRequest\x1a\x16.pomona.v1.StatusReply\x12\x36\n\x06\x45vents\x12\x18.pomona.v1.EventsRequest\x1a\x10.pomona.v1.Event0\x01\x12\x44\n\nListModels\x12\x1c.pomona.v1.ListModelsRequest\x1a\x18.pomona.v1.ClusterModels\x12\x39\n\x04Pull\x12\x16.pomona.v1.PullRequest\x1a\x17.pomona.v1.PullProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpomona/v1/coordinator.proto\x12\tpomona.v1\x1a\x16pomona/v1/common.proto\x1a\x18pomona/v1/transfer.proto\x1a\x16pomona/v1/worker.proto\"\x12\n\x10ListNodesRequest\"\xee\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.pomona.v1.NodeState\x12%\n\x08hardware\x18\x05 \x01(\x0b\x32\x13.pomona.v1.Hardware\x12%\n\x05shard\x18\x06 \x01(\x0b\x32\x16.pomona.v1.ShardStatus\x12\x13\n\x0bmlx_version\x18\x07 \x01(\t\x12.\n\rbackend_facts\x18\x1e \x01(\x0b\x32\x17.pomona.v1.BackendFacts\"r\n\x0eListNodesReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x1e\n\x05nodes\x18\x04 \x03(\x0b\x32\x0f.pomona.v1.Node\x12\x0f\n\x07serving\x18\x05 \x01(\x08\"\x0f\n\rStatusRequest\"\xd7\x01\n\nNodeStatus\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.pomona.v1.Node\x12%\n\x06sample\x18\x02 \x01(\x0b\x32\x15.pomona.v1.NodeSample\x12\x1c\n\x0fheartbeat_rtt_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0blast_seen_s\x18\x04 \x01(\x01\x12\"\n\x15pipeline_tokens_per_s\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x12\n\x10_heartbeat_rtt_sB\x18\n\x16_pipeline_tokens_per_s\"i\n\tPlanStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x15\n\rweights_bytes\x18\x05 \x01(\x04\"\xae\x04\n\x0bStatusReply\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12$\n\x05nodes\x18\x05 \x03(\x0b\x32\x15.pomona.v1.NodeStatus\x12\"\n\x04plan\x18\x06 \x03(\x0b\x32\x14.pomona.v1.PlanStage\x12\x0f\n\x07load_id\x18\x07 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x13\n\x06ttft_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12requests_in_flight\x18\n \x01(\x05\x12\x16\n\x0erequests_total\x18\x0b \x01(\x04\x12\x17\n\x0frequests_failed\x18\x0c \x01(\x04\x12\x11\n\ttimestamp\x18\r \x01(\x01\x12\x12\n\nvocab_size\x18\x0e \x01(\x05\x12\x13\n\x0bmax_context\x18\x0f \x01(\x05\x12\x1a\n\x12model_profile_json\x18\x10 \x01(\t\x12\x1a\n\x12prompt_cache_bytes\x18( \x01(\x04\x12!\n\x19prompt_cache_budget_bytes\x18) \x01(\x04\x12\"\n\x15prompt_cache_hit_rate\x18* \x01(\x01H\x01\x88\x01\x01\x12*\n\ttransfers\x18\x11 \x03(\x0b\x32\x17.pomona.v1.NodeTransferB\t\n\x07_ttft_sB\x18\n\x16_prompt_cache_hit_rate\"\\\n\x0cNodeTransfer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.pomona.v1.TransferProgress\"t\n\x0bModelHolder\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12%\n\x06stages\x18\x05 \x03(\x0b\x32\x15.pomona.v1.LayerRange\"Z\n\x0c\x43lusterModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\'\n\x07holders\x18\x03 \x03(\x0b\x32\x16.pomona.v1.ModelHolder\"8\n\rClusterModels\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.pomona.v1.ClusterModel\"-\n\x0bPullRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\"l\n\x0cPullProgress\x12\"\n\x04plan\x18\x01 \x03(\x0b\x32\x14.pomona.v1.PlanStage\x12*\n\ttransfers\x18\x02 \x03(\x0b\x32\x17.pomona.v1.NodeTransfer\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\".\n\rEventsRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\"j\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t*\xb5\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15NODE_STATE_DISCOVERED\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x16\n\x12NODE_STATE_SERVING\x10\x03\x12\x13\n\x0fNODE_STATE_IDLE\x10\x04\x12\x13\n\x0fNODE_STATE_LOST\x10\x05\x12\x17\n\x13NODE_STATE_DEGRADED\x10\x06\x32\x8b\x03\n\x0b\x43oordinator\x12\x42\n\x08Generate\x12\x1a.pomona.v1.GenerateRequest\x1a\x18.pomona.v1.GenerateChunk0\x01\x12\x43\n\tListNodes\x12\x1b.pomona.v1.ListNodesRequest\x1a\x19.pomona.v1.ListNodesReply\x12:\n\x06Status\x12\x18.pomona.v1.StatusRequest\x1a\x16.pomona.v1.StatusReply\x12\x36\n\x06\x45vents\x12\x18.pomona.v1.EventsRequest\x1a\x10.pomona.v1.Event0\x01\x12\x44\n\nListModels\x12\x1c.pomona.v1.ListModelsRequest\x1a\x18.pomona.v1.ClusterModels\x12\x39\n\x04Pull\x12\x16.pomona.v1.PullRequest\x1a\x17.pomona.v1.PullProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pomona.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=1947
-  _globals['_NODESTATE']._serialized_end=2128
+  _globals['_NODESTATE']._serialized_start=2072
+  _globals['_NODESTATE']._serialized_end=2253
   _globals['_LISTNODESREQUEST']._serialized_start=116
   _globals['_LISTNODESREQUEST']._serialized_end=134
   _globals['_NODE']._serialized_start=137
@@ -50,23 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANSTAGE']._serialized_start=728
   _globals['_PLANSTAGE']._serialized_end=833
   _globals['_STATUSREPLY']._serialized_start=836
-  _globals['_STATUSREPLY']._serialized_end=1269
-  _globals['_NODETRANSFER']._serialized_start=1271
-  _globals['_NODETRANSFER']._serialized_end=1363
-  _globals['_MODELHOLDER']._serialized_start=1365
-  _globals['_MODELHOLDER']._serialized_end=1481
-  _globals['_CLUSTERMODEL']._serialized_start=1483
-  _globals['_CLUSTERMODEL']._serialized_end=1573
-  _globals['_CLUSTERMODELS']._serialized_start=1575
-  _globals['_CLUSTERMODELS']._serialized_end=1631
-  _globals['_PULLREQUEST']._serialized_start=1633
-  _globals['_PULLREQUEST']._serialized_end=1678
-  _globals['_PULLPROGRESS']._serialized_start=1680
-  _globals['_PULLPROGRESS']._serialized_end=1788
-  _globals['_EVENTSREQUEST']._serialized_start=1790
-  _globals['_EVENTSREQUEST']._serialized_end=1836
-  _globals['_EVENT']._serialized_start=1838
-  _globals['_EVENT']._serialized_end=1944
-  _globals['_COORDINATOR']._serialized_start=2131
-  _globals['_COORDINATOR']._serialized_end=2526
+  _globals['_STATUSREPLY']._serialized_end=1394
+  _globals['_NODETRANSFER']._serialized_start=1396
+  _globals['_NODETRANSFER']._serialized_end=1488
+  _globals['_MODELHOLDER']._serialized_start=1490
+  _globals['_MODELHOLDER']._serialized_end=1606
+  _globals['_CLUSTERMODEL']._serialized_start=1608
+  _globals['_CLUSTERMODEL']._serialized_end=1698
+  _globals['_CLUSTERMODELS']._serialized_start=1700
+  _globals['_CLUSTERMODELS']._serialized_end=1756
+  _globals['_PULLREQUEST']._serialized_start=1758
+  _globals['_PULLREQUEST']._serialized_end=1803
+  _globals['_PULLPROGRESS']._serialized_start=1805
+  _globals['_PULLPROGRESS']._serialized_end=1913
+  _globals['_EVENTSREQUEST']._serialized_start=1915
+  _globals['_EVENTSREQUEST']._serialized_end=1961
+  _globals['_EVENT']._serialized_start=1963
+  _globals['_EVENT']._serialized_end=2069
+  _globals['_COORDINATOR']._serialized_start=2256
+  _globals['_COORDINATOR']._serialized_end=2651
 # @@protoc_insertion_point(module_scope)
