@@ -29,6 +29,8 @@ from pomona.worker.group import GroupError, join_group
 
 log = logging.getLogger("pomona.worker.runner")
 
+MIN_HIT_TOKENS = 32  # the shortest shared prefix the prefix cache restores
+
 
 @dataclass(frozen=True)
 class RunnerSpec:
@@ -198,8 +200,15 @@ def _make_prefix_cache(spec: RunnerSpec, engine: Any) -> Any:
     if not cacheable:
         log.warning("this model's caches cannot be trimmed: the prefix cache is off")
         return None
-    # Sliding-window caches are kept only while shorter than the window.
-    return PrefixCache(spec.prompt_cache_bytes, spec.prompt_cache_token_bytes, max_tokens=window)
+    # Sliding-window caches are kept only while shorter than the window. A
+    # shorter shared prefix (a BOS token, a chat header) is not worth admitting
+    # the prompt alone to restore it.
+    return PrefixCache(
+        spec.prompt_cache_bytes,
+        spec.prompt_cache_token_bytes,
+        max_tokens=window,
+        min_tokens=MIN_HIT_TOKENS,
+    )
 
 
 def _start_monitor(spec: RunnerSpec, engine: Any, scheduler: Any) -> None:
