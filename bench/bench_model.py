@@ -33,14 +33,30 @@ def default_cache_dir() -> Path:
     return Path(base) / "pomona" / "bench"
 
 
-def model_folder(cache_dir: Path, dtype: str) -> Path:
-    shape = f"h{OVERRIDES['hidden_size']}-i{OVERRIDES['intermediate_size']}-l{NUM_LAYERS}"
-    return cache_dir / f"{ARCH}-{shape}-{dtype}"
+# A quarter of the width: for prompts of thousands of tokens on a slow CPU.
+SMALL: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
-def ensure_model(cache_dir: Path, dtype: str) -> Path:
-    """The model folder, written on first use (a few seconds)."""
-    folder = model_folder(cache_dir, dtype)
+def model_folder(cache_dir: Path, dtype: str, shape: dict[str, Any] | None = None) -> Path:
+    o = {**OVERRIDES, **(shape or {})}
+    name = f"h{o['hidden_size']}-i{o['intermediate_size']}-l{NUM_LAYERS}"
+    if o["max_position_embeddings"] != OVERRIDES["max_position_embeddings"]:
+        name += f"-c{o['max_position_embeddings']}"
+    return cache_dir / f"{ARCH}-{name}-{dtype}"
+
+
+def ensure_model(cache_dir: Path, dtype: str, shape: dict[str, Any] | None = None) -> Path:
+    """The model folder, written on first use (a few seconds).
+
+    ``shape``: config entries replacing the default ones (``SMALL``, a longer
+    ``max_position_embeddings``).
+    """
+    folder = model_folder(cache_dir, dtype, shape)
     if (folder / "tokenizer.json").exists():
         return folder
     sys.path.insert(0, str(REPO / "tests"))
@@ -48,7 +64,8 @@ def ensure_model(cache_dir: Path, dtype: str) -> Path:
 
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    make_model(partial, ARCH, num_layers=NUM_LAYERS, shards=2, dtype=dtype, overrides=OVERRIDES)
+    overrides = {**OVERRIDES, **(shape or {})}
+    make_model(partial, ARCH, num_layers=NUM_LAYERS, shards=2, dtype=dtype, overrides=overrides)
     partial.rename(folder)
     return folder
 

@@ -37,6 +37,12 @@ class Run:
 
     tokens: tuple[int, ...]
     stamps: tuple[float, ...]
+    cached_tokens: int = 0  # prompt tokens Pomona's prefix cache restored
+
+    @property
+    def ttft_s(self) -> float:
+        """From sending the request to the first token."""
+        return self.stamps[0] if self.stamps else float("nan")
 
     @property
     def decode_seconds(self) -> float:
@@ -440,22 +446,25 @@ class Pomona:
     def resume(self) -> None:
         pass
 
-    def request(self, max_tokens: int) -> Run:
+    def request(self, max_tokens: int, prompt: Sequence[int] | None = None) -> Run:
         from pomona.v1 import common_pb2
 
         request = common_pb2.GenerateRequest(
-            prompt_tokens=self.prompt,
+            prompt_tokens=list(prompt) if prompt is not None else self.prompt,
             max_tokens=max_tokens,
             sampling=common_pb2.SamplingParams(temperature=0.0),
         )
         tokens: list[int] = []
         stamps: list[float] = []
         start = time.perf_counter()
+        cached = 0
         for chunk in self._stub.Generate(request, timeout=600):
             now = time.perf_counter() - start
             tokens.extend(chunk.tokens)
             stamps.extend([now] * len(chunk.tokens))
-        return Run(tuple(tokens), tuple(stamps))
+            if chunk.HasField("usage"):
+                cached = chunk.usage.cached_tokens
+        return Run(tuple(tokens), tuple(stamps), cached)
 
     def stop(self) -> None:
         pass  # Processes.stop_all stops the workers, which stop their runners
