@@ -67,9 +67,11 @@ class PomonaCluster(Pomona):
         layers = ",".join(map(str, sizes))
         super().__init__(f"Pomona, {workers} workers, chunk {prefill_step}", workers, layers)
         self.prefill_step = prefill_step
+        self.tag = f"-c{prefill_step}"
 
     def coordinator_options(self) -> list[str]:
-        return [*super().coordinator_options(), "--prefill-step", str(self.prefill_step)]
+        step = ["--prefill-step", str(self.prefill_step), "--http-port", "0"]
+        return [*super().coordinator_options(), *step]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
