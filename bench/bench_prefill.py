@@ -67,7 +67,8 @@ class PomonaCluster(Pomona):
         layers = ",".join(map(str, sizes))
         super().__init__(f"Pomona, {workers} workers, chunk {prefill_step}", workers, layers)
         self.prefill_step = prefill_step
-        self.tag = f"-c{prefill_step}"
+        self.tag = f"-w{workers}-c{prefill_step}"
+        self.prefill_step = prefill_step
 
     def coordinator_options(self) -> list[str]:
         step = ["--prefill-step", str(self.prefill_step), "--http-port", "0"]
@@ -76,7 +77,12 @@ class PomonaCluster(Pomona):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=2, help="Pomona workers, one core each")
+    p.add_argument(
+        "--workers",
+        default="2",
+        help="Pomona workers, one core each; several (1,2): one cluster each, and TTFT is "
+        "also given against the 1-worker cluster of the same chunk size (the pipelining gain)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=4096, help="first turn's prompt")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens decoded for decode tok/s")
     p.add_argument(
@@ -94,9 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.steps = [int(x) for x in args.prefill_step.split(",")]
+        args.sizes = [int(x) for x in args.workers.split(",")]
     except ValueError:
-        p.error(f"--prefill-step {args.prefill_step!r}: give chunk sizes such as 256,512")
-    if args.workers < 1 or args.repeats < 1 or args.gen_tokens < 2 or args.prompt_tokens < 2:
+        p.error("--prefill-step and --workers take numbers, comma-separated, such as 256,512")
+    if min(args.sizes) < 1 or args.repeats < 1 or args.gen_tokens < 2 or args.prompt_tokens < 2:
         p.error("--workers and --repeats must be at least 1, the token counts at least 2")
     return args
 
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     processes = Processes(log_dir)
     control = ControlServer()
     single = MlxLm("mlx-lm, 1 process", 1, control)
-    clusters = [PomonaCluster(args.workers, step) for step in args.steps]
+    clusters = [PomonaCluster(n, step) for n in args.sizes for step in args.steps]
     load_before = load_average()
     results: dict[str, dict[str, list[float]]] = {}
     with processes.measuring(args.keep_logs, control.close):
@@ -178,6 +185,10 @@ def report(
     print(f"  {single}: TTFT {base['ttft']:.2f} s, decode {base['decode']:.1f} tok/s")
     for c in clusters:
         m = med[c.name]
+        alone = [o for o in clusters if o.workers == 1 and o.prefill_step == c.prefill_step]
+        if alone and alone[0] is not c:
+            gain = m["ttft"] / med[alone[0].name]["ttft"]
+            print(f"  {c.name}: TTFT {gain:.3f}x Pomona's on 1 worker with the same chunks")
         print(
             f"  {c.name}: TTFT {m['ttft']:.2f} s ({m['ttft'] / base['ttft']:.3f}x mlx-lm, "
             f"target <= 0.6); second turn {m['second']:.3f} s ({m['second'] / m['ttft']:.3f}x "
