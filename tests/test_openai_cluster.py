@@ -109,7 +109,9 @@ def test_a_second_chat_turn_reuses_the_first_turns_kv(api) -> None:
     from mlx_lm.utils import load_tokenizer
 
     client, model = api
-    messages = [{"role": "user", "content": "Tell me about the machines in the lab."}]
+    # Longer than the shortest prefix the cache restores (32 tokens).
+    question = "Tell me about the machines in the lab, the layers each holds and their cables."
+    messages = [{"role": "user", "content": question}]
     first = client.chat.completions.create(
         model="llama", messages=messages, max_tokens=12, temperature=0
     )
