@@ -230,7 +230,7 @@ def main() -> None:
     reason = unavailable_reason()
     if reason:
         raise SystemExit(f"the test bed is unavailable: {reason}")
-    model = ensure_model(default_cache_dir(), "float32", args.layers)
+    model = ensure_model(default_cache_dir(), "float32", num_layers=args.layers)
     model_bytes = sum(p.stat().st_size for p in model.iterdir() if p.is_file())
     rate = rate_bytes_per_s(args.rate)
     with tempfile.TemporaryDirectory(prefix="pomona-bench-dist-") as tmp:

@@ -33,14 +33,34 @@ def default_cache_dir() -> Path:
     return Path(base) / "pomona" / "bench"
 
 
-def model_folder(cache_dir: Path, dtype: str, num_layers: int = NUM_LAYERS) -> Path:
-    shape = f"h{OVERRIDES['hidden_size']}-i{OVERRIDES['intermediate_size']}-l{num_layers}"
-    return cache_dir / f"{ARCH}-{shape}-{dtype}"
+# A quarter of the width: for prompts of thousands of tokens on a slow CPU.
+SMALL: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
-def ensure_model(cache_dir: Path, dtype: str, num_layers: int = NUM_LAYERS) -> Path:
-    """The model folder, written on first use (a few seconds; ~50 MB a float32 layer)."""
-    folder = model_folder(cache_dir, dtype, num_layers)
+def model_folder(
+    cache_dir: Path, dtype: str, shape: dict[str, Any] | None = None, num_layers: int = NUM_LAYERS
+) -> Path:
+    o = {**OVERRIDES, **(shape or {})}
+    name = f"h{o['hidden_size']}-i{o['intermediate_size']}-l{num_layers}"
+    if o["max_position_embeddings"] != OVERRIDES["max_position_embeddings"]:
+        name += f"-c{o['max_position_embeddings']}"
+    return cache_dir / f"{ARCH}-{name}-{dtype}"
+
+
+def ensure_model(
+    cache_dir: Path, dtype: str, shape: dict[str, Any] | None = None, num_layers: int = NUM_LAYERS
+) -> Path:
+    """The model folder, written on first use (a few seconds; ~50 MB a float32 layer).
+
+    ``shape``: config entries replacing the default ones (``SMALL``, a longer
+    ``max_position_embeddings``).
+    """
+    folder = model_folder(cache_dir, dtype, shape, num_layers)
     if (folder / "tokenizer.json").exists():
         return folder
     sys.path.insert(0, str(REPO / "tests"))
@@ -54,7 +74,7 @@ def ensure_model(cache_dir: Path, dtype: str, num_layers: int = NUM_LAYERS) -> P
         num_layers=num_layers,
         shards=max(2, num_layers // 4),
         dtype=dtype,
-        overrides=OVERRIDES,
+        overrides={**OVERRIDES, **(shape or {})},
     )
     partial.rename(folder)
     return folder

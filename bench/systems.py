@@ -37,6 +37,12 @@ class Run:
 
     tokens: tuple[int, ...]
     stamps: tuple[float, ...]
+    cached_tokens: int = 0  # prompt tokens Pomona's prefix cache restored
+
+    @property
+    def ttft_s(self) -> float:
+        """From sending the request to the first token."""
+        return self.stamps[0] if self.stamps else float("nan")
 
     @property
     def decode_seconds(self) -> float:
@@ -353,14 +359,15 @@ class Pomona:
         self.config = Path()
         self.processes: Processes | None = None
         self._stub: Any = None
+        self.tag = ""  # tells apart several Pomona clusters of one benchmark
 
     def start(self, processes: Processes, model: Path, prompt: Sequence[int]) -> None:
         self.prompt = list(prompt)
         self.processes = processes
-        cluster = f"bench-{os.getpid()}"
+        cluster = f"bench-{os.getpid()}{self.tag}"
         pomona = [sys.executable, "-m", "pomona"]
         # The cluster secret, as a person sets it up: `pomona init`.
-        self.config = processes.log_dir / "config" / "cluster.json"
+        self.config = processes.log_dir / f"config{self.tag}" / "cluster.json"
         init = [*pomona, "init", "--cluster", cluster, "--config", str(self.config)]
         subprocess.run(init, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.commands.append(init)
@@ -371,11 +378,11 @@ class Pomona:
                 *pinned([i % (os.cpu_count() or 1)]), *pomona, "worker", "--port", str(port),
                 "--host", LOOPBACK, "--name", f"w{i}", "--cluster", cluster,
                 "--address", LOOPBACK, "--mdns-interface", LOOPBACK,
-                "--state-dir", str(processes.log_dir / f"state-w{i}"),
+                "--state-dir", str(processes.log_dir / f"state{self.tag}-w{i}"),
                 "--model-dir", str(model.parent), *secret,
             ]  # fmt: skip
             self.commands.append(argv)
-            self.procs.append(processes.spawn(f"pomona-w{i}", argv))
+            self.procs.append(processes.spawn(f"pomona{self.tag}-w{i}", argv))
         port = free_ports(1)
         self.address = f"{LOOPBACK}:{port}"
         argv = [
@@ -384,7 +391,7 @@ class Pomona:
             "--mdns-interface", LOOPBACK, *self.coordinator_options(), *secret,
         ]  # fmt: skip
         self.commands.append(argv)
-        self.procs.append(processes.spawn("pomona-coordinator", argv))
+        self.procs.append(processes.spawn(f"pomona{self.tag}-coordinator", argv))
 
     def coordinator_options(self) -> list[str]:
         """Options the coordinator gets beyond the cluster's own."""
@@ -440,22 +447,25 @@ class Pomona:
     def resume(self) -> None:
         pass
 
-    def request(self, max_tokens: int) -> Run:
+    def request(self, max_tokens: int, prompt: Sequence[int] | None = None) -> Run:
         from pomona.v1 import common_pb2
 
         request = common_pb2.GenerateRequest(
-            prompt_tokens=self.prompt,
+            prompt_tokens=list(prompt) if prompt is not None else self.prompt,
             max_tokens=max_tokens,
             sampling=common_pb2.SamplingParams(temperature=0.0),
         )
         tokens: list[int] = []
         stamps: list[float] = []
         start = time.perf_counter()
+        cached = 0
         for chunk in self._stub.Generate(request, timeout=600):
             now = time.perf_counter() - start
             tokens.extend(chunk.tokens)
             stamps.extend([now] * len(chunk.tokens))
-        return Run(tuple(tokens), tuple(stamps))
+            if chunk.HasField("usage"):
+                cached = chunk.usage.cached_tokens
+        return Run(tuple(tokens), tuple(stamps), cached)
 
     def stop(self) -> None:
         pass  # Processes.stop_all stops the workers, which stop their runners

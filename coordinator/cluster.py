@@ -38,6 +38,12 @@ from pomona.coordinator.links import Links
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError, place
 from pomona.coordinator.planner import Plan
+from pomona.coordinator.prompt_cache_plan import (
+    PromptCacheBudget,
+    PromptCacheError,
+    prompt_cache_budget,
+)
+from pomona.model_profile import ModelProfile
 from pomona.tokens import check_describe_proof, is_target, new_challenge
 from pomona.v1 import worker_pb2, worker_pb2_grpc
 
@@ -440,6 +446,29 @@ class Cluster:
         nodes = [facts_of(m.name, m.describe.backend_facts, m.describe.backends) for m in ordered]
         return choose_backend(self.config.backend, nodes)
 
+    def _prompt_cache(
+        self, info: worker_pb2.ModelInfo, assignments: list[Assignment]
+    ) -> PromptCacheBudget | None:
+        """The prefix cache's budget per stage; None (and the problem said) if it cannot fit."""
+        free = (
+            [(s.name, s.free_after_load_bytes) for s in self.plan.stages]
+            if self.plan is not None
+            else None
+        )
+        try:
+            return prompt_cache_budget(
+                ModelProfile.from_json(info.profile_json),
+                [(a.start, a.end) for a in assignments],
+                free,
+                self.config.prompt_cache_gb,
+            )
+        except PromptCacheError as e:
+            self.problem = str(e)
+            self.monitor.events.record(ev.LOAD_FAILED, message=str(e))
+            log.error("cannot load %s: %s", self.config.model, e)
+            self.reforming = False
+            return None
+
     async def _load(
         self,
         info: worker_pb2.ModelInfo,
@@ -473,6 +502,9 @@ class Cluster:
         )
         self.monitor.events.record(ev.LOAD_STARTED, message=f"load {load_id}")
         log.info("loading %s (%d layers): %s", self.config.model, info.num_layers, layout)
+        cache = self._prompt_cache(info, assignments)
+        if cache is None:
+            return
         for m in ordered:
             m.state = "loading"
         requests = [
@@ -494,6 +526,8 @@ class Cluster:
                 coordinator=self.coordinator_id,
                 chat_template=self.config.chat_template,
                 node_ids=[m.node_id for m in ordered],
+                prompt_cache_bytes=cache.bytes,
+                prompt_cache_token_bytes=cache.token_bytes,
             )
             for rank, a in enumerate(assignments)
         ]

@@ -54,10 +54,23 @@ _RUNNER_GAUGES = (
     ("tokens_per_second", "tokens_per_s", "Tokens produced per second (head runner)."),
     ("requests_in_flight", "requests_in_flight", "Requests being generated."),
     ("requests_waiting", "requests_waiting", "Requests queued."),
+    ("prompt_cache_bytes", "prompt_cache_bytes", "Prefix KV cache held per stage (head runner)."),
+    (
+        "prompt_cache_budget_bytes",
+        "prompt_cache_budget_bytes",
+        "Prefix KV cache budget per stage (head runner).",
+    ),
 )
 _RUNNER_COUNTERS = (
     ("tokens", "tokens_total", "Tokens produced by this runner since it started."),
     ("requests", "requests_total", "Requests taken by this runner since it started."),
+    ("prompt_cache_lookups", "prompt_cache_lookups", "Prompts looked up in the prefix cache."),
+    ("prompt_cache_hits", "prompt_cache_hits", "Prompts that hit the prefix cache."),
+    (
+        "prompt_cache_hit_tokens",
+        "prompt_cache_hit_tokens",
+        "Prompt tokens restored from the prefix cache instead of prefilled.",
+    ),
 )
 
 
@@ -102,6 +115,22 @@ def _cluster_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:
             "pomona_cluster_ttft_seconds",
             "Mean time to first token, last minute.",
             value=reply.ttft_s,
+        )
+    yield GaugeMetricFamily(
+        "pomona_cluster_prompt_cache_bytes",
+        "Prefix KV cache held per stage.",
+        value=reply.prompt_cache_bytes,
+    )
+    yield GaugeMetricFamily(
+        "pomona_cluster_prompt_cache_budget_bytes",
+        "Prefix KV cache budget per stage.",
+        value=reply.prompt_cache_budget_bytes,
+    )
+    if reply.HasField("prompt_cache_hit_rate"):
+        yield GaugeMetricFamily(
+            "pomona_cluster_prompt_cache_hit_ratio",
+            "Share of prompts that hit the prefix cache since the runner started.",
+            value=reply.prompt_cache_hit_rate,
         )
     yield GaugeMetricFamily(
         "pomona_cluster_requests_in_flight",

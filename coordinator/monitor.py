@@ -151,6 +151,9 @@ class ClusterFigures:
     requests_in_flight: int
     requests_total: int
     requests_failed: int
+    prompt_cache_bytes: int = 0
+    prompt_cache_budget_bytes: int = 0
+    prompt_cache_hit_rate: float | None = None
 
 
 @dataclass
@@ -302,6 +305,7 @@ class Monitor:
         """Summed over the head runners (rank 0, ready, of `load_id` when given) that are
         not lost; totals keep counting across runner restarts."""
         tokens, in_flight, ttfts = 0.0, 0, []
+        cached, budget, lookups, hits = 0, 0, 0, 0
         for node_id, node in self._nodes.items():
             s = node.sample
             if s is None or not s.HasField("runner") or s.shard.rank != 0:
@@ -316,6 +320,10 @@ class Monitor:
             in_flight += s.runner.requests_in_flight
             if s.runner.HasField("ttft_s"):
                 ttfts.append(s.runner.ttft_s)
+            cached += s.runner.prompt_cache_bytes
+            budget += s.runner.prompt_cache_budget_bytes
+            lookups += s.runner.prompt_cache_lookups
+            hits += s.runner.prompt_cache_hits
         total = self._requests_done + sum(n.runner_requests for n in self._nodes.values())
         return ClusterFigures(
             tokens_per_s=tokens,
@@ -323,6 +331,9 @@ class Monitor:
             requests_in_flight=in_flight,
             requests_total=total,
             requests_failed=self.events.count(REQUEST_FAILED),
+            prompt_cache_bytes=cached,
+            prompt_cache_budget_bytes=budget,
+            prompt_cache_hit_rate=hits / lookups if lookups else None,
         )
 
 
@@ -399,6 +410,10 @@ def to_status_reply(
         reply.model_profile_json = model_info.profile_json
     if figures.ttft_s is not None:
         reply.ttft_s = figures.ttft_s
+    reply.prompt_cache_bytes = figures.prompt_cache_bytes
+    reply.prompt_cache_budget_bytes = figures.prompt_cache_budget_bytes
+    if figures.prompt_cache_hit_rate is not None:
+        reply.prompt_cache_hit_rate = figures.prompt_cache_hit_rate
     for stage in plan:
         reply.plan.add(
             node_id=stage.node_id,

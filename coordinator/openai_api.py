@@ -256,10 +256,10 @@ class _Shape:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self.envelope([], chunk=True), "usage": usage}
 
-    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    def whole(self, text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
         if self.kind == "chat":
             message = {"role": "assistant", "content": text, "refusal": None}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
@@ -283,13 +283,15 @@ class _Tally:
         if chunk.HasField("usage"):
             self.reported = chunk.usage
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt = self.reported.prompt_tokens if self.reported else 0
         completion = self.reported.completion_tokens if self.reported else self.tokens
+        cached = self.reported.cached_tokens if self.reported else 0
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
 

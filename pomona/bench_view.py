@@ -28,7 +28,8 @@ def bench_json(result: BenchResult, header: dict[str, Any], notes: Sequence[str]
             "first_ttft_s": first.to_json(),
             "second_ttft_s": later.to_json(),
             "second_over_first": _over(later.median, first.median),
-            "prefix_cache": False,
+            "prefix_cache": result.second_turn.cached_tokens > 0,
+            "cached_tokens": result.second_turn.cached_tokens,
         }
     return {
         "schema": SCHEMA,

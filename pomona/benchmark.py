@@ -43,6 +43,7 @@ class StreamTiming:
     tokens: int
     max_tokens: int
     finish_reason: str
+    cached_tokens: int = 0  # prompt tokens the prefix cache restored
 
     @property
     def ttft_s(self) -> float | None:
@@ -66,6 +67,7 @@ class StreamTiming:
             "tokens": self.tokens,
             "finish_reason": self.finish_reason,
             "ended_early": self.ended_early,
+            "cached_tokens": self.cached_tokens,
         }
 
 
@@ -146,7 +148,7 @@ class Streamer:
         with self._lock:
             self._calls.add(call)
         first = last = None
-        tokens, finish = 0, common_pb2.FINISH_REASON_UNSPECIFIED
+        tokens, finish, cached = 0, common_pb2.FINISH_REASON_UNSPECIFIED, 0
         try:
             for chunk in call:
                 if chunk.tokens:
@@ -155,10 +157,13 @@ class Streamer:
                     tokens += len(chunk.tokens)
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
+                if chunk.HasField("usage"):
+                    cached = chunk.usage.cached_tokens
         finally:
             with self._lock:
                 self._calls.discard(call)
-        return StreamTiming(sent, first, last, tokens, max_tokens, FINISH_REASONS.get(finish, ""))
+        reason = FINISH_REASONS.get(finish, "")
+        return StreamTiming(sent, first, last, tokens, max_tokens, reason, cached)
 
     def together(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[StreamTiming]:
         """One stream per prompt, all sent at once."""
@@ -258,6 +263,7 @@ class SweepRow:
 class SecondTurn:
     first: Figure
     second: Figure
+    cached_tokens: int = 0  # the least any second turn restored from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -339,25 +345,35 @@ def run_bench(
 
     second = None
     if s.second_turn:
-        firsts, seconds = [], []
+        firsts, seconds, cached = [], [], []
         for i in range(s.repeats):
             history = prompt(s.prompt_tokens)
             step(f"first turn, {s.prompt_tokens} tokens ({i + 1}/{s.repeats})")
             firsts.append(streamer.one(history, 1).ttft_s)
             step(f"second turn, +{SECOND_TURN_NEW_TOKENS} tokens ({i + 1}/{s.repeats})")
-            turn = history + prompt(SECOND_TURN_NEW_TOKENS)
-            seconds.append(streamer.one(turn, 1).ttft_s)
+            turn = streamer.one(history + prompt(SECOND_TURN_NEW_TOKENS), 1)
+            seconds.append(turn.ttft_s)
+            cached.append(turn.cached_tokens)
         longer = s.prompt_tokens + SECOND_TURN_NEW_TOKENS
+        restored = min(cached, default=0)
         one, two = (
             predictor(s.prompt_tokens, s.prompt_tokens + 1, 1),
-            predictor(longer, longer + 1, 1),
+            predictor(longer - restored, longer + 1, 1),
         )
         second = SecondTurn(
             Figure.of(firsts, one.ttft_s if one else None),
             Figure.of(seconds, two.ttft_s if two else None),
+            restored,
         )
-        notes.append(
-            "second turn: Pomona has no prefix cache yet, so the second turn prefills all "
-            f"{longer} tokens again (the prediction assumes the same)"
-        )
+        if restored:
+            notes.append(
+                f"second turn: the prefix cache restored {restored} of {longer} prompt "
+                f"tokens; the prediction prefills the other {longer - restored} (attention "
+                "over the restored ones not counted)"
+            )
+        else:
+            notes.append(
+                "second turn: no prefix-cache hit (the cache is off or too small), so the "
+                f"second turn prefilled all {longer} tokens again (the prediction assumes the same)"
+            )
     return BenchResult(s, tuple(runs), ttft, decode, tuple(sweep), second, tuple(notes))

@@ -88,6 +88,15 @@ CHAT_TEMPLATE_OPTION = click.option(
     "has none gets mlx_lm.server's plain 'USER: ... ASSISTANT:' format.",
 )
 
+PROMPT_CACHE_OPTION = click.option(
+    "--prompt-cache-gb",
+    type=click.FloatRange(0, 4096),
+    default=None,
+    help="GB each worker keeps of finished requests' KV, so a prompt that repeats one's "
+    "start (a chat's next turn) prefills only the rest; 0: off. [default: the planner's, "
+    "half the memory left after weights and the planned KV cache, at most 8 GB]",
+)
+
 
 def read_chat_template(path: Path | None) -> str:
     """The text of a --chat-template file ("" without one); a bad file is a one-line error."""
@@ -327,6 +336,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
     "lack them (repeatable).",
 )
 @CHAT_TEMPLATE_OPTION
+@PROMPT_CACHE_OPTION
 @BACKEND_OPTION
 @CONFIG_OPTION
 @INSECURE_OPTION
@@ -353,6 +363,7 @@ def coordinator(
     state_dir: Path | None,
     model_dirs: tuple[Path, ...],
     chat_template_file: Path | None,
+    prompt_cache_gb: float | None,
     backend: str,
     config_path: Path | None,
     insecure: bool,
@@ -391,6 +402,7 @@ def coordinator(
         max_batch=max_batch,
         max_queue=max_queue,
         prefill_step=prefill_step,
+        prompt_cache_gb=prompt_cache_gb,
         chat_template=chat_template,
         objective=objective,
         backend=backend,
@@ -482,6 +494,7 @@ def generate(
 @click.option("--layers", default=None, help="Layers per worker, e.g. 3,5.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
 @CHAT_TEMPLATE_OPTION
+@PROMPT_CACHE_OPTION
 @BACKEND_OPTION
 def up(
     count: int,
@@ -491,6 +504,7 @@ def up(
     layers: str | None,
     timeout: float,
     chat_template_file: Path | None,
+    prompt_cache_gb: float | None,
     backend: str,
 ) -> None:
     """Start a cluster of local workers and a coordinator on this machine."""
@@ -507,6 +521,7 @@ def up(
         http_port=http_port,
         chat_template=chat_template_file.resolve() if chat_template_file else None,
         backend=backend,
+        prompt_cache_gb=prompt_cache_gb,
     )
     sys.exit(cluster.run(timeout))
 

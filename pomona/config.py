@@ -113,6 +113,8 @@ class CoordinatorConfig:
     max_batch: int = 16
     max_queue: int = 64
     prefill_step: int = 512
+    # Prefix KV cache per worker, GB (0: off); None: the planner's default.
+    prompt_cache_gb: float | None = None
     # A Jinja chat template replacing the model's own (the text, read at the CLI);
     # empty: the model's, or a plain role format for a model without one.
     chat_template: str = ""

@@ -94,7 +94,9 @@ class LocalCluster:
         http_port: int = 0,
         chat_template: Path | None = None,
         backend: str = "auto",
+        prompt_cache_gb: float | None = None,
     ):
+        self.prompt_cache_gb = prompt_cache_gb
         self.count = count
         self.http_port = http_port
         self.model = model
@@ -159,6 +161,8 @@ class LocalCluster:
             args += ["--layers", self.layers]
         if self.chat_template is not None:
             args += ["--chat-template", str(self.chat_template)]
+        if self.prompt_cache_gb is not None:
+            args += ["--prompt-cache-gb", f"{self.prompt_cache_gb:g}"]
         self._spawn("coordinator", args)
 
     def _model_dir_args(self) -> list[str]:

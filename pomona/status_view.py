@@ -30,6 +30,7 @@ from rich.text import Text
 
 from pomona.coordinator.monitor import derive_state
 from pomona.links_view import link_lines
+from pomona.units import format_bytes
 from pomona.v1 import coordinator_pb2
 
 __all__ = ["SCHEMA", "print_status", "run_live", "state_name", "status_json", "status_view"]
@@ -181,6 +182,20 @@ def _summary(reply: coordinator_pb2.StatusReply, width: int) -> list[Text]:
         (f"{reply.requests_total} total", "", 1),
         (f"{reply.requests_failed} failed", "", 4 if reply.requests_failed else 2),
     ]
+    if reply.prompt_cache_budget_bytes:
+        hits = (
+            f", {reply.prompt_cache_hit_rate:.0%} hits"
+            if reply.HasField("prompt_cache_hit_rate")
+            else ""
+        )
+        parts.append(
+            (
+                f"prompt cache {format_bytes(reply.prompt_cache_bytes)}"
+                f"/{format_bytes(reply.prompt_cache_budget_bytes)}{hits}",
+                "",
+                2,
+            )
+        )
     for state in ("degraded", "lost"):  # also in the table: less urgent here
         if states.count(state):
             parts.append((f"{states.count(state)} {state}", STATE_STYLES[state], 5))

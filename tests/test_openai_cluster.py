@@ -103,3 +103,31 @@ def test_errors_come_back_as_openai_errors(api) -> None:
     assert "context" in str(info.value)
     # The cluster keeps serving.
     assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=2).usage
+
+
+def test_a_second_chat_turn_reuses_the_first_turns_kv(api) -> None:
+    from mlx_lm.utils import load_tokenizer
+
+    client, model = api
+    # Longer than the shortest prefix the cache restores (32 tokens).
+    question = "Tell me about the machines in the lab, the layers each holds and their cables."
+    messages = [{"role": "user", "content": question}]
+    first = client.chat.completions.create(
+        model="llama", messages=messages, max_tokens=12, temperature=0
+    )
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": "And the cables?"},
+    ]
+    second = client.chat.completions.create(
+        model="llama", messages=messages, max_tokens=4, temperature=0
+    )
+    tokenizer = load_tokenizer(model)
+    with_prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True)
+    without = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False)
+    trailing = len(with_prompt) - len(without)  # the template's generation prompt
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert first.usage.prompt_tokens - trailing <= details.cached_tokens
+    assert details.cached_tokens < second.usage.prompt_tokens

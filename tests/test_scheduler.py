@@ -63,7 +63,7 @@ def run(s: Scheduler, replies: list[int]) -> list[Step]:
     replies = list(replies)
     while (step := s.next_step()) is not None:
         steps.append(step)
-        if not step.prefill:
+        if step.tokens:  # a step of prefix-cache bookkeeping computes nothing
             s.on_tokens(step, [replies.pop(0)])
     return steps
 
@@ -312,3 +312,39 @@ def test_the_step_watchdog_follows_the_measured_pace() -> None:
     assert watch.overdue(watch.since + watch.budget + 1) > 0
     watch.idle()
     assert watch.overdue(1e12) < 0
+
+
+def test_the_prefix_cache_keeps_finished_rows_and_a_later_prompt_restores_them() -> None:
+    from pomona.worker.prefix_cache import PrefixCache
+
+    cache = PrefixCache(10_000, 1, min_tokens=4)
+    s = Scheduler(CharDetokenizer, [EOS], prefill_step=4, prefix_cache=cache)
+    prompt = list(range(1, 11))
+    s.submit(GenRequest("a", prompt, max_tokens=3))
+    steps = run(s, [ord("a"), ord("b"), ord("c")])
+    # The lane empties: one last step keeps the row (its prompt and the two
+    # generated tokens fed back; "c" never was) and removes it.
+    last = steps[-1]
+    assert (last.store, last.remove, last.tokens, last.prefill) == (((0, 1),), (0,), (), False)
+    assert cache.entries == 1 and cache.tokens == 12 + 1
+
+    second = GenRequest("b", [*prompt, ord("a"), 50, 51, 52], max_tokens=1)
+    s.submit(second)
+    steps = run(s, [ord("z")])
+    first = steps[0]
+    assert first.new_group and first.restore == (1, 11) and first.chunk == ((50, 51),)
+    assert not steps[1].prefill and steps[1].tokens == (52,) and steps[1].restore is None
+    assert drain(second)[-1] == Done(Finish.LENGTH, 14, 1, cached_tokens=11)
+
+    # A cancelled request is not kept.
+    third = GenRequest("c", [60, 61, 62, 63, 64, 65, 66], max_tokens=5)
+    s.submit(third)
+    while (step := s.next_step()) is not None and step.prefill:
+        pass
+    assert step is not None and step.join
+    s.on_tokens(step, [ord("x")])
+    third.cancel()
+    kept = cache.entries
+    while (step := s.next_step()) is not None:
+        assert not step.store
+    assert cache.entries == kept and drain(third)[-1].reason is Finish.CANCELLED

@@ -292,6 +292,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 max_queue=request.max_queue or RunnerSpec.max_queue,
                 prefill_step=request.prefill_step or RunnerSpec.prefill_step,
                 chat_template=request.chat_template,
+                prompt_cache_bytes=request.prompt_cache_bytes,
+                prompt_cache_token_bytes=request.prompt_cache_token_bytes,
             )
             launch = rank_launch(spec.backend, spec.rank, launch_hosts(request))
             self.runner = RunnerProcess(

@@ -41,6 +41,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from pomona.worker.prefix_kv import restore_prefix
 from pomona.worker.shard import (
     LoadedShard,
     alias_caches,
@@ -58,7 +59,11 @@ _REMOVE = _HEADER
 _LENGTHS = _REMOVE + MAX_ROWS
 _JOIN = _LENGTHS + MAX_JOIN
 _SAMPLING_INTS = 6
-CTRL_LEN = _JOIN + MAX_JOIN * _SAMPLING_INTS
+MAX_STORE = 16  # finished rows kept in the prefix cache in one step
+MAX_EVICT = 32  # prefix-cache entries evicted in one step
+_STORE = _JOIN + MAX_JOIN * _SAMPLING_INTS
+_EVICT = _STORE + 2 * MAX_STORE
+CTRL_LEN = _EVICT + MAX_EVICT
 
 OP_LEAVE = 0
 OP_PREFILL = 1
@@ -92,6 +97,11 @@ class Step:
     prompt token of each request in ``join``, which joins the lane first.
     ``remove`` lists lane rows that leave before the step runs. Tokens are
     known to the head only; the other ranks learn their counts.
+
+    Prefix cache (``prefix_cache``): ``evict`` lists entries every stage
+    drops, ``store`` pairs (row, entry) of leaving rows whose KV every stage
+    keeps under that entry, and ``restore`` (entry, tokens) starts a new
+    group of one request from the first ``tokens`` of an entry's KV.
     """
 
     lane: int
@@ -101,6 +111,9 @@ class Step:
     new_group: bool = False
     join: tuple[Sampling, ...] = ()
     remove: tuple[int, ...] = ()
+    store: tuple[tuple[int, int], ...] = ()
+    evict: tuple[int, ...] = ()
+    restore: tuple[int, int] | None = None
 
 
 def _f2i(x: float) -> int:
@@ -142,7 +155,14 @@ def encode_ctrl(step: Step | None) -> list[int]:
         raise ValueError(f"at most {MAX_ROWS} rows can leave a lane in one step")
     if max(len(step.chunk), len(step.join)) > MAX_JOIN:
         raise ValueError(f"at most {MAX_JOIN} requests can join a lane together")
-    ctrl[:7] = [
+    if len(step.store) > MAX_STORE or len(step.evict) > MAX_EVICT:
+        raise ValueError(
+            f"at most {MAX_STORE} stores and {MAX_EVICT} evictions of the prefix cache in one step"
+        )
+    if step.restore is not None and not (step.prefill and step.new_group and len(step.chunk) == 1):
+        raise ValueError("only a new prefill group of one request restores a prefix")
+    restore = step.restore or (0, 0)
+    ctrl[:11] = [
         OP_PREFILL if step.prefill else OP_DECODE,
         step.lane,
         len(step.tokens),
@@ -150,12 +170,18 @@ def encode_ctrl(step: Step | None) -> list[int]:
         int(step.new_group),
         len(step.remove),
         len(step.join),
+        len(step.store),
+        len(step.evict),
+        restore[0],
+        restore[1],
     ]
     ctrl[_REMOVE : _REMOVE + len(step.remove)] = list(step.remove)
     ctrl[_LENGTHS : _LENGTHS + len(step.chunk)] = [len(row) for row in step.chunk]
     for i, s in enumerate(step.join):
         at = _JOIN + i * _SAMPLING_INTS
         ctrl[at : at + _SAMPLING_INTS] = _encode_sampling(s)
+    ctrl[_STORE : _STORE + 2 * len(step.store)] = [x for pair in step.store for x in pair]
+    ctrl[_EVICT : _EVICT + len(step.evict)] = list(step.evict)
     return ctrl
 
 
@@ -163,11 +189,13 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
     """The step (with placeholder tokens) a control vector describes."""
     op = int(ctrl[0])
     n_rows, n_remove, n_join = int(ctrl[3]), int(ctrl[5]), int(ctrl[6])
+    n_store, n_evict = int(ctrl[7]), int(ctrl[8])
     if (
         len(ctrl) != CTRL_LEN
         or int(ctrl[_MAGIC_AT]) != MAGIC
         or op not in (OP_LEAVE, OP_PREFILL, OP_DECODE)
         or not (0 <= n_rows <= MAX_JOIN and 0 <= n_join <= MAX_JOIN and 0 <= n_remove <= MAX_ROWS)
+        or not (0 <= n_store <= MAX_STORE and 0 <= n_evict <= MAX_EVICT)
         or not 0 <= int(ctrl[2]) <= MAX_ROWS * MAX_JOIN
     ):
         raise Desynchronized(
@@ -187,6 +215,11 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
             for i in range(n_join)
         ),
         remove=tuple(int(x) for x in ctrl[_REMOVE : _REMOVE + n_remove]),
+        store=tuple(
+            (int(ctrl[_STORE + 2 * i]), int(ctrl[_STORE + 2 * i + 1])) for i in range(n_store)
+        ),
+        evict=tuple(int(x) for x in ctrl[_EVICT : _EVICT + n_evict]),
+        restore=(int(ctrl[9]), int(ctrl[10])) if int(ctrl[9]) else None,
     )
 
 
@@ -286,11 +319,15 @@ class StageEngine:
     shard: LoadedShard
     watch: StepWatch = field(default_factory=StepWatch)
     lanes: dict[int, _Lane] = field(default_factory=dict, init=False)
+    # Prefix-cache entries: this stage's single-row caches of its layers, by id.
+    # They outlive sessions; only the head's control vector adds or drops them.
+    prefix: dict[int, list[Any]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.spec = self.shard.spec
         self.model = self.shard.model
         self._kinds = [cache_kind(c) for c in make_stage_cache(self.model, self.spec)]
+        self.kinds = tuple(self._kinds)  # every layer's, held here or not
         self._ctrl_template = mx.zeros((CTRL_LEN,), dtype=mx.int32)
 
     @property
@@ -396,28 +433,57 @@ class StageEngine:
         evaluated: the head collects them later.
         """
         lane = self.lanes.setdefault(step.lane, _Lane())
+        group = None
+        if step.prefill and (step.new_group or lane.group is None):
+            # Before any eviction of this step, which may drop the restored entry.
+            group = self._fresh(len(step.chunk), step.restore)
+        for entry in step.evict:
+            self.prefix.pop(entry, None)
+        for row, entry in step.store:
+            self._store(lane, row, entry)
         if step.remove:
             self._remove(lane, step.remove)
         if step.prefill:
-            if step.new_group or lane.group is None:
-                lane.group = self._fresh(len(step.chunk))
+            if group is not None:
+                lane.group = group
+            assert lane.group is not None
             self._prefill(lane.group, step.chunk)
             return None
         if step.join:
             self._join(lane, step.join)
+        if lane.n == 0:
+            return None  # the lane emptied: a step of prefix-cache bookkeeping only
         assert lane.caches is not None
         inputs = mx.array(step.tokens if self.spec.is_first else [0] * lane.n, dtype=mx.int32)
         return self._decode(inputs[:, None], lane)  # (B, 1)
 
-    def _fresh(self, n: int) -> list[Any]:
-        """Empty batched caches for ``n`` new requests."""
+    def _fresh(self, n: int, restore: tuple[int, int] | None = None) -> list[Any]:
+        """Batched caches for ``n`` new requests: empty, or one restored prefix."""
         spec = self.spec
+        if restore is not None:
+            entry, tokens = restore
+            kept = self.prefix.get(entry)
+            if kept is None:
+                raise Desynchronized(
+                    f"the head restores prefix-cache entry {entry}, which this stage does not hold"
+                )
+            restored = restore_prefix(kept, tokens)
+            layers = range(spec.start, spec.end)
+            merged = {i: type(c).merge([c]) for i, c in zip(layers, restored, strict=True)}
+            return alias_caches(merged, self._kinds, spec)
         singles = [make_stage_cache(self.model, spec) for _ in range(n)]
         merged = {
             i: type(singles[0][i]).merge([s[i] for s in singles])
             for i in range(spec.start, spec.end)
         }
         return alias_caches(merged, self._kinds, spec)
+
+    def _store(self, lane: _Lane, row: int, entry: int) -> None:
+        """Keep a copy of one lane row's KV, for this stage's layers, as ``entry``."""
+        assert lane.caches is not None and 0 <= row < lane.n
+        kept = [c.extract(row) for c in stage_caches(lane.caches, self.spec)]
+        mx.eval([c.state for c in kept])
+        self.prefix[entry] = kept
 
     def _prefill(self, caches: list[Any], chunk: Sequence[Sequence[int]]) -> None:
         """Feed one chunk of each admitted request (right padded, as mlx-lm)."""

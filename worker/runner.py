@@ -31,6 +31,8 @@ from pomona.worker.warm_runner import WARM_FLAG
 
 log = logging.getLogger("pomona.worker.runner")
 
+MIN_HIT_TOKENS = 32  # the shortest shared prefix the prefix cache restores
+
 
 @dataclass(frozen=True)
 class RunnerSpec:
@@ -71,6 +73,10 @@ class RunnerSpec:
     # Seconds the ring's last rank waits for the other ranks to load (group.py):
     # they may be fetching their stages (as long as the daemon's group_timeout).
     peers_timeout: float = 3600.0
+    # Prefix KV cache: bytes per stage (0: off) and the largest stage's KV
+    # bytes per token (see ``prefix_cache``).
+    prompt_cache_bytes: int = 0
+    prompt_cache_token_bytes: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -189,7 +195,7 @@ def _run(spec: RunnerSpec) -> int:
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
     joined = time.monotonic()
     engine = StageEngine(shard, StepWatch(first=spec.step_timeout))
-    scheduler = _make_scheduler(spec, engine.can_batch()) if spec.rank == 0 else None
+    scheduler = _make_scheduler(spec, engine) if spec.rank == 0 else None
     log.info(
         "rank %d set up in %.2f s: weights %.2f s, group %.2f s, engine %.2f s",
         spec.rank,
@@ -216,10 +222,12 @@ def _run(spec: RunnerSpec) -> int:
     return 0
 
 
-def _make_scheduler(spec: RunnerSpec, can_batch: bool) -> Any:
+def _make_scheduler(spec: RunnerSpec, engine: Any) -> Any:
     from mlx_lm.utils import load_tokenizer
 
     from pomona.worker.scheduler import Scheduler
+
+    can_batch = engine.can_batch()
 
     extra = {"chat_template": spec.chat_template} if spec.chat_template else None
     tokenizer = load_tokenizer(Path(spec.model_path), tokenizer_config_extra=extra)
@@ -232,9 +240,31 @@ def _make_scheduler(spec: RunnerSpec, can_batch: bool) -> Any:
         lanes=spec.world_size,
         # A model that cannot batch still serves one request per rank at once.
         rows_per_lane=spec.max_batch if can_batch else 1,
+        prefix_cache=_make_prefix_cache(spec, engine),
     )
     scheduler.tokenizer = tokenizer
     return scheduler
+
+
+def _make_prefix_cache(spec: RunnerSpec, engine: Any) -> Any:
+    from pomona.worker.prefix_cache import PrefixCache
+    from pomona.worker.prefix_kv import prefix_cacheable
+
+    if spec.prompt_cache_bytes <= 0 or spec.prompt_cache_token_bytes <= 0:
+        return None
+    cacheable, window = prefix_cacheable(engine.kinds)
+    if not cacheable:
+        log.warning("this model's caches cannot be trimmed: the prefix cache is off")
+        return None
+    # Sliding-window caches are kept only while shorter than the window. A
+    # shorter shared prefix (a BOS token, a chat header) is not worth admitting
+    # the prompt alone to restore it.
+    return PrefixCache(
+        spec.prompt_cache_bytes,
+        spec.prompt_cache_token_bytes,
+        max_tokens=window,
+        min_tokens=MIN_HIT_TOKENS,
+    )
 
 
 def _start_monitor(spec: RunnerSpec, engine: Any, scheduler: Any) -> None:
@@ -276,6 +306,15 @@ def _start_monitor(spec: RunnerSpec, engine: Any, scheduler: Any) -> None:
                     requests_waiting=scheduler.waiting,
                     ttft_s=sum(ttfts) / len(ttfts) if ttfts else None,
                 )
+                cache = scheduler.prefix_cache
+                if cache is not None:
+                    stats.update(
+                        prompt_cache_bytes=cache.bytes,
+                        prompt_cache_budget_bytes=cache.budget_bytes,
+                        prompt_cache_lookups=cache.lookups,
+                        prompt_cache_hits=cache.hits,
+                        prompt_cache_hit_tokens=cache.hit_tokens,
+                    )
                 last_tokens, last_time = tokens, now
             emit("stats", **stats)
 

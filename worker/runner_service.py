@@ -192,7 +192,9 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
                 request_id=rid,
                 finish_reason=_FINISH[event.reason],
                 usage=common_pb2.Usage(
-                    prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    cached_tokens=event.cached_tokens,
                 ),
             )
             return

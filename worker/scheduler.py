@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from pomona.worker.lockstep import MAX_JOIN, MAX_ROWS, Sampling, Step
+from pomona.worker.lockstep import MAX_EVICT, MAX_JOIN, MAX_ROWS, MAX_STORE, Sampling, Step
+from pomona.worker.prefix_cache import PrefixCache
 
 # A batched prefill step holds at most this many chunks' worth of tokens
 # (4 x 512 by default: the 2048-token step the planner budgets memory for).
@@ -55,6 +56,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache
 
 
 class QueueFull(Exception):
@@ -111,7 +113,11 @@ class _Active:
     detokenizer: Any
     matcher: StopMatcher
     prefilled: int = 0  # prompt tokens fed before the join (all but the last)
+    cached: int = 0  # of which restored from the prefix cache
+    restore: int = 0  # the prefix-cache entry restored (pinned until its step is made)
     generated: list[int] = field(default_factory=list)
+    fed: int = 0  # generated tokens fed back (their KV is in the caches)
+    reason: Finish | None = None
     unsent: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -127,13 +133,10 @@ class _Lane:
     rows: list[_Active] = field(default_factory=list)
     group: list[_Active] = field(default_factory=list)  # being admitted
     remove: list[int] = field(default_factory=list)  # engine rows to drop next step
+    store: list[tuple[int, int]] = field(default_factory=list)  # (engine row, entry)
     busy: bool = False  # a decode step is in flight
     last_prefill: bool = False
-
-    @property
-    def group_started(self) -> bool:
-        """Whether the ranks hold caches for the group (a chunk was prefilled)."""
-        return any(a.prefilled for a in self.group)
+    group_started: bool = False  # the ranks hold caches for the group
 
     @property
     def load(self) -> int:
@@ -154,7 +157,9 @@ class Scheduler:
         max_batch: int = 16,
         lanes: int = 1,
         rows_per_lane: int = MAX_ROWS,
+        prefix_cache: PrefixCache | None = None,
     ):
+        self.prefix_cache = prefix_cache
         self._make_detokenizer = make_detokenizer
         self._eos = frozenset(eos_token_ids)
         self._prefill_step = prefill_step
@@ -244,6 +249,7 @@ class Scheduler:
                 room = self._rows_per_lane - lane.load
                 want = max(1, min(share - lane.load, capacity, MAX_JOIN, room))
                 lane.group = self._take(want)
+                lane.group_started = False
 
     def _take(self, want: int) -> list[_Active]:
         """Up to ``want`` waiting requests that can be prefilled together.
@@ -252,20 +258,30 @@ class Scheduler:
         shorter ones share one batched chunk of at most ``GROUP_CHUNKS``
         chunks' worth of tokens, padding included, so that one prefill step
         never holds the running streams up for much longer than a chunk.
+        A prompt that hits the prefix cache is admitted alone too: its group
+        starts from the restored KV.
         """
         group: list[_Active] = []
         width = 0
+        cache = self.prefix_cache
         while self._queue and len(group) < want:
             req = self._queue[0]
-            n = len(req.prompt) - 1
-            long = n > self._prefill_step
+            if group and cache is not None and cache.would_hit(req.prompt):
+                break
+            hit = cache.lookup(req.prompt) if cache is not None and not group else None
+            n = len(req.prompt) - 1 - (hit.tokens if hit else 0)
+            long = n > self._prefill_step or hit is not None
             too_many = (len(group) + 1) * max(width, n) > GROUP_CHUNKS * self._prefill_step
             if group and (long or too_many):
                 break
             width = max(width, n)
             self._queue.popleft()
             active = _Active(req, self._make_detokenizer(), StopMatcher(req.stop))
+            if hit is not None:
+                active.prefilled = active.cached = hit.tokens
+                active.restore = hit.entry
             if req.cancelled.is_set():
+                self._unpin(active)
                 self._finish(active, Finish.CANCELLED)
                 continue
             group.append(active)
@@ -282,34 +298,74 @@ class Scheduler:
             if not a.done and a.req.cancelled.is_set():
                 self._finish(a, Finish.CANCELLED)  # it still joins, and leaves next step
         if lane.group and all(a.done for a in lane.group) and not lane.group_started:
+            for a in lane.group:
+                self._unpin(a)
             lane.group = []
+
+    def _unpin(self, a: _Active) -> None:
+        if a.restore and self.prefix_cache is not None:
+            self.prefix_cache.unpin(a.restore)
+        a.restore = 0
+
+    def _keep(self, lane: _Lane, evict: list[int]) -> None:
+        """Decide which of the lane's finished rows the prefix cache keeps."""
+        cache = self.prefix_cache
+        for i, row in enumerate(lane.rows):
+            if not row.done or cache is None or row.reason not in (Finish.STOP, Finish.LENGTH):
+                continue
+            if len(lane.store) >= MAX_STORE:
+                break
+            tokens = row.req.prompt + row.generated[: row.fed]
+            kept = cache.store(tokens, MAX_EVICT - len(evict))
+            if kept is not None:
+                entry, evicted = kept
+                evict.extend(evicted)
+                lane.store.append((i, entry))
 
     def _step_for(self, index: int, lane: _Lane) -> Step | None:
         if lane.busy:
             return None
         # Indices are those of the rows every rank holds now, so they are
         # taken only when a step is made (or the lane empties).
+        evict: list[int] = []
+        self._keep(lane, evict)
         lane.remove.extend(i for i, row in enumerate(lane.rows) if row.done)
         lane.rows = [r for r in lane.rows if not r.done]
         remove = tuple(lane.remove)
+        store = tuple(lane.store)
+        lane.store.clear()
         pending = any(a.to_prefill for a in lane.group)
         if pending and (not lane.rows or not lane.last_prefill):
             lane.remove.clear()
             lane.last_prefill = True
             new = not lane.group_started
-            return Step(
+            lane.group_started = True
+            first = lane.group[0]
+            restore = (first.restore, first.cached) if new and first.restore else None
+            step = Step(
                 index,
                 prefill=True,
                 chunk=tuple(tuple(self._feed(a)) for a in lane.group),
                 new_group=new,
                 remove=remove,
+                store=store,
+                evict=tuple(evict),
+                restore=restore,
             )
+            self._unpin(first)
+            return step
         join = lane.group if lane.group and not pending else []
         if not lane.rows and not join:
+            if store or evict:
+                # The lane empties: its last rows leave now, kept in the prefix cache.
+                lane.remove.clear()
+                return Step(index, prefill=False, remove=remove, store=store, evict=tuple(evict))
             return None
         lane.remove.clear()
         lane.last_prefill = False
         tokens = [r.generated[-1] for r in lane.rows] + [a.req.prompt[-1] for a in join]
+        for r in lane.rows:
+            r.fed += 1
         if join:
             lane.rows.extend(join)
             lane.group = []
@@ -320,6 +376,8 @@ class Scheduler:
             tokens=tuple(tokens),
             join=tuple(a.req.sampling for a in join),
             remove=remove,
+            store=store,
+            evict=tuple(evict),
         )
 
     def _feed(self, a: _Active) -> list[int]:
@@ -382,5 +440,9 @@ class Scheduler:
             text, _ = active.matcher.push(active.detokenizer.last_segment)
             self._emit(active, text + active.matcher.flush())
         req = active.req
-        req.events.put(Done(reason, len(req.prompt), len(active.generated), error))
+        req.events.put(
+            Done(reason, len(req.prompt), len(active.generated), error, cached_tokens=active.cached)
+        )
         active.done = True
+        active.reason = reason
+        self._unpin(active)

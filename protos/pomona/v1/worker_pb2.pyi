@@ -158,7 +158,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids", "rdma")
+    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids", "rdma", "prompt_cache_bytes", "prompt_cache_token_bytes")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,8 @@ class LoadRequest(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     RDMA_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     model: str
     start_layer: int
@@ -193,7 +195,9 @@ class LoadRequest(_message.Message):
     chat_template: str
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     rdma: _containers.RepeatedCompositeFieldContainer[RdmaRow]
-    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., rdma: _Optional[_Iterable[_Union[RdmaRow, _Mapping]]] = ...) -> None: ...
+    prompt_cache_bytes: int
+    prompt_cache_token_bytes: int
+    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., rdma: _Optional[_Iterable[_Union[RdmaRow, _Mapping]]] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_token_bytes: _Optional[int] = ...) -> None: ...
 
 class RdmaRow(_message.Message):
     __slots__ = ("peers",)
@@ -292,7 +296,7 @@ class InterfaceTraffic(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., sent_bytes_per_s: _Optional[float] = ..., received_bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class RunnerStats(_message.Message):
-    __slots__ = ("mlx_active_bytes", "mlx_peak_bytes", "mlx_cache_bytes", "tokens_per_s", "requests_in_flight", "requests_waiting", "tokens_total", "requests_total", "ttft_s", "rss_bytes")
+    __slots__ = ("mlx_active_bytes", "mlx_peak_bytes", "mlx_cache_bytes", "tokens_per_s", "requests_in_flight", "requests_waiting", "tokens_total", "requests_total", "ttft_s", "rss_bytes", "prompt_cache_bytes", "prompt_cache_budget_bytes", "prompt_cache_lookups", "prompt_cache_hits", "prompt_cache_hit_tokens")
     MLX_ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MLX_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MLX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +307,11 @@ class RunnerStats(_message.Message):
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     mlx_active_bytes: int
     mlx_peak_bytes: int
     mlx_cache_bytes: int
@@ -313,7 +322,12 @@ class RunnerStats(_message.Message):
     requests_total: int
     ttft_s: float
     rss_bytes: int
-    def __init__(self, mlx_active_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., mlx_cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., ttft_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    prompt_cache_bytes: int
+    prompt_cache_budget_bytes: int
+    prompt_cache_lookups: int
+    prompt_cache_hits: int
+    prompt_cache_hit_tokens: int
+    def __init__(self, mlx_active_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., mlx_cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., ttft_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_budget_bytes: _Optional[int] = ..., prompt_cache_lookups: _Optional[int] = ..., prompt_cache_hits: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class NodeSample(_message.Message):
     __slots__ = ("timestamp", "node_id", "cpu_percent", "memory_total_bytes", "memory_used_bytes", "memory_available_bytes", "memory_pressure", "swap_used_bytes", "gpu_utilization_percent", "gpu_power_watts", "gpu_temperature_c", "cpu_power_watts", "thermal_state", "interfaces", "shard", "runner")
