@@ -34,7 +34,8 @@ from pomona.coordinator.distribution import (
     relabel,
 )
 from pomona.coordinator.monitor import Monitor
-from pomona.coordinator.placement import Assignment, PlacementError, place
+from pomona.coordinator.parallel import ParallelChoice
+from pomona.coordinator.placement import Assignment, PlacementError, choose_split, place
 from pomona.coordinator.planner import Plan
 from pomona.tokens import check_describe_proof, is_target, new_challenge
 from pomona.v1 import worker_pb2, worker_pb2_grpc
@@ -90,6 +91,7 @@ class Cluster:
         self.serving: Serving | None = None
         self.problem = "waiting for workers"
         self.plan: Plan | None = None
+        self.parallel: ParallelChoice | None = None  # pipeline or tensor, and why
         self.loading = False
         # Why the pipeline last broke, for the requests it cut off; while it
         # re-forms, new requests wait for it instead of failing.
@@ -270,6 +272,16 @@ class Cluster:
                 concurrency=self.config.concurrency,
                 objective=self.config.objective,
             )
+            assignments, self.parallel = choose_split(
+                info,
+                [m.describe for m in members],
+                assignments,
+                parallel=self.config.parallel,
+                layers=self.config.layers,
+                context=self.config.context,
+                concurrency=self.config.concurrency,
+                objective=self.config.objective,
+            )
             assignments = prefer_holders(
                 assignments, [m.describe for m in members], survey, self.config.model
             )
@@ -443,6 +455,13 @@ class Cluster:
         layout = ", ".join(
             f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)
         )
+        tensor = any(a.whole for a in assignments)
+        if tensor:
+            layout = (
+                f"tensor parallel, a slice of every layer on {', '.join(m.name for m in ordered)}"
+            )
+        if self.parallel is not None:
+            layout += f" ({self.parallel.mode}: {self.parallel.reason})"
         self.problem = f"loading {self.config.model} on {len(ordered)} workers"
         self.monitor.events.record(
             ev.PLAN_CHANGED,
@@ -471,6 +490,7 @@ class Cluster:
                 coordinator=self.coordinator_id,
                 chat_template=self.config.chat_template,
                 node_ids=[m.node_id for m in ordered],
+                parallel="tensor" if tensor else "pipeline",
             )
             for rank, a in enumerate(assignments)
         ]

@@ -50,7 +50,7 @@ class StageNeed:
 
     @classmethod
     def of(cls, a: Assignment, rank: int, world_size: int) -> StageNeed:
-        return cls(a.start, a.end, rank == 0, rank == world_size - 1)
+        return cls(a.start, a.end, rank == 0 or a.whole, rank == world_size - 1 or a.whole)
 
 
 def held_model(
@@ -275,7 +275,9 @@ class Distributor:
             if held is not None and held.complete:
                 continue
             sources = self.sources(members, model, a.node_id, survey)
-            jobs.append(self._stage_one(model, by_id[a.node_id], sources, a, rank, world, timeout))
+            # A tensor rank fetches every tensor, as the only stage of a pipeline would.
+            at, of = (0, 1) if a.whole else (rank, world)
+            jobs.append(self._stage_one(model, by_id[a.node_id], sources, a, at, of, timeout))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         if errors:

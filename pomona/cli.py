@@ -116,6 +116,26 @@ BACKEND_OPTION = click.option(
     "on CUDA, else ring (TCP). One that cannot form falls back to ring.",
 )
 
+PARALLEL_OPTION = click.option(
+    "--parallel",
+    type=click.Choice(("auto", "pipeline", "tensor")),
+    default="auto",
+    show_default=True,
+    help="How the model is split. pipeline: a range of layers per worker; tensor: a "
+    "slice of every layer on every worker (mlx-lm's shard(); two collectives per layer, "
+    "so it pays on RDMA links); auto: tensor where the planner predicts it faster and "
+    "the model can be sharded, else pipeline.",
+)
+
+
+def check_parallel(parallel: str, layers: str | None) -> None:
+    if parallel == "tensor" and layers:
+        raise click.ClickException(
+            "--layers splits layers between workers, which --parallel tensor does not: "
+            "drop one of them"
+        )
+
+
 INSECURE_OPTION = click.option(
     "--insecure",
     is_flag=True,
@@ -312,6 +332,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 )
 @CHAT_TEMPLATE_OPTION
 @BACKEND_OPTION
+@PARALLEL_OPTION
 @CONFIG_OPTION
 @INSECURE_OPTION
 def coordinator(
@@ -337,6 +358,7 @@ def coordinator(
     state_dir: Path | None,
     chat_template_file: Path | None,
     backend: str,
+    parallel: str,
     config_path: Path | None,
     insecure: bool,
 ) -> None:
@@ -346,6 +368,7 @@ def coordinator(
     for seed in seeds:
         check_address(seed, "--worker")
     split = _parse_layers(layers)
+    check_parallel(parallel, layers)
     chat_template = read_chat_template(chat_template_file)
     cluster_config, _ = config_for_daemon(config_path, insecure)
     api_key = os.environ.get("POMONA_API_KEY", "") or (
@@ -374,6 +397,7 @@ def coordinator(
         chat_template=chat_template,
         objective=objective,
         backend=backend,
+        parallel=parallel,
         context=context,
         concurrency=concurrency,
         http_port=http_port,
@@ -462,6 +486,7 @@ def generate(
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
 @CHAT_TEMPLATE_OPTION
 @BACKEND_OPTION
+@PARALLEL_OPTION
 def up(
     count: int,
     model: str,
@@ -471,11 +496,13 @@ def up(
     timeout: float,
     chat_template_file: Path | None,
     backend: str,
+    parallel: str,
 ) -> None:
     """Start a cluster of local workers and a coordinator on this machine."""
     from pomona.local import LocalCluster
 
     _parse_layers(layers)
+    check_parallel(parallel, layers)
     read_chat_template(chat_template_file)  # a bad file fails here, not in the coordinator
     cluster = LocalCluster(
         count,
@@ -486,6 +513,7 @@ def up(
         http_port=http_port,
         chat_template=chat_template_file.resolve() if chat_template_file else None,
         backend=backend,
+        parallel=parallel,
     )
     sys.exit(cluster.run(timeout))
 

@@ -94,6 +94,7 @@ class LocalCluster:
         http_port: int = 0,
         chat_template: Path | None = None,
         backend: str = "auto",
+        parallel: str = "auto",
     ):
         self.count = count
         self.http_port = http_port
@@ -102,6 +103,7 @@ class LocalCluster:
         self.layers = layers
         self.chat_template = chat_template
         self.backend = backend
+        self.parallel = parallel
         self.state_dir = state_dir
         self.cluster = f"local-{secrets.token_hex(3)}"
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -154,6 +156,7 @@ class LocalCluster:
             "--http-port", str(self.http_port),
             "--state-dir", str(self.state_dir / "coordinator"),
             "--config", str(self.config), "--backend", self.backend,
+            "--parallel", self.parallel,
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]

@@ -66,6 +66,8 @@ class RunnerSpec:
     step_timeout: float = 60.0
     # Seconds a backend other than the ring may take to form its group.
     join_timeout: float = 60.0
+    # "pipeline": layers [start, end); "tensor": a slice of every layer.
+    parallel: str = "pipeline"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -108,22 +110,35 @@ def main(argv: list[str]) -> int:
 def _run(spec: RunnerSpec) -> int:
     import mlx.core as mx
 
-    from pomona.worker.lockstep import StageEngine, StepWatch
-    from pomona.worker.shard import StageSpec, load_stage
+    from pomona.worker.lockstep import StepWatch
+    from pomona.worker.shard import StageSpec, load_stage, load_tensor_slice
+    from pomona.worker.tensor import make_engine
 
-    stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size)
+    tensor = spec.parallel == "tensor"
+    stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size, tensor=tensor)
     group = None
-    if spec.world_size > 1 and spec.backend != "ring":
-        # Before loading: a backend that cannot form fails in seconds, not after the weights.
+    if spec.world_size > 1 and (spec.backend != "ring" or tensor):
+        # Before loading: a backend that cannot form fails in seconds, not after the
+        # weights; and tensor slices are cut for the group's size and rank.
         emit("state", state="connecting")
         group = join_group(spec.backend, spec.rank, spec.world_size, spec.join_timeout)
     emit("state", state="loading", progress=0.0)
-    shard = load_stage(
-        Path(spec.model_path),
-        stage,
-        progress=lambda p: emit("state", state="loading", progress=round(p, 4)),
-        trust_remote_code=spec.allow_remote_code,
-    )
+    progress = lambda p: emit("state", state="loading", progress=round(p, 4))  # noqa: E731
+    if tensor:
+        shard = load_tensor_slice(
+            Path(spec.model_path),
+            stage,
+            group,
+            progress=progress,
+            trust_remote_code=spec.allow_remote_code,
+        )
+    else:
+        shard = load_stage(
+            Path(spec.model_path),
+            stage,
+            progress=progress,
+            trust_remote_code=spec.allow_remote_code,
+        )
     emit(
         "loaded",
         files=shard.files,
@@ -140,8 +155,10 @@ def _run(spec: RunnerSpec) -> int:
                 f"expected {spec.rank} of {spec.world_size}"
             )
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
-    engine = StageEngine(shard, StepWatch(first=spec.step_timeout))
-    scheduler = _make_scheduler(spec, engine.can_batch()) if spec.rank == 0 else None
+    engine = make_engine(shard, StepWatch(first=spec.step_timeout))
+    scheduler = (
+        _make_scheduler(spec, engine.can_batch(), engine.lane_count) if spec.rank == 0 else None
+    )
     _start_monitor(spec, engine, scheduler)
     if scheduler is not None:
         return _serve_head(spec, engine, scheduler, shard.config)
@@ -160,7 +177,7 @@ def _run(spec: RunnerSpec) -> int:
     return 0
 
 
-def _make_scheduler(spec: RunnerSpec, can_batch: bool) -> Any:
+def _make_scheduler(spec: RunnerSpec, can_batch: bool, lanes: int) -> Any:
     from mlx_lm.utils import load_tokenizer
 
     from pomona.worker.scheduler import Scheduler
@@ -173,7 +190,7 @@ def _make_scheduler(spec: RunnerSpec, can_batch: bool) -> Any:
         prefill_step=spec.prefill_step,
         max_queue=spec.max_queue,
         max_batch=spec.max_batch,
-        lanes=spec.world_size,
+        lanes=lanes,
         # A model that cannot batch still serves one request per rank at once.
         rows_per_lane=spec.max_batch if can_batch else 1,
     )
