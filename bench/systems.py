@@ -339,10 +339,15 @@ class MlxLm:
 class Pomona:
     """Pomona: pinned local workers, a coordinator, requests over gRPC."""
 
-    def __init__(self, name: str, workers: int, layers: str):
+    def __init__(
+        self, name: str, workers: int, layers: str, options: Sequence[str] = (), tag: str = ""
+    ):
         self.name = name
         self.workers = workers
         self.layers = layers
+        # Extra coordinator options; a tag keeps several Pomona clusters of one run apart.
+        self.options = list(options)
+        self.tag = tag
         self.procs: list[Proc] = []
         self.commands: list[list[str]] = []
         self.affinity: dict[int, list[int]] = {}
@@ -357,10 +362,10 @@ class Pomona:
     def start(self, processes: Processes, model: Path, prompt: Sequence[int]) -> None:
         self.prompt = list(prompt)
         self.processes = processes
-        cluster = f"bench-{os.getpid()}"
+        cluster = f"bench-{os.getpid()}{self.tag}"
         pomona = [sys.executable, "-m", "pomona"]
         # The cluster secret, as a person sets it up: `pomona init`.
-        self.config = processes.log_dir / "config" / "cluster.json"
+        self.config = processes.log_dir / f"config{self.tag}" / "cluster.json"
         init = [*pomona, "init", "--cluster", cluster, "--config", str(self.config)]
         subprocess.run(init, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.commands.append(init)
@@ -371,11 +376,11 @@ class Pomona:
                 *pinned([i % (os.cpu_count() or 1)]), *pomona, "worker", "--port", str(port),
                 "--host", LOOPBACK, "--name", f"w{i}", "--cluster", cluster,
                 "--address", LOOPBACK, "--mdns-interface", LOOPBACK,
-                "--state-dir", str(processes.log_dir / f"state-w{i}"),
+                "--state-dir", str(processes.log_dir / f"state{self.tag}-w{i}"),
                 "--model-dir", str(model.parent), *secret,
             ]  # fmt: skip
             self.commands.append(argv)
-            self.procs.append(processes.spawn(f"pomona-w{i}", argv))
+            self.procs.append(processes.spawn(f"pomona{self.tag}-w{i}", argv))
         port = free_ports(1)
         self.address = f"{LOOPBACK}:{port}"
         argv = [
@@ -384,11 +389,11 @@ class Pomona:
             "--mdns-interface", LOOPBACK, *self.coordinator_options(), *secret,
         ]  # fmt: skip
         self.commands.append(argv)
-        self.procs.append(processes.spawn("pomona-coordinator", argv))
+        self.procs.append(processes.spawn(f"pomona{self.tag}-coordinator", argv))
 
     def coordinator_options(self) -> list[str]:
         """Options the coordinator gets beyond the cluster's own."""
-        return ["--layers", self.layers] if self.layers else []
+        return (["--layers", self.layers] if self.layers else []) + self.options
 
     def ready(self) -> bool:
         import grpc

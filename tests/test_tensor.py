@@ -65,6 +65,9 @@ def test_tensor_parallel_greedy_tokens_match_single_process(tmp_path: Path, arch
             (0, 0, 4),
             (1, 0, 4),
         ]
+        # Each rank materialized its slices, not the whole model.
+        whole = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        assert all(n.shard.weights_bytes < 0.75 * whole for n in reply.nodes)
         assert generate_tokens(coord, PROMPTS[0], max_tokens=20)[0] == expected[PROMPTS[0]]
 
         # Concurrent requests share steps (batched prefill and decode) and each
