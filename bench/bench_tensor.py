@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,19 +39,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode import Row, _raise_interrupt, divergence, load_prompt, measure  # noqa: E402
-from bench_model import NUM_LAYERS, default_cache_dir, ensure_model, parameter_count  # noqa: E402
+from bench_model import NUM_LAYERS, OVERRIDES, default_cache_dir, ensure_model, parameter_count  # noqa: E402
 from systems import (  # noqa: E402
+    LOOPBACK,
     ControlServer,
     MlxLm,
     Pomona,
     Processes,
     Run,
+    free_ports,
     load_average,
     run_info,
 )
 
 T0 = time.monotonic()
 PROMPT = "The lab has four machines. Each machine holds some layers of the model."
+HIDDEN = int(OVERRIDES["hidden_size"])
 RDMA_MESSAGE_S = 30e-6  # JACCL over Thunderbolt 5, one message between two Macs
 
 
@@ -69,20 +74,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def derive(single: float, pipeline: float, tensor: float, layers: int) -> dict[str, float]:
-    """Per-message and per-collective costs the tok/s figures imply, and tensor's
-    tok/s where a collective costs two RDMA messages."""
+def derive(
+    single: float, pipeline: float, tensor: float, layers: int, probed: float
+) -> dict[str, float]:
+    """Per-message and per-collective costs the tok/s figures imply, what the probed
+    all_sum predicts for tensor here, and tensor's tok/s where a collective costs two
+    RDMA messages."""
     t1, tp, tt = 1 / single, 1 / pipeline, 1 / tensor
     collectives = 2 * layers + 1
-    collective = (tt - t1 / 2) / collectives
     rdma_step = t1 / 2 + collectives * 2 * RDMA_MESSAGE_S
     return {
         "pipeline_message_s": (tp - t1) / 2,
-        "tensor_collective_s": collective,
+        "tensor_collective_s": (tt - t1 / 2) / collectives,
+        "probed_all_sum_s": probed,
         "collectives_per_token": collectives,
+        "tensor_tps_predicted_here": 1 / (t1 / 2 + collectives * probed),
         "tensor_tps_at_rdma": 1 / rdma_step,
         "tensor_vs_single_at_rdma": t1 / rdma_step,
     }
+
+
+def probe_all_sum(processes: Processes, width: int) -> float:
+    """Mean seconds of one all_sum of ``width`` floats between two pinned ranks."""
+    port = free_ports(2)
+    hosts = processes.log_dir / "probe-hosts.json"
+    hosts.write_text(json.dumps([[f"{LOOPBACK}:{port}"], [f"{LOOPBACK}:{port + 1}"]]))
+    script = Path(__file__).resolve().parent / "collective_probe.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), "--width", str(width)],
+            env={**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        out, _ = procs[0].communicate(timeout=300)
+        procs[1].wait(timeout=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return float(json.loads(out.strip().splitlines()[-1])["all_sum_s"])
 
 
 def report(
@@ -108,12 +142,19 @@ def report(
         )
     console = Console(width=None if sys.stdout.isatty() else 110)
     console.print(table)
-    d = derive(single, pipeline, tensor, NUM_LAYERS)
-    console.print(f"tensor / pipeline: {tensor / pipeline:.3f}")
+    d = derive(single, pipeline, tensor, NUM_LAYERS, info["probed_all_sum_s"])
+    console.print(
+        f"tensor / pipeline: {tensor / pipeline:.3f}   tensor / single: {tensor / single:.3f}"
+    )
     console.print(
         f"implied link costs: {d['pipeline_message_s'] * 1e6:.0f} µs a pipeline message; "
         f"{d['tensor_collective_s'] * 1e6:.0f} µs a tensor collective "
         f"({d['collectives_per_token']:.0f} a token: 2 per layer and the control vector)"
+    )
+    console.print(
+        f"probed: {d['probed_all_sum_s'] * 1e6:.0f} µs an all_sum of one hidden state between "
+        f"two pinned ranks; with it tensor would decode {d['tensor_tps_predicted_here']:.2f} "
+        "tok/s here (half the single process's time + the collectives)"
     )
     console.print(
         f"at RDMA's ~{RDMA_MESSAGE_S * 1e6:.0f} µs a message (2 an all_sum on 2 ranks): "
@@ -168,7 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     with processes.measuring(args.keep_logs, stop=control.close):
         runs, _ = measure(systems, rows, processes, args, model, prompt)
-    info = run_info("bench_tensor.py", T0, model_desc, load_before, tokens_match=divergence(runs))
+        probed = probe_all_sum(processes, HIDDEN)
+    info = run_info(
+        "bench_tensor.py",
+        T0,
+        model_desc,
+        load_before,
+        tokens_match=divergence(runs),
+        probed_all_sum_s=probed,
+    )
     result = report(rows, runs, info, args)
     print(f"whole run: {info['seconds']:.0f} s")
     if args.json:

@@ -42,6 +42,9 @@ PROMPTS = [
     "Tokens flow from one machine",
     "A cluster of small computers",
     "The quick brown fox",
+    # Longer than the tokens a control collective carries inline: its prefill chunk
+    # goes in a second all_sum.
+    "Each machine holds some layers of the model. " * 8,
 ]
 GIB = 2**30
 
@@ -54,9 +57,7 @@ def test_tensor_parallel_greedy_tokens_match_single_process(tmp_path: Path, arch
     with local_cluster(tmp_path) as c:
         c.worker("w0")
         c.worker("w1")
-        coord = c.coordinator(
-            str(model), min_workers=2, extra=("--parallel", "tensor", "--prefill-step", "16")
-        )
+        coord = c.coordinator(str(model), min_workers=2, extra=("--parallel", "tensor"))
         reply = wait_serving(coord)
         # Every rank holds (a slice of) every layer.
         assert sorted(
@@ -100,6 +101,27 @@ def test_tensor_parallel_greedy_tokens_match_single_process(tmp_path: Path, arch
             "the group to re-form",
         )
         assert generate_tokens(coord, PROMPTS[1], max_tokens=20)[0] == expected[PROMPTS[1]]
+
+
+def test_a_step_and_its_tokens_cross_in_one_broadcast_vector() -> None:
+    from pomona.worker.lockstep import CTRL_LEN, Sampling, Step, decode_ctrl
+    from pomona.worker.tensor import INLINE_TOKENS, encode_broadcast, with_token_ids
+
+    decode = Step(lane=0, prefill=False, tokens=(5, 6, 7), join=(Sampling(),), remove=(1,))
+    vector, rest = encode_broadcast(decode)
+    assert len(vector) == CTRL_LEN + INLINE_TOKENS and rest == []
+    got = decode_ctrl(vector[:CTRL_LEN])
+    assert got is not None
+    assert with_token_ids(got, vector[CTRL_LEN : CTRL_LEN + 3]) == decode
+
+    rows = (tuple(range(1, 51)), tuple(range(100, 140)))  # 90 tokens: 64 inline, 26 after
+    prefill = Step(lane=0, prefill=True, chunk=rows, new_group=True)
+    vector, rest = encode_broadcast(prefill)
+    assert len(rest) == 90 - INLINE_TOKENS
+    got = decode_ctrl(vector[:CTRL_LEN])
+    assert got is not None
+    assert with_token_ids(got, vector[CTRL_LEN:] + rest) == prefill
+    assert decode_ctrl(encode_broadcast(None)[0][:CTRL_LEN]) is None
 
 
 def _nodes(
