@@ -151,10 +151,12 @@ def report(
         f"{d['tensor_collective_s'] * 1e6:.0f} µs a tensor collective "
         f"({d['collectives_per_token']:.0f} a token: 2 per layer and the control vector)"
     )
+    probes = ", ".join(f"{p * 1e6:.0f}" for p in info["probes_s"])
     console.print(
         f"probed: {d['probed_all_sum_s'] * 1e6:.0f} µs an all_sum of one hidden state between "
-        f"two pinned ranks; with it tensor would decode {d['tensor_tps_predicted_here']:.2f} "
-        "tok/s here (half the single process's time + the collectives)"
+        f"two pinned ranks (before, after: {probes} µs); with it tensor would decode "
+        f"{d['tensor_tps_predicted_here']:.2f} tok/s here (half the single process's time + "
+        "the collectives)"
     )
     console.print(
         f"at RDMA's ~{RDMA_MESSAGE_S * 1e6:.0f} µs a message (2 an all_sum on 2 ranks): "
@@ -208,15 +210,18 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = load_average()
     with processes.measuring(args.keep_logs, stop=control.close):
+        # The link probed before and after the systems run: the less disturbed of the two.
+        probes = [probe_all_sum(processes, HIDDEN)]
         runs, _ = measure(systems, rows, processes, args, model, prompt)
-        probed = probe_all_sum(processes, HIDDEN)
+        probes.append(probe_all_sum(processes, HIDDEN))
     info = run_info(
         "bench_tensor.py",
         T0,
         model_desc,
         load_before,
         tokens_match=divergence(runs),
-        probed_all_sum_s=probed,
+        probed_all_sum_s=min(probes),
+        probes_s=probes,
     )
     result = report(rows, runs, info, args)
     print(f"whole run: {info['seconds']:.0f} s")
