@@ -31,6 +31,7 @@ from pomona.coordinator.planner import (
     NodeSpec,
     Plan,
     PlanError,
+    Prediction,
     plan,
 )
 from pomona.model_profile import ModelProfile
@@ -215,6 +216,29 @@ def plan_tensor(
     return best
 
 
+def predict_tensor(
+    profile: ModelProfile,
+    nodes: Sequence[NodeSpec],
+    *,
+    context_length: int,
+    prompt_tokens: int,
+    concurrency: int = 1,
+) -> Prediction:
+    """What ``plan_tensor`` predicts for a tensor group already placed on ``nodes``."""
+    if len(nodes) < 2:
+        raise ValueError("a tensor parallel group has at least 2 nodes")
+    group = [resolve_node(n) for n in nodes]
+    d = Demand(profile, context_length, concurrency, False)
+    compute, collectives, ttft = _timing(group, d, link_class(nodes), prompt_tokens)
+    step = compute + collectives
+    return Prediction(1.0 / step, concurrency / step, ttft)
+
+
+def is_tensor_layout(num_layers: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether every rank holds every layer: a tensor parallel group."""
+    return len(ranges) > 1 and all(r == (0, num_layers) for r in ranges)
+
+
 def pipeline_at_link(
     profile: ModelProfile,
     nodes: Sequence[NodeSpec],
@@ -327,7 +351,9 @@ __all__ = [
     "choose_parallel",
     "collective_seconds",
     "link_class",
+    "is_tensor_layout",
     "pipeline_at_link",
+    "predict_tensor",
     "plan_tensor",
     "tensor_refusal",
 ]

@@ -30,8 +30,10 @@ from pomona.coordinator.parallel import (
     TCP_LINK,
     choose_parallel,
     collective_seconds,
+    is_tensor_layout,
     pipeline_at_link,
     plan_tensor,
+    predict_tensor,
     tensor_refusal,
 )
 from pomona.coordinator.planner import NodeSpec, PlanError
@@ -148,6 +150,11 @@ def test_tensor_pays_at_rdma_latency_and_not_over_tcp(llama70b: ModelProfile) ->
     assert choose_parallel("auto", pipeline, tensor).mode == "tensor"
     # Each Mac reads half the weights per token, and 161 collectives cost ~10 ms.
     assert tensor.decode_tokens_per_s > 1.5 * pipeline.decode_tokens_per_s
+    # `pomona bench` predicts a serving tensor group as the plan did.
+    assert is_tensor_layout(80, [(0, 80), (0, 80)]) and not is_tensor_layout(80, [(0, 80)])
+    served = predict_tensor(llama70b, nodes, context_length=8192, prompt_tokens=512)
+    assert served.decode_tokens_per_s == pytest.approx(tensor.decode_tokens_per_s)
+    assert served.ttft_s == pytest.approx(tensor.ttft_s)
 
     # Over TCP the collectives cost more than halving the reads saves.
     nodes = _nodes(2, rdma=False, memory_gib=192, chip="Apple M2 Ultra", cores=76)
