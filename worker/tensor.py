@@ -75,10 +75,11 @@ class TensorEngine(StageEngine):
 
     def _announce(self, step: Step | None) -> None:
         vector, rest = encode_broadcast(step)
-        sums = [mx.distributed.all_sum(mx.array(vector, dtype=mx.int32))]
+        # One evaluation each, in order: MLX orders independent outputs of one
+        # evaluation as it likes, and the followers join them in this order.
+        mx.async_eval(mx.distributed.all_sum(mx.array(vector, dtype=mx.int32)))
         if rest:
-            sums.append(mx.distributed.all_sum(mx.array(rest, dtype=mx.int32)))
-        mx.async_eval(sums)
+            mx.async_eval(mx.distributed.all_sum(mx.array(rest, dtype=mx.int32)))
 
     def _follow(self) -> Step | None:
         vector = mx.distributed.all_sum(self._broadcast_template)
