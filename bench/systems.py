@@ -175,13 +175,16 @@ def run_info(
     }
 
 
+_HANDED_OUT: set[int] = set()  # ports given to a process of this run, maybe not bound yet
+
+
 def free_ports(count: int) -> int:
-    """A port p with p .. p + count - 1 free on loopback."""
+    """A port p with p .. p + count - 1 free on loopback (and not handed out before)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind((LOOPBACK, 0))
             base = s.getsockname()[1]
-        if base + count > 65535:
+        if base + count > 65535 or _HANDED_OUT.intersection(range(base, base + count)):
             continue
         try:
             for p in range(base, base + count):
@@ -189,6 +192,7 @@ def free_ports(count: int) -> int:
                     s.bind((LOOPBACK, p))
         except OSError:
             continue
+        _HANDED_OUT.update(range(base, base + count))
         return base
     raise RuntimeError("no free run of ports on loopback")
 
