@@ -12,7 +12,7 @@ See docs/planning.md for the formulas.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pomona.config import DEFAULT_CONTEXT
@@ -41,7 +41,7 @@ PARALLEL_CHOICES = ("auto", "pipeline", "tensor")
 # One message between two Macs: JACCL over Thunderbolt 5 RDMA, and TCP through
 # MLX's ring over the same cable (0.3-0.6 ms; the planner's default link).
 RDMA_LINK = Link("", "", latency_ms=0.03, bandwidth_gbs=6.0, kind="RDMA (JACCL)")
-TCP_LINK = DEFAULT_LINK
+TCP_LINK = replace(DEFAULT_LINK, kind="TCP (MLX's ring)")
 
 
 @dataclass(frozen=True)
