@@ -34,7 +34,7 @@ from pomona.coordinator.distribution import (
     relabel,
 )
 from pomona.coordinator.monitor import Monitor
-from pomona.coordinator.parallel import ParallelChoice
+from pomona.coordinator.parallel import ParallelChoice, is_tensor_layout
 from pomona.coordinator.placement import Assignment, PlacementError, choose_split, place
 from pomona.coordinator.planner import Plan
 from pomona.tokens import check_describe_proof, is_target, new_challenge
@@ -367,9 +367,11 @@ class Cluster:
             return False
         ready.sort(key=lambda ms: ms[1].rank)
         ends = [0] + [s.end_layer for _, s in ready]
+        # A tensor parallel group: every rank holds (a slice of) every layer.
+        tensor = is_tensor_layout(num_layers, [(s.start_layer, s.end_layer) for _, s in ready])
         if (
             [s.rank for _, s in ready] != list(range(len(ready)))
-            or any(s.start_layer != ends[i] for i, (_, s) in enumerate(ready))
+            or (not tensor and any(s.start_layer != ends[i] for i, (_, s) in enumerate(ready)))
             or ends[-1] != num_layers
             or any(s.world_size not in (0, len(ready)) for _, s in ready)
         ):
@@ -378,7 +380,7 @@ class Cluster:
         if not head.runner_address:
             return False
         assignments = tuple(
-            Assignment(m.node_id, m.name, s.start_layer, s.end_layer, s.weights_bytes)
+            Assignment(m.node_id, m.name, s.start_layer, s.end_layer, s.weights_bytes, tensor)
             for m, s in ready
         )
         shards_by_node = {m.node_id: s for m, s in ready}

@@ -89,6 +89,14 @@ def test_tensor_parallel_greedy_tokens_match_single_process(tmp_path: Path, arch
 
         if arch != "llama":
             return
+        # A restarted coordinator adopts the running tensor group instead of reloading it.
+        load_id = reply.nodes[0].shard.load_id
+        coord.stop(signal.SIGKILL)
+        coord = c.coordinator(str(model), min_workers=2, extra=("--parallel", "tensor"))
+        reply = wait_serving(coord)
+        assert {n.shard.load_id for n in reply.nodes} == {load_id}
+        assert generate_tokens(coord, PROMPTS[2], max_tokens=20)[0] == expected[PROMPTS[2]]
+
         # A runner that dies breaks every rank's collective: the group re-forms and serves.
         follower = next(n for n in reply.nodes if n.shard.rank == 1)
         load_id = follower.shard.load_id
