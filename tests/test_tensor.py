@@ -13,6 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 from click.testing import CliRunner
 from clusterkit import (
@@ -21,6 +22,7 @@ from clusterkit import (
     reference_tokens_of,
     wait_for,
     wait_serving,
+    worker_stub,
 )
 from modelfactory import make_model
 
@@ -38,6 +40,7 @@ from pomona.coordinator.parallel import (
 )
 from pomona.coordinator.planner import NodeSpec, PlanError
 from pomona.model_profile import ModelProfile
+from pomona.v1 import worker_pb2
 
 PROMPTS = [
     "The lab has four machines and",
@@ -88,6 +91,16 @@ def test_tensor_parallel_greedy_tokens_match_single_process(tmp_path: Path, arch
         assert results == expected
 
         if arch != "llama":
+            # A Load that asks a tensor rank for part of the layers is refused, with why.
+            bad = worker_pb2.LoadRequest(
+                load_id="x", model=str(model), start_layer=1, end_layer=4, rank=0,
+                world_size=2, ring_hosts=["127.0.0.1:1"] * 2, workers=["127.0.0.1:1"] * 2,
+                parallel="tensor",
+            )  # fmt: skip
+            with pytest.raises(grpc.RpcError) as refused:
+                worker_stub(c.procs[0]).Load(bad, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "every layer" in str(refused.value.details())
             return
         # A restarted coordinator adopts the running tensor group instead of reloading it.
         load_id = reply.nodes[0].shard.load_id

@@ -332,6 +332,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return f"the chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters"
         if r.parallel not in ("", "pipeline", "tensor"):
             return f"unknown parallel mode {r.parallel!r}; use pipeline or tensor"
+        if r.parallel == "tensor" and (r.start_layer != 0 or r.world_size < 2):
+            return "a tensor parallel rank holds every layer (start_layer 0) of 2 or more ranks"
         backend = r.backend or "ring"
         if backend not in BACKENDS:
             return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"

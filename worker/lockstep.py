@@ -23,6 +23,9 @@ single-process mlx-lm token for token. Rows that finished leave at the start
 of their lane's next step. Every rank applies the same changes in the same
 order, so the cache rows on every rank always describe the same requests.
 
+Tensor parallelism (every rank a slice of every layer) runs the same loop with
+its own broadcast and decode: ``worker/tensor.py``.
+
 Ranks enter a session only when there is work and leave it when the head says
 so: a rank waiting inside an MLX collective busy-spins, so idle ranks wait on
 their control plane instead.
