@@ -214,8 +214,17 @@ def test_collectives_cost_two_messages_per_peer_round_the_ring() -> None:
 
 
 def test_architectures_without_shard_are_refused_and_auto_falls_back(tmp_path: Path) -> None:
-    gemma = ModelProfile.from_model_dir(make_model(tmp_path / "g", "gemma2", num_layers=2))
-    llama = ModelProfile.from_model_dir(make_model(tmp_path / "l", "llama", num_layers=2))
+    from pomona.worker.shard import StageSpec, load_tensor_slice
+
+    gemma_path = make_model(tmp_path / "g", "gemma2", num_layers=2)
+    llama_path = make_model(tmp_path / "l", "llama", num_layers=2)
+    gemma = ModelProfile.from_model_dir(gemma_path)
+    llama = ModelProfile.from_model_dir(llama_path)
+    # The runner refuses too, before it reads a weight or needs a group.
+    with pytest.raises(ValueError, match="has no shard"):
+        load_tensor_slice(gemma_path, StageSpec(0, 2, 0, 2, tensor=True), None)
+    with pytest.raises(ValueError, match="does not divide among 3 ranks"):
+        load_tensor_slice(llama_path, StageSpec(0, 2, 0, 3, tensor=True), None)
     assert "has no shard()" in tensor_refusal(gemma, 2)
     assert tensor_refusal(llama, 2) == ""
     # 4 heads, 2 KV heads: three ranks cannot share them.

@@ -123,7 +123,10 @@ def _run(spec: RunnerSpec) -> int:
         emit("state", state="connecting")
         group = join_group(spec.backend, spec.rank, spec.world_size, spec.join_timeout)
     emit("state", state="loading", progress=0.0)
-    progress = lambda p: emit("state", state="loading", progress=round(p, 4))  # noqa: E731
+
+    def progress(p: float) -> None:
+        emit("state", state="loading", progress=round(p, 4))
+
     if tensor:
         shard = load_tensor_slice(
             Path(spec.model_path),
