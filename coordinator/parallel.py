@@ -320,8 +320,9 @@ def compare_parallel(
     objective: str = "latency",
     prompt_tokens: int | None = None,
 ) -> Comparison:
-    """Both predictions at the nodes' link class, and ``mode`` resolved by them;
-    PlanError when ``mode`` is "tensor" and no tensor group is possible."""
+    """Both predictions at the nodes' link class (or over ``links`` where measured), and
+    ``mode`` resolved by them; PlanError when ``mode`` is "tensor" and no tensor group
+    is possible."""
     options: dict[str, Any] = {
         "context_length": context_length,
         "concurrency": concurrency,
@@ -335,7 +336,12 @@ def compare_parallel(
         why_not = str(e)
     link = tensor.link if tensor is not None else link_class(nodes, links)
     try:
-        pipeline: Plan | None = pipeline_at_link(profile, nodes, link, **options)
+        # Measured links price each hop of the pipeline; otherwise every hop is the class's.
+        pipeline: Plan | None = (
+            plan(profile, nodes, links=links, **options)
+            if links
+            else pipeline_at_link(profile, nodes, link, **options)
+        )
     except PlanError:
         pipeline = None
     choice = choose_parallel(mode, pipeline, tensor, why_not)

@@ -261,3 +261,17 @@ def test_plan_shows_both_predictions_and_the_choice(tmp_path: Path) -> None:
     assert out.exit_code != 0 and "has no shard()" in out.output
     out = run(main, ["coordinator", "--model", "x", "--parallel", "tensor", "--layers", "1,1"])
     assert out.exit_code != 0 and "--layers" in out.output
+
+
+def test_measured_links_price_both_choices(llama70b: ModelProfile) -> None:
+    from pomona.coordinator.parallel import compare_parallel
+    from pomona.coordinator.planner import Link
+
+    nodes = _nodes(2, rdma=False)
+    # A measured Thunderbolt link at RDMA latency: tensor pays even without the rdma flag.
+    fast = [Link("n0", "n1", latency_ms=0.03, bandwidth_gbs=6.0, kind="thunderbolt")]
+    found = compare_parallel(llama70b, nodes, "auto", links=fast)
+    assert found.link.kind == "thunderbolt" and found.choice.mode == "tensor"
+    slow = [Link("n0", "n1", latency_ms=0.6, bandwidth_gbs=1.0, kind="ethernet")]
+    found = compare_parallel(llama70b, nodes, "auto", links=slow)
+    assert found.link.kind == "ethernet" and found.choice.mode == "pipeline"
