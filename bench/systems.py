@@ -181,13 +181,16 @@ def run_info(
     }
 
 
+_HANDED_OUT: set[int] = set()  # ports given to a process of this run, maybe not bound yet
+
+
 def free_ports(count: int) -> int:
-    """A port p with p .. p + count - 1 free on loopback."""
+    """A port p with p .. p + count - 1 free on loopback (and not handed out before)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind((LOOPBACK, 0))
             base = s.getsockname()[1]
-        if base + count > 65535:
+        if base + count > 65535 or _HANDED_OUT.intersection(range(base, base + count)):
             continue
         try:
             for p in range(base, base + count):
@@ -195,6 +198,7 @@ def free_ports(count: int) -> int:
                     s.bind((LOOPBACK, p))
         except OSError:
             continue
+        _HANDED_OUT.update(range(base, base + count))
         return base
     raise RuntimeError("no free run of ports on loopback")
 
@@ -345,10 +349,15 @@ class MlxLm:
 class Pomona:
     """Pomona: pinned local workers, a coordinator, requests over gRPC."""
 
-    def __init__(self, name: str, workers: int, layers: str):
+    def __init__(
+        self, name: str, workers: int, layers: str, options: Sequence[str] = (), tag: str = ""
+    ):
         self.name = name
         self.workers = workers
         self.layers = layers
+        # Extra coordinator options; a tag keeps several Pomona clusters of one run apart.
+        self.options = list(options)
+        self.tag = tag
         self.procs: list[Proc] = []
         self.commands: list[list[str]] = []
         self.affinity: dict[int, list[int]] = {}
@@ -395,7 +404,7 @@ class Pomona:
 
     def coordinator_options(self) -> list[str]:
         """Options the coordinator gets beyond the cluster's own."""
-        return ["--layers", self.layers] if self.layers else []
+        return (["--layers", self.layers] if self.layers else []) + self.options
 
     def ready(self) -> bool:
         import grpc

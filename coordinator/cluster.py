@@ -36,7 +36,8 @@ from pomona.coordinator.distribution import (
 )
 from pomona.coordinator.links import Links
 from pomona.coordinator.monitor import Monitor
-from pomona.coordinator.placement import Assignment, PlacementError, place
+from pomona.coordinator.parallel import ParallelChoice, is_tensor_layout
+from pomona.coordinator.placement import Assignment, PlacementError, choose_split, place
 from pomona.coordinator.planner import Plan
 from pomona.coordinator.prompt_cache_plan import (
     PromptCacheBudget,
@@ -98,6 +99,7 @@ class Cluster:
         self.serving: Serving | None = None
         self.problem = "waiting for workers"
         self.plan: Plan | None = None
+        self.parallel: ParallelChoice | None = None  # pipeline or tensor, and why
         self.loading = False
         # Why the pipeline last broke, for the requests it cut off; while it
         # re-forms, new requests wait for it instead of failing.
@@ -286,6 +288,17 @@ class Cluster:
                 objective=self.config.objective,
                 links=self.links.planner_links(),
             )
+            assignments, self.parallel = choose_split(
+                info,
+                [m.describe for m in members],
+                assignments,
+                parallel=self.config.parallel,
+                layers=self.config.layers,
+                context=self.config.context,
+                concurrency=self.config.concurrency,
+                objective=self.config.objective,
+                links=self.links.planner_links(),
+            )
             assignments = prefer_holders(
                 assignments, [m.describe for m in members], survey, self.config.model
             )
@@ -373,9 +386,11 @@ class Cluster:
             return False
         ready.sort(key=lambda ms: ms[1].rank)
         ends = [0] + [s.end_layer for _, s in ready]
+        # A tensor parallel group: every rank holds (a slice of) every layer.
+        tensor = is_tensor_layout(num_layers, [(s.start_layer, s.end_layer) for _, s in ready])
         if (
             [s.rank for _, s in ready] != list(range(len(ready)))
-            or any(s.start_layer != ends[i] for i, (_, s) in enumerate(ready))
+            or (not tensor and any(s.start_layer != ends[i] for i, (_, s) in enumerate(ready)))
             or ends[-1] != num_layers
             or any(s.world_size not in (0, len(ready)) for _, s in ready)
         ):
@@ -384,7 +399,7 @@ class Cluster:
         if not head.runner_address:
             return False
         assignments = tuple(
-            Assignment(m.node_id, m.name, s.start_layer, s.end_layer, s.weights_bytes)
+            Assignment(m.node_id, m.name, s.start_layer, s.end_layer, s.weights_bytes, tensor)
             for m, s in ready
         )
         shards_by_node = {m.node_id: s for m, s in ready}
@@ -481,6 +496,14 @@ class Cluster:
         staged = staged or {}
         for job in staged.values():
             job.add_done_callback(_observed)
+        if staged and any(a.whole for a in assignments):
+            # A tensor group joins before it loads (its slices are cut for the group,
+            # within join_timeout): no rank starts before every rank holds the model.
+            fetched = await asyncio.gather(*staged.values(), return_exceptions=True)
+            failed = [str(r) for r in fetched if isinstance(r, BaseException)]
+            if failed:
+                raise TransferFailed("; ".join(failed))
+            staged = {}
         by_id = {m.node_id: m for m in members}
         ordered = [by_id[a.node_id] for a in assignments]
         choice = choice or self._choose_backend(ordered)
@@ -494,6 +517,13 @@ class Cluster:
         layout = ", ".join(
             f"{m.name} [{a.start}, {a.end})" for m, a in zip(ordered, assignments, strict=True)
         )
+        tensor = any(a.whole for a in assignments)
+        if tensor:
+            layout = (
+                f"tensor parallel, a slice of every layer on {', '.join(m.name for m in ordered)}"
+            )
+        if self.parallel is not None:
+            layout += f" ({self.parallel.mode}: {self.parallel.reason})"
         self.problem = f"loading {self.config.model} on {len(ordered)} workers"
         self.monitor.events.record(
             ev.PLAN_CHANGED,
@@ -528,6 +558,7 @@ class Cluster:
                 node_ids=[m.node_id for m in ordered],
                 prompt_cache_bytes=cache.bytes,
                 prompt_cache_token_bytes=cache.token_bytes,
+                parallel="tensor" if tensor else "pipeline",
             )
             for rank, a in enumerate(assignments)
         ]

@@ -64,7 +64,7 @@ class StageNeed:
 
     @classmethod
     def of(cls, a: Assignment, rank: int, world_size: int) -> StageNeed:
-        return cls(a.start, a.end, rank == 0, rank == world_size - 1)
+        return cls(a.start, a.end, rank == 0 or a.whole, rank == world_size - 1 or a.whole)
 
 
 def held_model(
@@ -419,7 +419,9 @@ class Distributor:
                 continue
             member = by_id[a.node_id]
             sources = self.sources(members, model, member, survey)
-            job = self._stage_one(model, member, sources, list(receivers), a, rank, world, timeout)
+            # A tensor rank fetches every tensor, as the only stage of a pipeline would.
+            at, of = (0, 1) if a.whole else (rank, world)
+            job = self._stage_one(model, member, sources, list(receivers), a, at, of, timeout)
             jobs[a.node_id] = asyncio.ensure_future(job)
             stage = transfer_pb2.LayerRange(
                 start_layer=a.start, end_layer=a.end, first=need.first, last=need.last

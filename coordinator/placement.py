@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pomona.coordinator.parallel import ParallelChoice, compare_parallel
 from pomona.coordinator.planner import Link, NodeSpec, Plan, PlanError, plan
 from pomona.model_profile import ModelProfile
 from pomona.units import format_bytes
@@ -27,6 +28,8 @@ class Assignment:
     start: int
     end: int  # exclusive
     weights_bytes: int
+    # A tensor parallel rank: a slice of every layer, from every tensor of the model.
+    whole: bool = False
 
 
 def node_spec(
@@ -113,3 +116,55 @@ def manual_split(
         out.append(Assignment(node.node_id, node.name, start, end, weights))
         start = end
     return out
+
+
+def choose_split(
+    info: worker_pb2.ModelInfo,
+    nodes: Sequence[worker_pb2.DescribeReply],
+    pipeline: list[Assignment],
+    *,
+    parallel: str = "auto",
+    layers: Sequence[int] = (),
+    context: int = 8192,
+    concurrency: int = 1,
+    objective: str = "latency",
+    links: Sequence[Link] = (),
+) -> tuple[list[Assignment], ParallelChoice]:
+    """The pipeline's ``pipeline`` assignments, or every node's tensor slice.
+
+    ``parallel``: "pipeline", "tensor", or "auto" (tensor where mlx-lm can shard
+    the model and the planner predicts it decodes faster at the nodes' link class).
+    """
+    if parallel == "pipeline":
+        return pipeline, ParallelChoice("pipeline", "asked for (--parallel pipeline)")
+    if layers:
+        if parallel == "tensor":
+            raise PlacementError(
+                "--layers splits layers between workers, which --parallel tensor does not: "
+                "drop one of them"
+            )
+        return pipeline, ParallelChoice("pipeline", "--layers gives the split")
+    if len(nodes) == 1:
+        return pipeline, ParallelChoice("pipeline", "one worker: nothing to split")
+    profile = ModelProfile.from_json(info.profile_json)
+    specs = [node_spec(d.node_id, d.name, d.hardware) for d in nodes]
+    context = min(context, profile.max_context or context)
+    try:
+        found = compare_parallel(
+            profile,
+            specs,
+            parallel,
+            links=links,
+            context_length=context,
+            concurrency=concurrency,
+            objective=objective,
+        )
+    except PlanError as e:
+        raise PlacementError(f"{info.model}: {e}") from e
+    choice, tensor = found.choice, found.tensor
+    if choice.mode == "pipeline" or tensor is None:
+        return pipeline, choice
+    return [
+        Assignment(r.node_id, r.name, 0, profile.num_layers, r.weights_bytes, whole=True)
+        for r in tensor.ranks
+    ], choice

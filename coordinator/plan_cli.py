@@ -38,6 +38,7 @@ from pomona.coordinator.backend_choice import (
     facts_of,
 )
 from pomona.coordinator.nodes_file import load_links, load_nodes_file, load_rdma_cables
+from pomona.coordinator.parallel import PARALLEL_CHOICES, Comparison, compare_parallel
 from pomona.coordinator.planner import (
     DEFAULT_LINK,
     OBJECTIVES,
@@ -227,6 +228,36 @@ def print_plan(
         console.print(line, highlight=False)
 
 
+def print_comparison(c: Comparison, console: Console) -> None:
+    """Pipeline against tensor parallelism, at the nodes' link class."""
+    link = f"{c.link.kind}, {c.link.latency_ms * 1e3:g} µs a message"
+    lines = [f"parallel: {c.choice.mode} ({c.choice.reason})"]
+    if c.pipeline is not None:
+        p = c.pipeline
+        lines.append(
+            f"  pipeline: {p.decode_tokens_per_s:.1f} tok/s per stream on {len(p.stages)} "
+            f"node(s), {p.network_seconds * 1e3:.2f} ms of each step on the links ({link})"
+        )
+    t = c.tensor
+    if t is None:
+        lines.append(f"  tensor: not possible: {c.why_not_tensor}")
+    else:
+        rank = t.ranks[0]
+        lines.append(
+            f"  tensor: {t.decode_tokens_per_s:.1f} tok/s per stream on {t.world_size} ranks "
+            f"({', '.join(r.name for r in t.ranks)}): {t.compute_seconds * 1e3:.2f} ms of reads "
+            f"+ {t.collective_seconds * 1e3:.2f} ms of {2 * t.layers + 1} collectives a token "
+            f"({link}), TTFT {t.ttft_s:.2f} s"
+        )
+        lines.append(
+            f"  tensor memory per rank: {_gib(rank.weights_bytes)} GiB of weights (a 1/"
+            f"{t.world_size} slice of every layer, embedding and head whole), "
+            f"{_gib(rank.kv_bytes)} GiB of KV, {_gib(rank.activation_bytes)} GiB of activations"
+        )
+    for line in lines:
+        console.print(line, highlight=False)
+
+
 @click.command("plan")
 @click.argument("model")
 @click.option(
@@ -276,6 +307,13 @@ def print_plan(
     show_default=True,
     help="The coordinator's --backend: show what it would use, and why.",
 )
+@click.option(
+    "--parallel",
+    type=click.Choice(PARALLEL_CHOICES),
+    default="auto",
+    show_default=True,
+    help="The coordinator's --parallel: compare pipeline and tensor, and show the choice.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @CONFIG_OPTION
 def plan_command(
@@ -288,6 +326,7 @@ def plan_command(
     coordinator: str | None,
     bits: str | None,
     backend: str,
+    parallel: str,
     as_json: bool,
     config_path: Path | None,
 ) -> None:
@@ -320,7 +359,19 @@ def plan_command(
             prompt_tokens=prompt_tokens,
             links=links,
         )
-        choice = choose_backend(backend, [facts[s.node_id] for s in result.stages])
+        comparison = compare_parallel(
+            profile,
+            nodes,
+            parallel,
+            links=links,
+            context_length=length,
+            concurrency=concurrency,
+            objective=objective,
+            prompt_tokens=prompt_tokens,
+        )
+        ranks = [r.node_id for r in comparison.tensor.ranks] if comparison.tensor else []
+        used = ranks if comparison.choice.mode == "tensor" else [s.node_id for s in result.stages]
+        choice = choose_backend(backend, [facts[n] for n in used])
     except ValueError as e:
         raise click.ClickException(" ".join(str(e).split())) from e
     result = replace(result, backend=choice.backend)
@@ -329,9 +380,15 @@ def plan_command(
             "backend_reason": choice.reason,
             "model": _model_json(profile),
             "links": [asdict(link) for link in links],
+            "parallel": comparison.to_dict(),
         }
         click.echo(json.dumps({**result.to_dict(), **extra}, indent=2))
     else:
-        print_plan(result, profile, Console(), choice.reason)
-        for line in link_lines(result, links):
-            click.echo(line)
+        console = Console()
+        if comparison.choice.mode == "pipeline":
+            print_plan(result, profile, console, choice.reason)
+            for line in link_lines(result, links):
+                click.echo(line)
+        else:
+            console.print(f"backend: {choice.backend} ({choice.reason})", highlight=False)
+        print_comparison(comparison, console)

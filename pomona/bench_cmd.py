@@ -85,6 +85,7 @@ def check_context(settings: BenchSettings, max_context: int) -> None:
 def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, list[str]]:
     """The planner's predictions for the serving plan, and what they assume."""
     from pomona.coordinator.memory_fit import resolve_node
+    from pomona.coordinator.parallel import is_tensor_layout, predict_tensor
     from pomona.coordinator.placement import node_spec
     from pomona.coordinator.planner import predict
     from pomona.model_profile import ModelProfile
@@ -101,7 +102,9 @@ def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, l
             (node_spec(s.node_id, s.name, by_id[s.node_id].hardware), s.start_layer, s.end_layer)
             for s in status.plan
         ]
-        predict(profile, stages, context_length=1, prompt_tokens=1)
+        tensor = is_tensor_layout(profile.num_layers, [(s, e) for _, s, e in stages])
+        if not tensor:
+            predict(profile, stages, context_length=1, prompt_tokens=1)
     except (KeyError, ValueError) as e:
         return nothing, [f"no predictions: the serving plan cannot be read ({e})"]
     assumed: dict[str, list[str]] = {}  # what was assumed -> the nodes it was for
@@ -119,9 +122,18 @@ def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, l
     ]
 
     def predictor(prompt: int, context: int, streams: int) -> Predicted | None:
-        p = predict(
-            profile, stages, context_length=context, prompt_tokens=prompt, concurrency=streams
-        )
+        if tensor:
+            p = predict_tensor(
+                profile,
+                [spec for spec, _, _ in stages],
+                context_length=context,
+                prompt_tokens=prompt,
+                concurrency=streams,
+            )
+        else:
+            p = predict(
+                profile, stages, context_length=context, prompt_tokens=prompt, concurrency=streams
+            )
         return Predicted(p.ttft_s, p.decode_tokens_per_s, p.aggregate_tokens_per_s)
 
     return predictor, notes

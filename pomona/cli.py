@@ -125,6 +125,26 @@ BACKEND_OPTION = click.option(
     "on CUDA, else ring (TCP). One that cannot form falls back to ring.",
 )
 
+PARALLEL_OPTION = click.option(
+    "--parallel",
+    type=click.Choice(("auto", "pipeline", "tensor")),
+    default="auto",
+    show_default=True,
+    help="How the model is split. pipeline: a range of layers per worker; tensor: a "
+    "slice of every layer on every worker (mlx-lm's shard(); two collectives per layer, "
+    "so it pays on RDMA links); auto: tensor where the planner predicts it faster and "
+    "the model can be sharded, else pipeline.",
+)
+
+
+def check_parallel(parallel: str, layers: str | None) -> None:
+    if parallel == "tensor" and layers:
+        raise click.ClickException(
+            "--layers splits layers between workers, which --parallel tensor does not: "
+            "drop one of them"
+        )
+
+
 INSECURE_OPTION = click.option(
     "--insecure",
     is_flag=True,
@@ -338,6 +358,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @CHAT_TEMPLATE_OPTION
 @PROMPT_CACHE_OPTION
 @BACKEND_OPTION
+@PARALLEL_OPTION
 @CONFIG_OPTION
 @INSECURE_OPTION
 def coordinator(
@@ -365,6 +386,7 @@ def coordinator(
     chat_template_file: Path | None,
     prompt_cache_gb: float | None,
     backend: str,
+    parallel: str,
     config_path: Path | None,
     insecure: bool,
 ) -> None:
@@ -377,6 +399,7 @@ def coordinator(
         if not folder.is_dir():
             raise click.BadParameter(f"{folder} is not a folder", param_hint="--model-dir")
     split = _parse_layers(layers)
+    check_parallel(parallel, layers)
     chat_template = read_chat_template(chat_template_file)
     cluster_config, _ = config_for_daemon(config_path, insecure)
     api_key = os.environ.get("POMONA_API_KEY", "") or (
@@ -406,6 +429,7 @@ def coordinator(
         chat_template=chat_template,
         objective=objective,
         backend=backend,
+        parallel=parallel,
         context=context,
         concurrency=concurrency,
         http_port=http_port,
@@ -496,6 +520,7 @@ def generate(
 @CHAT_TEMPLATE_OPTION
 @PROMPT_CACHE_OPTION
 @BACKEND_OPTION
+@PARALLEL_OPTION
 def up(
     count: int,
     model: str,
@@ -506,11 +531,13 @@ def up(
     chat_template_file: Path | None,
     prompt_cache_gb: float | None,
     backend: str,
+    parallel: str,
 ) -> None:
     """Start a cluster of local workers and a coordinator on this machine."""
     from pomona.local import LocalCluster
 
     _parse_layers(layers)
+    check_parallel(parallel, layers)
     read_chat_template(chat_template_file)  # a bad file fails here, not in the coordinator
     cluster = LocalCluster(
         count,
@@ -522,6 +549,7 @@ def up(
         chat_template=chat_template_file.resolve() if chat_template_file else None,
         backend=backend,
         prompt_cache_gb=prompt_cache_gb,
+        parallel=parallel,
     )
     sys.exit(cluster.run(timeout))
 

@@ -125,6 +125,9 @@ class CoordinatorConfig:
     # The MLX backend of the group: "auto" (pomona.coordinator.backend_choice), or one
     # of pomona.backends.BACKENDS; any that cannot form falls back to "ring".
     backend: str = "auto"
+    # How the model is split: "pipeline" (layer ranges), "tensor" (a slice of every
+    # layer on every node), or "auto": tensor where the planner predicts it faster.
+    parallel: str = "auto"
     context: int = DEFAULT_CONTEXT
     concurrency: int = 4
     # A node whose heartbeats stop for this long (and that then fails a

@@ -95,6 +95,7 @@ class LocalCluster:
         chat_template: Path | None = None,
         backend: str = "auto",
         prompt_cache_gb: float | None = None,
+        parallel: str = "auto",
     ):
         self.prompt_cache_gb = prompt_cache_gb
         self.count = count
@@ -104,6 +105,7 @@ class LocalCluster:
         self.layers = layers
         self.chat_template = chat_template
         self.backend = backend
+        self.parallel = parallel
         self.state_dir = state_dir
         self.cluster = f"local-{secrets.token_hex(3)}"
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -156,6 +158,7 @@ class LocalCluster:
             "--http-port", str(self.http_port),
             "--state-dir", str(self.state_dir / "coordinator"),
             "--config", str(self.config), "--backend", self.backend, *self._model_dir_args(),
+            "--parallel", self.parallel,
         ]  # fmt: skip
         if self.layers:
             args += ["--layers", self.layers]

@@ -68,6 +68,10 @@ class ModelProfile:
     num_experts: int = 0
     experts_per_token: int = 0
     activation_bytes_per_token: int = 0  # transient per prefill token inside one layer
+    # Tensor parallelism: whether mlx-lm's model has shard(), and the sizes it
+    # divides by the number of ranks (attention heads, KV heads, MLP width).
+    tensor_shardable: bool = False
+    tensor_widths: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -162,6 +166,7 @@ class ModelProfile:
         data["layers"] = tuple(LayerProfile(**layer) for layer in data["layers"])
         if data.get("quantization"):
             data["quantization"] = Quantization(**data["quantization"])
+        data["tensor_widths"] = tuple(data.get("tensor_widths", ()))
         return cls(**data)
 
     @classmethod
@@ -415,4 +420,10 @@ def _assemble(
         num_experts=num_experts,
         experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0,
         activation_bytes_per_token=_activation_width(cfg) * _DTYPE_BYTES.get(dtype, 2),
+        tensor_shardable=hasattr(model, "shard"),
+        tensor_widths=tuple(
+            int(cfg[k])
+            for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+            if cfg.get(k)
+        ),
     )

@@ -294,6 +294,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 chat_template=request.chat_template,
                 prompt_cache_bytes=request.prompt_cache_bytes,
                 prompt_cache_token_bytes=request.prompt_cache_token_bytes,
+                parallel=request.parallel or "pipeline",
             )
             launch = rank_launch(spec.backend, spec.rank, launch_hosts(request))
             self.runner = RunnerProcess(
@@ -312,7 +313,9 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self, r: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext
     ) -> tuple[Path, int]:
         """The model's folder here, else a stage folder received for this range."""
-        key = StageKey.of(r.start_layer, r.end_layer, r.rank, r.world_size)
+        # A tensor rank needs every tensor, as the only stage of a pipeline does.
+        rank, world = (0, 1) if r.parallel == "tensor" else (r.rank, r.world_size)
+        key = StageKey.of(r.start_layer, r.end_layer, rank, world)
         folder = await asyncio.to_thread(self.stage_cache.find, r.model, key)
         if folder is not None:
             try:
@@ -344,6 +347,10 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return "prefill_step must be 0..65536"
         if len(r.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
             return f"the chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters"
+        if r.parallel not in ("", "pipeline", "tensor"):
+            return f"unknown parallel mode {r.parallel!r}; use pipeline or tensor"
+        if r.parallel == "tensor" and (r.start_layer != 0 or r.world_size < 2):
+            return "a tensor parallel rank holds every layer (start_layer 0) of 2 or more ranks"
         backend = r.backend or "ring"
         if backend not in BACKENDS:
             return f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"

@@ -23,6 +23,9 @@ single-process mlx-lm token for token. Rows that finished leave at the start
 of their lane's next step. Every rank applies the same changes in the same
 order, so the cache rows on every rank always describe the same requests.
 
+Tensor parallelism (every rank a slice of every layer) runs the same loop with
+its own broadcast and decode: ``worker/tensor.py``.
+
 Ranks enter a session only when there is work and leave it when the head says
 so: a rank waiting inside an MLX collective busy-spins, so idle ranks wait on
 their control plane instead.
@@ -329,6 +332,9 @@ class StageEngine:
         self._kinds = [cache_kind(c) for c in make_stage_cache(self.model, self.spec)]
         self.kinds = tuple(self._kinds)  # every layer's, held here or not
         self._ctrl_template = mx.zeros((CTRL_LEN,), dtype=mx.int32)
+        # Which rank embeds real tokens and which samples (holds the rows' samplers).
+        self._feeds = self.spec.is_first
+        self._samples = self.spec.is_last
 
     @property
     def lane_count(self) -> int:
@@ -384,8 +390,7 @@ class StageEngine:
                 continue
             watch.begin(None if step is None else step_tokens(step))
             if self.spec.world_size > 1:
-                ctrl = mx.array(encode_ctrl(step), dtype=mx.int32)
-                mx.async_eval(mx.distributed.send(ctrl, 1))
+                self._announce(step)
             if step is None:
                 mx.synchronize()
                 self.reset()
@@ -399,15 +404,10 @@ class StageEngine:
 
     def follower_session(self) -> None:
         """Follow the head's steps until it says leave."""
-        rank = self.spec.rank
         watch = self.watch
         while True:
             watch.begin()
-            ctrl = mx.distributed.recv_like(self._ctrl_template, rank - 1)
-            mx.eval(ctrl)
-            if not self.spec.is_last:
-                mx.async_eval(mx.distributed.send(ctrl, rank + 1))
-            step = decode_ctrl(cast(list[int], ctrl.tolist()))
+            step = self._follow()
             if step is None:
                 mx.synchronize()
                 self.reset()
@@ -417,6 +417,20 @@ class StageEngine:
             watch.sized(size)
             self.run_step(step)
             watch.end(size)
+
+    def _announce(self, step: Step | None) -> None:
+        """The head tells rank 1 the step; it forwards it down the pipeline."""
+        ctrl = mx.array(encode_ctrl(step), dtype=mx.int32)
+        mx.async_eval(mx.distributed.send(ctrl, 1))
+
+    def _follow(self) -> Step | None:
+        """The step the head announced, passed on to the next rank first."""
+        rank = self.spec.rank
+        ctrl = mx.distributed.recv_like(self._ctrl_template, rank - 1)
+        mx.eval(ctrl)
+        if not self.spec.is_last:
+            mx.async_eval(mx.distributed.send(ctrl, rank + 1))
+        return decode_ctrl(cast(list[int], ctrl.tolist()))
 
     def reset(self) -> None:
         """Forget every sequence (a session ended)."""
@@ -454,7 +468,7 @@ class StageEngine:
         if lane.n == 0:
             return None  # the lane emptied: a step of prefix-cache bookkeeping only
         assert lane.caches is not None
-        inputs = mx.array(step.tokens if self.spec.is_first else [0] * lane.n, dtype=mx.int32)
+        inputs = mx.array(step.tokens if self._feeds else [0] * lane.n, dtype=mx.int32)
         return self._decode(inputs[:, None], lane)  # (B, 1)
 
     def _fresh(self, n: int, restore: tuple[int, int] | None = None) -> list[Any]:
@@ -517,7 +531,7 @@ class StageEngine:
             ):
                 mine.extend(theirs)
         lane.n += len(join)
-        if spec.is_last:
+        if self._samples:
             lane.rows.extend(_row(s) for s in join)
 
     def _decode(self, inputs: mx.array, lane: _Lane) -> mx.array | None:
@@ -525,15 +539,7 @@ class StageEngine:
         out = self.model(inputs, cache=lane.caches)
         owned = stage_caches(lane.caches or [], spec)
         if spec.is_last:
-            logits = out[:, -1, :]
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            if all(r.sampling.temperature == 0 for r in lane.rows):
-                tokens = mx.argmax(logprobs, axis=-1)
-            else:
-                tokens = mx.concatenate(
-                    [r.sample(logprobs[i : i + 1]) for i, r in enumerate(lane.rows)]
-                )
-            tokens = tokens.astype(mx.int32)  # (B,)
+            tokens = self._sample(out[:, -1, :], lane)
             if spec.world_size > 1:
                 tokens = mx.distributed.send(tokens, 0)
             mx.eval(tokens, [c.state for c in owned])
@@ -543,6 +549,17 @@ class StageEngine:
             template = mx.zeros((inputs.shape[0],), dtype=mx.int32)
             return mx.distributed.recv_like(template, spec.world_size - 1)
         return None
+
+    def _sample(self, logits: mx.array, lane: _Lane) -> mx.array:
+        """The next token of every row of the lane, from its logits (B, V)."""
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(r.sampling.temperature == 0 for r in lane.rows):
+            tokens = mx.argmax(logprobs, axis=-1)
+        else:
+            tokens = mx.concatenate(
+                [r.sample(logprobs[i : i + 1]) for i, r in enumerate(lane.rows)]
+            )
+        return tokens.astype(mx.int32)  # (B,)
 
     def _send_on(self, owned: Sequence[Any]) -> None:
         """Evaluate this stage's caches and what it sends to the next stage."""
@@ -554,7 +571,7 @@ class StageEngine:
         gone = set(remove)
         keep = [i for i in range(lane.n) if i not in gone]
         lane.n = len(keep)
-        if self.spec.is_last:
+        if self._samples:
             lane.rows = [lane.rows[i] for i in keep]
         if not keep:
             lane.caches = None

@@ -77,6 +77,8 @@ class RunnerSpec:
     # bytes per token (see ``prefix_cache``).
     prompt_cache_bytes: int = 0
     prompt_cache_token_bytes: int = 0
+    # "pipeline": layers [start, end); "tensor": a slice of every layer.
+    parallel: str = "pipeline"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -150,23 +152,39 @@ def _wait_for_load() -> RunnerSpec | None:
 def _run(spec: RunnerSpec) -> int:
     import mlx.core as mx
 
-    from pomona.worker.lockstep import StageEngine, StepWatch
-    from pomona.worker.shard import StageSpec, load_stage
+    from pomona.worker.lockstep import StepWatch
+    from pomona.worker.shard import StageSpec, load_stage, load_tensor_slice
+    from pomona.worker.tensor import make_engine
 
-    stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size)
+    tensor = spec.parallel == "tensor"
+    stage = StageSpec(spec.start, spec.end, spec.rank, spec.world_size, tensor=tensor)
     began = time.monotonic()
     group = None
-    if spec.world_size > 1 and spec.backend != "ring":
-        # Before loading: a backend that cannot form fails in seconds, not after the weights.
+    if spec.world_size > 1 and (spec.backend != "ring" or tensor):
+        # Before loading: a backend that cannot form fails in seconds, not after the
+        # weights; and tensor slices are cut for the group's size and rank.
         emit("state", state="connecting")
         group = join_group(spec.backend, spec.rank, spec.world_size, spec.join_timeout)
     emit("state", state="loading", progress=0.0)
-    shard = load_stage(
-        Path(spec.model_path),
-        stage,
-        progress=lambda p: emit("state", state="loading", progress=round(p, 4)),
-        trust_remote_code=spec.allow_remote_code,
-    )
+
+    def progress(p: float) -> None:
+        emit("state", state="loading", progress=round(p, 4))
+
+    if tensor:
+        shard = load_tensor_slice(
+            Path(spec.model_path),
+            stage,
+            group,
+            progress=progress,
+            trust_remote_code=spec.allow_remote_code,
+        )
+    else:
+        shard = load_stage(
+            Path(spec.model_path),
+            stage,
+            progress=progress,
+            trust_remote_code=spec.allow_remote_code,
+        )
     emit(
         "loaded",
         files=shard.files,
@@ -194,7 +212,7 @@ def _run(spec: RunnerSpec) -> int:
             )
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
     joined = time.monotonic()
-    engine = StageEngine(shard, StepWatch(first=spec.step_timeout))
+    engine = make_engine(shard, StepWatch(first=spec.step_timeout))
     scheduler = _make_scheduler(spec, engine) if spec.rank == 0 else None
     log.info(
         "rank %d set up in %.2f s: weights %.2f s, group %.2f s, engine %.2f s",
@@ -237,7 +255,7 @@ def _make_scheduler(spec: RunnerSpec, engine: Any) -> Any:
         prefill_step=spec.prefill_step,
         max_queue=spec.max_queue,
         max_batch=spec.max_batch,
-        lanes=spec.world_size,
+        lanes=engine.lane_count,
         # A model that cannot batch still serves one request per rank at once.
         rows_per_lane=spec.max_batch if can_batch else 1,
         prefix_cache=_make_prefix_cache(spec, engine),

@@ -11,9 +11,10 @@ MLX evaluates lazily and the stage evaluates only what it sends or samples.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ class StageSpec:
     end: int  # exclusive
     rank: int = 0
     world_size: int = 1
+    # Tensor parallel: every rank holds a slice of every layer ([start, end) is
+    # all of them), embeds its input and computes the logits.
+    tensor: bool = False
 
     @property
     def is_first(self) -> bool:
@@ -280,14 +284,7 @@ def load_stage(
         _, args_class = _get_classes(config)
         return build, args_class
 
-    # mlx-lm's loader reads every model*.safetensors in a folder; give it a
-    # folder holding only the files this stage needs.
-    with tempfile.TemporaryDirectory(prefix="pomona-stage-") as tmp:
-        staging = Path(tmp)
-        for name in ("config.json",):
-            (staging / name).symlink_to((model_path / name).resolve())
-        for i, name in enumerate(files):
-            (staging / f"model-{i:05d}.safetensors").symlink_to((model_path / name).resolve())
+    with _staged(model_path, files) as staging:
         model, config = load_model(
             staging,
             lazy=True,
@@ -315,6 +312,80 @@ def load_stage(
         weights_bytes / 1e6,
     )
     return LoadedShard(model, config, spec, files, weights_bytes, sent)
+
+
+@contextlib.contextmanager
+def _staged(model_path: Path, files: list[str]) -> Iterator[Path]:
+    """A folder holding only ``files`` of the model (and its config).
+
+    mlx-lm's loader reads every model*.safetensors in a folder.
+    """
+    with tempfile.TemporaryDirectory(prefix="pomona-stage-") as tmp:
+        staging = Path(tmp)
+        (staging / "config.json").symlink_to((model_path / "config.json").resolve())
+        for i, name in enumerate(files):
+            (staging / f"model-{i:05d}.safetensors").symlink_to((model_path / name).resolve())
+        yield staging
+
+
+def tensor_refusal(config: dict[str, Any], world_size: int) -> str:
+    """Why this model cannot be split into ``world_size`` tensor slices ("" if it can).
+
+    mlx-lm's ``shard()`` divides attention heads, key/value heads and the MLP
+    width by the group's size and shards no embedding or head.
+    """
+    model_class, _ = _get_classes(config)
+    kind = config.get("model_type", "?")
+    if not hasattr(model_class, "shard"):
+        return (
+            f"mlx-lm's {kind} model has no shard(), so it cannot be split by tensor "
+            "parallelism: use --parallel pipeline (or auto)"
+        )
+    text = config.get("text_config", config)
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = int(text.get(key) or 0)
+        if value and value % world_size:
+            return (
+                f"{kind}'s {key} ({value}) does not divide among {world_size} ranks: "
+                f"use a number of workers that divides it, or --parallel pipeline"
+            )
+    return ""
+
+
+def load_tensor_slice(
+    model_path: Path,
+    spec: StageSpec,
+    group: Any,
+    *,
+    progress: Callable[[float], None] | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedShard:
+    """This rank's slice of every layer, as mlx-lm's ``sharded_load`` makes it.
+
+    The model is built and its weights read lazily, ``shard()`` replaces each
+    linear layer with this rank's slice of it, and only then is anything
+    evaluated: the rank materializes its slices (and the embedding and head,
+    which mlx-lm does not shard), never the whole model.
+    """
+    config = load_config(model_path)
+    refusal = tensor_refusal(config, spec.world_size)
+    if refusal:
+        raise ValueError(refusal)
+    files = sorted(set(weight_map(model_path).values()))
+    with _staged(model_path, files) as staging:
+        model, config = load_model(staging, lazy=True, trust_remote_code=trust_remote_code)
+    model.shard(group)
+    params = dict(tree_flatten(model.parameters()))
+    _evaluate(params, progress)
+    weights_bytes = sum(p.nbytes for p in params.values())
+    log.info(
+        "loaded slice %d of %d of every layer of %s (%.1f MB)",
+        spec.rank,
+        spec.world_size,
+        model_path.name,
+        weights_bytes / 1e6,
+    )
+    return LoadedShard(model, config, spec, files, weights_bytes)
 
 
 def _num_layers(config: dict[str, Any], wmap: dict[str, str]) -> int:

@@ -158,7 +158,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids", "rdma", "prompt_cache_bytes", "prompt_cache_token_bytes")
+    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids", "rdma", "prompt_cache_bytes", "prompt_cache_token_bytes", "parallel")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class LoadRequest(_message.Message):
     RDMA_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     model: str
     start_layer: int
@@ -197,7 +198,8 @@ class LoadRequest(_message.Message):
     rdma: _containers.RepeatedCompositeFieldContainer[RdmaRow]
     prompt_cache_bytes: int
     prompt_cache_token_bytes: int
-    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., rdma: _Optional[_Iterable[_Union[RdmaRow, _Mapping]]] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_token_bytes: _Optional[int] = ...) -> None: ...
+    parallel: str
+    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., rdma: _Optional[_Iterable[_Union[RdmaRow, _Mapping]]] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_token_bytes: _Optional[int] = ..., parallel: _Optional[str] = ...) -> None: ...
 
 class RdmaRow(_message.Message):
     __slots__ = ("peers",)
