@@ -162,19 +162,27 @@ def check_disk(
 ) -> None:
     """PlacementError when a worker would fetch more than its model cache has room for."""
     world = len(assignments)
+    # A tensor rank (Assignment.whole) fetches every tensor: the whole model.
+    whole = max(
+        (h.bytes for r in survey.values() if (h := held_model(r, model)) and h.complete),
+        default=0,
+    )
     problems = []
     for i, a in enumerate(assignments):
         reply = survey.get(a.node_id)
-        if reply is None or holds_stage(held_model(reply, model), StageNeed.of(a, i, world)):
+        need = StageNeed(a.start, a.end, True, True) if a.whole else StageNeed.of(a, i, world)
+        if reply is None or holds_stage(held_model(reply, model), need):
             continue
         room = reply.cache_free_bytes
         if reply.cache_max_bytes:
             room = min(room, reply.cache_max_bytes)
-        if a.weights_bytes > room:
+        size = whole if a.whole and whole else a.weights_bytes
+        what = "every tensor" if a.whole else f"layers [{a.start}, {a.end})"
+        if size > room:
             problems.append(
-                f"{a.name} would fetch layers [{a.start}, {a.end}) of {model}: "
-                f"{format_bytes(a.weights_bytes)}, but its model cache ({reply.cache_dir}) has "
-                f"{format_bytes(room)} free, {format_bytes(a.weights_bytes - room)} short"
+                f"{a.name} would fetch {what} of {model}: "
+                f"{format_bytes(size)}, but its model cache ({reply.cache_dir}) has "
+                f"{format_bytes(room)} free, {format_bytes(size - room)} short"
             )
     if problems:
         raise PlacementError("; ".join(problems))

@@ -387,8 +387,8 @@ def plan_command(
         console = Console()
         if comparison.choice.mode == "pipeline":
             print_plan(result, profile, console, choice.reason)
-            for line in link_lines(result, links):
-                click.echo(line)
         else:
             console.print(f"backend: {choice.backend} ({choice.reason})", highlight=False)
+        for line in link_lines(result, links):
+            click.echo(line)
         print_comparison(comparison, console)

@@ -210,3 +210,21 @@ def test_a_receiver_fetches_from_the_holder_on_its_fastest_measured_link_first()
         ("10.0.0.1:7000", "e"),
         ("10.0.0.3:7000", "f"),
     ]
+
+
+def test_a_tensor_rank_needs_room_for_the_whole_model() -> None:
+    """A tensor rank holds a slice of every layer but fetches every tensor."""
+    holder = holding()
+    holder.models[0].bytes = 40 * GB
+    survey = {
+        "a": holder,
+        "b": transfer_pb2.ListModelsReply(cache_dir="/mid", cache_free_bytes=30 * GB),
+    }
+    ranks = [
+        Assignment("a", "mac-a", 0, 16, 20 * GB, whole=True),
+        Assignment("b", "mac-b", 0, 16, 20 * GB, whole=True),
+    ]
+    with pytest.raises(PlacementError) as e:
+        check_disk(ranks, survey, "m")
+    assert "mac-b would fetch every tensor of m" in str(e.value)
+    assert "37.3 GiB, but its model cache (/mid) has 27.9 GiB free, 9.3 GiB short" in str(e.value)
