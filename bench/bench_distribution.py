@@ -170,7 +170,14 @@ def pomona_run(bed: TestBed, model: Path, workers: int, root: Path, rate: float)
         model.name,
         CLUSTER,
         workers,
-        extra=["--objective", "throughput", "--state-dir", str(root / "coordinator")],
+        extra=[
+            "--objective",
+            "throughput",
+            "--parallel",
+            "pipeline",
+            "--state-dir",
+            str(root / "coordinator"),
+        ],  # fmt: skip
     )
     reply = wait_for(
         lambda: (r := list_nodes(coord)).serving and r, 3600, "the cluster to serve", interval=0.1

@@ -50,6 +50,9 @@ from pomona.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# Seconds after a load starts serving before links nothing depended on are measured.
+LINKS_AFTER_SERVING_S = 10.0
+
 RETRY_PLAN_S = 2.0
 RETRY_TRANSFER_S = 10.0
 # A failed load is tried again after this, doubling up to RETRY_MAX_S; a
@@ -619,9 +622,10 @@ class Cluster:
             ev.LOAD_FINISHED, message=f"load {load_id} in {time.monotonic() - started:.1f} s"
         )
         if not self.links.measured(members):
-            # Nothing hung on the figures (one address per worker): measure now, for
-            # status, `pomona plan` and the next plan, without delaying this one.
-            self._background(self.links.measure(members), "measuring links")
+            # Nothing hung on the figures (one address per worker): measure them for
+            # status, `pomona plan` and the next plan, without delaying this one, and a
+            # little later, so the probes do not compete with the first requests.
+            self._background(self._measure_later(members, load_id), "measuring links")
         log.info("serving %s; requests enter at %s", self.config.model, head.runner_address)
 
     async def _fall_back(
@@ -744,6 +748,11 @@ class Cluster:
                 m.state = "idle"
         await self.close_unused_channels()
         self.note_change()
+
+    async def _measure_later(self, members: list[Member], load_id: str) -> None:
+        await asyncio.sleep(LINKS_AFTER_SERVING_S)
+        if self.serving is not None and self.serving.load_id == load_id:
+            await self.links.measure(members)
 
     def _background(self, work: Coroutine[Any, Any, None], what: str) -> None:
         task = asyncio.create_task(work)
