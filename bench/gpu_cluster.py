@@ -47,7 +47,8 @@ def run_cluster(model: Path, workers: int, args: argparse.Namespace, port: int) 
     env = dict(os.environ, XDG_STATE_HOME=str(args.out / f"state-{workers}"))
     up = subprocess.Popen(
         [sys.executable, "-m", "pomona", "up", "--local", str(workers), "--model", str(model),
-         "--port", str(port), "--http-port", "0"],
+         "--port", str(port), "--http-port", "0", "--parallel", "pipeline",
+         *(["--layers", split(args.layers, workers)] if args.split else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
     )  # fmt: skip
@@ -60,7 +61,8 @@ def run_cluster(model: Path, workers: int, args: argparse.Namespace, port: int) 
         bench = subprocess.run(
             [sys.executable, "-m", "pomona", "bench", "--coordinator", f"127.0.0.1:{port}",
              "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-             "--repeats", str(args.repeats), "--concurrency", args.concurrency, "--json"],
+             "--repeats", str(args.repeats), "--concurrency", args.concurrency, "--json",
+             *(["--second-turn"] if args.second_turn else [])],
             capture_output=True, text=True, env=env, timeout=args.timeout,
         )  # fmt: skip
         if bench.returncode != 0:
@@ -71,6 +73,11 @@ def run_cluster(model: Path, workers: int, args: argparse.Namespace, port: int) 
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait(60)
+
+
+def split(layers: int, workers: int) -> str:
+    """Layers per worker, as even as they go (``--layers`` of ``pomona up``)."""
+    return ",".join(str(layers // workers + (i < layers % workers)) for i in range(workers))
 
 
 def run_mlx_lm(model: Path, args: argparse.Namespace) -> str:
@@ -96,6 +103,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/pomona-gpu-figures"))
     parser.add_argument("--timeout", type=float, default=400)
     parser.add_argument("--skip-mlx-lm", action="store_true")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="Split the layers evenly over the workers (the planner may put a model that "
+        "fits one GPU on one worker).",
+    )
+    parser.add_argument("--second-turn", action="store_true", help="Also time a chat's next turn.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
