@@ -111,8 +111,15 @@ def _no_rdma(nodes: Sequence[NodeFacts]) -> str:
     return "no Thunderbolt cable with a working RDMA device joins the workers"
 
 
-def choose_backend(requested: str, nodes: Sequence[NodeFacts]) -> BackendChoice:
-    """The backend for ranks ``nodes`` (in rank order), and why."""
+def choose_backend(
+    requested: str, nodes: Sequence[NodeFacts], machines: Sequence[str] = ()
+) -> BackendChoice:
+    """The backend for ranks ``nodes`` (in rank order), and why.
+
+    ``machines``: each rank's machine (its address), where known. NCCL takes one
+    GPU per rank, and a Pomona rank uses its machine's first GPU, so two ranks on
+    one machine (``pomona up --local``) cannot form an NCCL group.
+    """
     if requested not in CHOICES:
         raise ValueError(f"unknown backend {requested!r}: use one of {', '.join(CHOICES)}")
     n = len(nodes)
@@ -131,13 +138,18 @@ def choose_backend(requested: str, nodes: Sequence[NodeFacts]) -> BackendChoice:
             )
         elif requested == "nccl" and not all(x.cuda for x in nodes):
             reason += "; but not every worker runs MLX on CUDA: the ring takes over if it fails"
+        elif requested == "nccl" and (shared := _shared_machines(nodes, machines)):
+            reason += f"; but {shared}: it will not form, and the ring takes over"
         return BackendChoice(requested, reason, matrix)
     lacking = {
         b: [x.name for x in nodes if x.mlx_backends and b not in x.mlx_backends]
         for b in ("jaccl", "nccl")
     }
     if all(x.cuda for x in nodes) and not lacking["nccl"]:
-        return BackendChoice("nccl", "every worker runs MLX on CUDA")
+        shared = _shared_machines(nodes, machines)
+        if not shared:
+            return BackendChoice("nccl", "every worker runs MLX on CUDA")
+        return BackendChoice("ring", f"TCP: every worker runs MLX on CUDA, but {shared}")
     if lacking["jaccl"]:
         return BackendChoice(
             "ring", f"TCP: MLX on {', '.join(lacking['jaccl'])} has no JACCL (macOS 26.2+)"
@@ -156,6 +168,19 @@ def choose_backend(requested: str, nodes: Sequence[NodeFacts]) -> BackendChoice:
     else:
         why = _no_rdma(nodes)
     return BackendChoice("ring", f"TCP: {why}")
+
+
+def _shared_machines(nodes: Sequence[NodeFacts], machines: Sequence[str]) -> str:
+    """Why NCCL cannot form when some ranks share a machine ("" when none do)."""
+    seen: dict[str, list[str]] = {}
+    for node, machine in zip(nodes, machines, strict=False):
+        seen.setdefault(machine, []).append(node.name)
+    shared = [names for names in seen.values() if len(names) > 1]
+    if not shared:
+        return ""
+    return (
+        f"{', '.join(shared[0])} share one machine and its first GPU (NCCL takes one GPU per rank)"
+    )
 
 
 def rdma_rows(choice: BackendChoice) -> list[worker_pb2.RdmaRow]:

@@ -462,7 +462,7 @@ class Cluster:
         if failed is not None:
             return BackendChoice("ring", failed)
         nodes = [facts_of(m.name, m.describe.backend_facts, m.describe.backends) for m in ordered]
-        return choose_backend(self.config.backend, nodes)
+        return choose_backend(self.config.backend, nodes, [m.host for m in ordered])
 
     def _prompt_cache(
         self, info: worker_pb2.ModelInfo, assignments: list[Assignment]

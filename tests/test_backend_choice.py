@@ -167,6 +167,18 @@ def test_cuda_everywhere_picks_nccl_and_a_named_backend_is_used_as_asked() -> No
         choose_backend("mpi", gpus)
 
 
+def test_two_ranks_on_one_machine_never_get_nccl() -> None:
+    """`pomona up --local 2` on a CUDA machine: both ranks would take its first GPU, and
+    NCCL refuses two ranks on one GPU ("invalid usage", seen on the lent H200)."""
+    gpus = [NodeFacts("local-1", cuda=True), NodeFacts("local-2", cuda=True)]
+    local = choose_backend("auto", gpus, ["127.0.0.1", "127.0.0.1"])
+    assert local.backend == "ring"
+    assert "local-1, local-2 share one machine" in local.reason
+    assert choose_backend("auto", gpus, ["10.0.0.1", "10.0.0.2"]).backend == "nccl"
+    forced = choose_backend("nccl", gpus, ["127.0.0.1", "127.0.0.1"])
+    assert forced.backend == "nccl" and "ring takes over" in forced.reason
+
+
 def test_the_device_matrix_travels_in_load_requests_to_each_ranks_file() -> None:
     from pomona.backends import rank_launch
     from pomona.coordinator.backend_choice import rdma_rows

@@ -212,6 +212,9 @@ class RunnerProcess:
             await self._set(
                 state=State.FAILED,
                 error=f"runner exited with code {code}" + (f": {tail}" if tail else ""),
+                # Dying while joining its group (NCCL exits the process on a group it
+                # cannot form): the group failed, and another backend may form.
+                group_failed=self.info.state is State.CONNECTING,
             )
         log.info("runner %d exited with code %s", self._proc.pid, code)
 
