@@ -189,7 +189,8 @@ INSECURE_OPTION = click.option(
     "--spare-runner/--no-spare-runner",
     default=True,
     show_default=True,
-    help="Have a runner process import MLX ahead of each load (faster loads and re-forms).",
+    help="Keep a runner process with MLX imported for the next load, and import mlx-lm "
+    "in the daemon at start (faster first plans, loads and re-forms).",
 )
 @CONFIG_OPTION
 @INSECURE_OPTION

@@ -497,6 +497,12 @@ async def serve(
     await _set_serving(health_servicer)
     measuring = asyncio.create_task(daemon.measure_bandwidth())
     await daemon.spare.ensure()  # a runner that has done its imports waits for the first load
+    if config.spare_runner:
+        # A model's profile (InspectModel, before every first plan) builds mlx-lm's model
+        # class: the first import of mlx-lm (and transformers) takes 1.5 s here and
+        # 12-16 s on a Mac with PyTorch installed. Done now, in the background, it is not
+        # on the path of a coordinator's first plan.
+        asyncio.get_running_loop().run_in_executor(None, _import_mlx_lm)
     info = service_info(
         config.name,
         daemon.addresses,
@@ -531,6 +537,13 @@ async def serve(
         measuring.cancel()
         await daemon.shutdown()
         await server.stop(grace=1.0)
+
+
+def _import_mlx_lm() -> None:
+    try:
+        import mlx_lm.utils  # noqa: F401
+    except Exception as e:  # a model's profile reports it when it is needed
+        log.warning("cannot import mlx-lm: %s", e)
 
 
 def transfer_service(daemon: WorkerDaemon) -> TransferService:
