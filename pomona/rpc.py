@@ -33,6 +33,12 @@ OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # Each channel its own connections: gRPC otherwise shares them between channels
+    # to one address, and with them the reconnect backoff (1 s, growing) of a server
+    # that went away. A re-formed pipeline's head listens on the old head's address
+    # (--runner-port) within a second now, and a request sent to it on a fresh
+    # channel failed at once with the old head's "connection refused".
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 # Servers must accept the clients' keepalive pings above (every 10 s, also
 # between calls), or they answer GOAWAY "too_many_pings" and drop the channel.
