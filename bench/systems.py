@@ -368,7 +368,6 @@ class Pomona:
         self.config = Path()
         self.processes: Processes | None = None
         self._stub: Any = None
-        self.tag = ""  # tells apart several Pomona clusters of one benchmark
 
     def start(self, processes: Processes, model: Path, prompt: Sequence[int]) -> None:
         self.prompt = list(prompt)
