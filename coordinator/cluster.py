@@ -30,6 +30,7 @@ from pomona.coordinator.backend_choice import BackendChoice, choose_backend, fac
 from pomona.coordinator.distribution import (
     Distributor,
     TransferFailed,
+    all_staged,
     check_disk,
     prefer_holders,
     relabel,
@@ -502,10 +503,7 @@ class Cluster:
         if staged and any(a.whole for a in assignments):
             # A tensor group joins before it loads (its slices are cut for the group,
             # within join_timeout): no rank starts before every rank holds the model.
-            fetched = await asyncio.gather(*staged.values(), return_exceptions=True)
-            failed = [str(r) for r in fetched if isinstance(r, BaseException)]
-            if failed:
-                raise TransferFailed("; ".join(failed))
+            await all_staged(staged)
             staged = {}
         by_id = {m.node_id: m for m in members}
         ordered = [by_id[a.node_id] for a in assignments]

@@ -23,7 +23,7 @@ import grpc
 
 from pomona import rpc
 from pomona.coordinator import events as ev
-from pomona.coordinator.links import Links
+from pomona.coordinator.links import Links, Measurement
 from pomona.coordinator.monitor import Monitor
 from pomona.coordinator.placement import Assignment, PlacementError
 from pomona.coordinator.planner import Plan
@@ -170,8 +170,7 @@ def check_disk(
     problems = []
     for i, a in enumerate(assignments):
         reply = survey.get(a.node_id)
-        need = StageNeed(a.start, a.end, True, True) if a.whole else StageNeed.of(a, i, world)
-        if reply is None or holds_stage(held_model(reply, model), need):
+        if reply is None or holds_stage(held_model(reply, model), StageNeed.of(a, i, world)):
             continue
         room = reply.cache_free_bytes
         if reply.cache_max_bytes:
@@ -247,8 +246,28 @@ def _route_to(host: str) -> str:
         return socket.gethostname()
 
 
+def _addresses(holder: Member, best: Measurement | None) -> list[tuple[str, str]]:
+    """Where a receiver reaches ``holder``'s transfers: on ``best``, the fastest link
+    measured between them, then at the address it was found at (a daemon that listens
+    on one address only refuses the other; the fetch then moves on)."""
+    found = (holder.address, holder.node_id)
+    if best is None or best.candidate.address == holder.host:
+        return [found]
+    port = holder.address.rsplit(":", 1)[1]
+    return [(f"{best.candidate.address}:{port}", holder.node_id), found]
+
+
 class TransferFailed(PlacementError):
     pass
+
+
+async def all_staged(jobs: dict[str, asyncio.Task[None]]) -> None:
+    """Once every fetch of ``jobs`` (``Distributor.stage_jobs``) has ended; TransferFailed
+    naming every one that failed."""
+    results = await asyncio.gather(*jobs.values(), return_exceptions=True)
+    errors = [str(r) for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise TransferFailed("; ".join(errors))
 
 
 class Distributor:
@@ -331,34 +350,20 @@ class Distributor:
     ) -> list[tuple[str, str]]:
         """Addresses and node ids of the holders of ``model``: workers holding it whole,
         then the coordinator, then workers with stage folders."""
+        links = self.links
         held = [
-            (m, h)
+            (m, h, links.best(receiver.node_id, m.node_id) if links else None)
             for m in members
             if m.node_id != receiver.node_id and (h := held_model(survey.get(m.node_id), model))
         ]
         # The fastest measured link first (Thunderbolt over Ethernet over Wi-Fi).
-        held.sort(key=lambda mh: -self._rate(receiver, mh[0]))
-        whole = [a for m, h in held if h.complete for a in self._addresses(receiver, m)]
-        folders = [a for m, h in held if not h.complete for a in self._addresses(receiver, m)]
+        held.sort(key=lambda mhb: -(mhb[2].bandwidth_bytes_per_s if mhb[2] else 0.0))
+        whole = [a for m, h, best in held if h.complete for a in _addresses(m, best)]
+        folders = [a for m, h, best in held if not h.complete for a in _addresses(m, best)]
         own = held_model(survey.get(COORDINATOR), model)
         if self.local is not None and own is not None and own.complete:
             whole.append((self.local.address_for(receiver.address), COORDINATOR))
         return whole + folders
-
-    def _rate(self, receiver: Member, holder: Member) -> float:
-        best = self.links.best(receiver.node_id, holder.node_id) if self.links else None
-        return best.bandwidth_bytes_per_s if best is not None else 0.0
-
-    def _addresses(self, receiver: Member, holder: Member) -> list[tuple[str, str]]:
-        """Where ``receiver`` reaches ``holder``'s transfers: on the fastest link measured
-        between them, then at the address it was found at (a daemon that listens on one
-        address only refuses the other; the fetch then moves on)."""
-        found = (holder.address, holder.node_id)
-        best = self.links.best(receiver.node_id, holder.node_id) if self.links else None
-        if best is None or best.candidate.address == holder.host:
-            return [found]
-        port = holder.address.rsplit(":", 1)[1]
-        return [(f"{best.candidate.address}:{port}", holder.node_id), found]
 
     def node_transfers(self) -> list[coordinator_pb2.NodeTransfer]:
         return [
@@ -389,11 +394,7 @@ class Distributor:
         on_progress: Callable[[str], None] = lambda line: None,
     ) -> None:
         """Every worker of the plan holds its stage, or TransferFailed says who does not."""
-        jobs = self.stage_jobs(model, members, assignments, survey, timeout, on_progress)
-        results = await asyncio.gather(*jobs.values(), return_exceptions=True)
-        errors = [str(r) for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise TransferFailed("; ".join(errors))
+        await all_staged(self.stage_jobs(model, members, assignments, survey, timeout, on_progress))
 
     def stage_jobs(
         self,
