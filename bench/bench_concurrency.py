@@ -56,7 +56,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import default_cache_dir, ensure_model, parameter_count  # noqa: E402
 from servers import MlxLmServer, PomonaHttp  # noqa: E402
-from systems import Processes, cpu_seconds, load_average, run_info, wait_for  # noqa: E402
+from systems import (  # noqa: E402
+    NO_PIN,
+    Processes,
+    cpu_seconds,
+    halves,
+    load_average,
+    run_info,
+    wait_for,
+)
 
 T0 = time.monotonic()
 # Short: on a CPU, prefilling a newcomer stalls every running stream for a while.
@@ -70,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated stream counts")
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens of the warm-up requests")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--model", type=Path, default=None, help="an mlx-lm model folder to use")
+    p.add_argument("--layers", default="", help="Pomona's layers per worker (default: halves)")
+    p.add_argument(
+        "--no-pin", action="store_true", help="pin no rank to a core (a GPU machine's ranks)"
+    )
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="model cache")
     p.add_argument(
         "--launcher-running",
@@ -505,8 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
 
-    model = ensure_model(args.cache_dir, args.dtype)
-    model_desc = f"qwen2, {parameter_count(model) / 1e6:.1f}M parameters, {args.dtype}"
+    if args.no_pin:
+        os.environ[NO_PIN] = "1"  # inherited by every process started from here on
+    model = args.model or ensure_model(args.cache_dir, args.dtype)
+    config = json.loads((model / "config.json").read_text())
+    dtype = args.dtype if args.model is None else config.get("torch_dtype", "?")
+    model_desc = f"{config['model_type']}, {parameter_count(model) / 1e6:.1f}M parameters, {dtype}"
     prompts, warmup = pick_prompts(model, sum(args.levels), 3)
     print(f"model: {model} ({model_desc}); {len(prompts)} prompts", flush=True)
 
@@ -518,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="pomona-bench-concurrency-"))
     processes = Processes(log_dir)
     widest = max(args.levels)
-    pomona = PomonaHttp("Pomona, 2 workers", 2, "4,4", max_batch=widest)
+    pomona = PomonaHttp("Pomona, 2 workers", 2, args.layers or halves(model), max_batch=widest)
     mlx = MlxLmServer("mlx_lm.server, 2 ranks", 2, widest, args.launcher_running)
     load_before = load_average()
     blas: dict[str, list[str]] = {}

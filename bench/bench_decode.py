@@ -18,6 +18,12 @@ request each per round, so that load from anything else on the machine falls
 on all three alike.
 
     python bench/bench_decode.py [--tokens 128] [--repeats 3]
+
+On a GPU machine, at a real model's shape (a folder from ``gpu_cluster.py``),
+Apple's protocol (a 4,096-token prompt, then 128 tokens), unpinned:
+
+    python bench/bench_decode.py --model /tmp/pomona-gpu-model/llama-3.1-8b-l32 \
+        --prompt-tokens 4096 --no-pin
 """
 
 from __future__ import annotations
@@ -39,12 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import default_cache_dir, ensure_model, parameter_count  # noqa: E402
 from systems import (  # noqa: E402
+    NO_PIN,
     ControlServer,
     MlxLm,
     Pomona,
     Processes,
     Run,
     cpu_seconds,
+    halves,
     load_average,
     run_info,
     wait_for,
@@ -61,6 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the warm-up request")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt-tokens", type=int, default=0, help="a prompt this many tokens long")
+    p.add_argument("--model", type=Path, default=None, help="an mlx-lm model folder to use")
+    p.add_argument("--layers", default="", help="Pomona's layers per worker (default: halves)")
+    p.add_argument(
+        "--no-pin", action="store_true", help="pin no rank to a core (a GPU machine's ranks)"
+    )
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="model cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
@@ -75,12 +89,21 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def load_prompt(model: Path, text: str) -> list[int]:
+def load_prompt(model: Path, text: str, length: int = 0) -> list[int]:
+    """The prompt's tokens; with ``length``, the text repeated to exactly that many."""
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     bos = tokenizer.bos_token
-    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+    tokens = list(
+        tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+    )
+    if length:
+        more = list(tokenizer.encode(" " + text, add_special_tokens=False))
+        while len(tokens) < length:
+            tokens += more
+        tokens = tokens[:length]
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -201,6 +224,7 @@ def report(
         ("tok/s", "right"),
         ("min – max", "right"),
         ("× single", "right"),
+        ("TTFT s", "right"),
         ("CPU ms/token", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -213,6 +237,7 @@ def report(
             f"{mean[row.label]:.2f}",
             f"{min(tps):.2f} – {max(tps):.2f}",
             f"{mean[row.label] / single:.2f}",
+            f"{statistics.median(r.ttft_s for r in runs[row.label]):.3f}",
             f"{1e3 * _own_cpu(cpu[row.label]) / _tokens(runs[row.label]):.0f}",
         )
     console = Console(width=None if sys.stdout.isatty() else 110)
@@ -222,7 +247,11 @@ def report(
         f"tokens per measured request: {', '.join(map(str, counts))} (asked {args.tokens}); "
         f"tok/s = (tokens - 1) / (last token - first token), mean of {args.repeats} requests"
     )
+    ttft = {label: statistics.median(r.ttft_s for r in rs) for label, rs in runs.items()}
+    ttft_pomona, ttft_pipeline = ttft[rows[3].label], ttft[rows[2].label]
     ratios = {
+        "ttft_pomona_vs_pipeline": ttft_pomona / ttft_pipeline,
+        "ttft_pomona_vs_single": ttft_pomona / ttft[rows[0].label],
         "pomona_vs_pipeline": pomona / paused,
         "pomona_vs_pipeline_as_launched": pomona / launched,
         "pomona_vs_single": pomona / single,
@@ -235,6 +264,11 @@ def report(
         console.print(f"{text}: {value:.3f}  (target >= {target}: {verdict})")
     as_launched = ratios["pomona_vs_pipeline_as_launched"]
     console.print(f"Pomona / mlx-lm pipeline (as launched)     : {as_launched:.3f}")
+    console.print(
+        f"time to first token ({info['prompt_tokens']}-token prompt),"
+        f" Pomona / mlx-lm pipeline: {ratios['ttft_pomona_vs_pipeline']:.3f};"
+        f" Pomona / single: {ratios['ttft_pomona_vs_single']:.3f}"
+    )
     console.print(f"greedy tokens identical across systems and requests: {info['tokens_match']}")
     console.print(
         f"load average before / after: {info['load_before']} / {info['load_after']} "
@@ -257,6 +291,7 @@ def report(
     return {
         "info": info,
         "tps_mean": mean,
+        "ttft_median_s": ttft,
         "tps_runs": {label: [r.tps for r in rs] for label, rs in runs.items()},
         "tokens_runs": {label: [len(r.tokens) for r in rs] for label, rs in runs.items()},
         "ratios": ratios,
@@ -280,10 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
 
-    model = ensure_model(args.cache_dir, args.dtype)
+    if args.no_pin:
+        os.environ[NO_PIN] = "1"  # inherited by every process started from here on
+    model = args.model or ensure_model(args.cache_dir, args.dtype)
     params = parameter_count(model)
-    prompt = load_prompt(model, args.prompt)
-    model_desc = f"qwen2, {params / 1e6:.1f}M parameters, {args.dtype}"
+    prompt = load_prompt(model, args.prompt, args.prompt_tokens)
+    config = json.loads((model / "config.json").read_text())
+    dtype = args.dtype if args.model is None else config.get("torch_dtype", "?")
+    model_desc = f"{config['model_type']}, {params / 1e6:.1f}M parameters, {dtype}"
     print(f"model: {model} ({model_desc}); prompt: {len(prompt)} tokens", flush=True)
 
     log_dir = Path(tempfile.mkdtemp(prefix="pomona-bench-"))
@@ -291,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     control = ControlServer()
     single = MlxLm("mlx-lm, 1 process", 1, control)
     pipeline = MlxLm("mlx-lm pipeline, 2 ranks", 2, control)
-    pomona = Pomona("Pomona, 2 workers", 2, "4,4")
+    pomona = Pomona(
+        "Pomona, 2 workers",
+        2,
+        args.layers or halves(model),
+        # Every request repeats the prompt: without the prefix cache each one
+        # prefills it, as each mlx-lm request does.
+        options=["--parallel", "pipeline", "--prompt-cache-gb", "0"],
+    )
     systems: list[MlxLm | Pomona] = [single, pipeline, pomona]
     rows = [
         Row("mlx-lm, 1 process", single),

@@ -48,7 +48,8 @@ def own_session() -> None:
 def pin_to_rank_core() -> int:
     """Pin this process to core ``MLX_RANK`` (0 when run alone); return the rank."""
     rank = int(os.environ.get("MLX_RANK", "0"))
-    if hasattr(os, "sched_setaffinity"):  # Linux; macOS has no CPU affinity
+    pin = os.environ.get("POMONA_BENCH_NO_PIN") != "1"  # --no-pin: on a GPU machine
+    if pin and hasattr(os, "sched_setaffinity"):  # Linux; macOS has no CPU affinity
         os.sched_setaffinity(0, {rank % (os.cpu_count() or 1)})
     return rank
 

@@ -29,6 +29,7 @@ LOOPBACK = "127.0.0.1"
 # The longest an mlx-lm process may take to answer one request (seconds).
 REQUEST_TIMEOUT = 900.0
 RANK_SCRIPT = Path(__file__).resolve().with_name("mlx_lm_rank.py")
+NO_PIN = "POMONA_BENCH_NO_PIN"
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,28 @@ class Run:
         return (len(self.tokens) - 1) / seconds if seconds > 0 else 0.0
 
 
+def halves(model: Path) -> str:
+    """Pomona's ``--layers`` for two workers: the model's layers as even as they go."""
+    n = int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
+    return f"{n - n // 2},{n // 2}"
+
+
 # -- processes ----------------------------------------------------------------
 
 
 def pinned(cores: Sequence[int] | None) -> list[str]:
-    """A ``taskset`` prefix pinning a command to ``cores`` (none where unavailable)."""
-    if cores is None or not hasattr(os, "sched_setaffinity") or shutil.which("taskset") is None:
+    """A ``taskset`` prefix pinning a command to ``cores`` (none where unavailable).
+
+    ``POMONA_BENCH_NO_PIN=1`` (``--no-pin`` of the benchmarks) pins nothing: on a
+    GPU machine the ranks drive an accelerator and one core each would measure the
+    host, not the system.
+    """
+    if (
+        cores is None
+        or os.environ.get(NO_PIN) == "1"
+        or not hasattr(os, "sched_setaffinity")
+        or shutil.which("taskset") is None
+    ):
         return []
     return ["taskset", "-c", ",".join(str(c) for c in cores)]
 
