@@ -348,3 +348,78 @@ def test_the_prefix_cache_keeps_finished_rows_and_a_later_prompt_restores_them()
     while (step := s.next_step()) is not None:
         assert not step.store
     assert cache.entries == kept and drain(third)[-1].reason is Finish.CANCELLED
+
+
+def chaining(lanes: int = 2) -> Scheduler:
+    return Scheduler(CharDetokenizer, [EOS], prefill_step=4, lanes=lanes, chain=True)
+
+
+def test_a_lone_lane_launches_its_next_decode_step_on_tokens_in_flight() -> None:
+    s = chaining()
+    req = GenRequest("r", [5, 6], max_tokens=3)
+    s.submit(req)
+    assert s.next_step().prefill  # type: ignore[union-attr]
+    join = s.next_step()
+    assert join is not None and join.join and not join.chained
+    first = s.next_step()  # before the join's token is in
+    assert first is not None and first.chained and first.tokens == (0,) and first.lane == 0
+    assert s.next_step() is None  # one chained step at most
+    s.on_tokens(join, [ord("a")])
+    second = s.next_step()
+    assert second is not None and second.chained
+    s.on_tokens(first, [ord("b")])
+    s.on_tokens(second, [ord("c")])
+    assert s.next_step() is None  # max_tokens reached: the row leaves, the lane empties
+    events = drain(req)
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "abc"
+    assert events[-1] == Done(Finish.LENGTH, 2, 3)
+
+
+def test_a_row_that_finished_stops_the_chain_and_its_extra_token_is_dropped() -> None:
+    s = chaining()
+    req = GenRequest("r", [5, 6], max_tokens=10)
+    s.submit(req)
+    s.next_step()
+    join = s.next_step()
+    chained = s.next_step()
+    assert join is not None and chained is not None and chained.chained
+    s.on_tokens(join, [EOS])
+    assert s.next_step() is None  # the row is done: nothing more is chained
+    s.on_tokens(chained, [ord("q")])
+    assert s.next_step() is None
+    events = drain(req)
+    assert events == [Done(Finish.STOP, 2, 0)]
+
+
+def test_a_waiting_request_or_a_second_lane_at_work_stops_the_chain() -> None:
+    s = chaining()
+    a = GenRequest("a", [5, 6], max_tokens=10)
+    s.submit(a)
+    s.next_step()
+    join = s.next_step()
+    assert join is not None and join.lane == 0
+    s.submit(GenRequest("b", [7, 8], max_tokens=10))
+    newcomer = s.next_step()  # b is admitted to the idle lane, not chained behind a
+    assert newcomer is not None and newcomer.prefill and newcomer.lane == 1
+    b_join = s.next_step()
+    assert b_join is not None and b_join.lane == 1 and not b_join.chained
+    assert s.next_step() is None  # two lanes at work: each waits for its tokens
+    s.on_tokens(join, [ord("x")])
+    step = s.next_step()
+    assert step is not None and step.lane == 0 and not step.chained
+
+
+def test_a_cancelled_row_stops_the_chain() -> None:
+    s = chaining(lanes=1)
+    req = GenRequest("r", [5, 6], max_tokens=10)
+    s.submit(req)
+    s.next_step()
+    join = s.next_step()
+    chained = s.next_step()
+    assert join is not None and chained is not None and chained.chained
+    req.cancel()
+    s.on_tokens(join, [ord("a")])
+    assert s.next_step() is None
+    s.on_tokens(chained, [ord("b")])
+    assert s.next_step() is None  # reaped: the row leaves with the session
+    assert drain(req)[-1].reason is Finish.CANCELLED

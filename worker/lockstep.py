@@ -14,6 +14,16 @@ instead of in turn. The head launches a step and collects its tokens only
 after launching the next one: a receive is never outstanding while it computes
 (the ring backend's receive spins).
 
+With one lane at work (one stream, or every stream in one batch) the head
+does not wait for a step's tokens before launching the lane's next decode
+step: it builds that step on the tokens still in flight (MLX arrays the ring
+has yet to deliver) and enqueues it, then collects the earlier step's tokens
+while the rest of the pipeline computes. Building the graph, encoding the
+control vector, detokenizing and streaming so leave the critical path, as in
+mlx-lm's own generator (``async_eval``). Such a *chained* step is made only
+when the lane's rows stay as they are; a row that finished is computed one
+step too many, and its token dropped.
+
 A step belongs to one lane and is either a prefill chunk of the group of
 requests being admitted to it (batched, right padded like mlx-lm's prompt
 batches, in caches of their own), or a decode step of the lane's rows. The
@@ -117,6 +127,9 @@ class Step:
     store: tuple[tuple[int, int], ...] = ()
     evict: tuple[int, ...] = ()
     restore: tuple[int, int] | None = None
+    # Head only, never sent: the tokens are those of the lane's step still in
+    # flight (``tokens`` holds placeholders of the same count).
+    chained: bool = False
 
 
 def _f2i(x: float) -> int:
@@ -332,6 +345,8 @@ class StageEngine:
         self._kinds = [cache_kind(c) for c in make_stage_cache(self.model, self.spec)]
         self.kinds = tuple(self._kinds)  # every layer's, held here or not
         self._ctrl_template = mx.zeros((CTRL_LEN,), dtype=mx.int32)
+        # Control vectors of plain decode steps, by (lane, rows): most steps.
+        self._plain_ctrl: dict[tuple[int, int], mx.array] = {}
         # Which rank embeds real tokens and which samples (holds the rows' samplers).
         self._feeds = self.spec.is_first
         self._samples = self.spec.is_last
@@ -340,6 +355,11 @@ class StageEngine:
     def lane_count(self) -> int:
         """Lanes that keep every rank busy: one per rank."""
         return self.spec.world_size
+
+    @property
+    def can_chain(self) -> bool:
+        """Whether the head may launch a lane's decode step on tokens in flight."""
+        return True
 
     def can_batch(self) -> bool:
         """Whether this model's layers take several requests in one step.
@@ -373,6 +393,7 @@ class StageEngine:
         oldest step in flight is then collected, which frees its lane.
         """
         in_flight: deque[tuple[Step, mx.array]] = deque()
+        newest: dict[int, mx.array] = {}  # each lane's tokens of its last step launched
         watch = self.watch
 
         def collect() -> None:
@@ -395,11 +416,13 @@ class StageEngine:
                 mx.synchronize()
                 self.reset()
                 return
-            tokens = self.run_step(step)
+            tokens = self.run_step(step, newest.get(step.lane) if step.chained else None)
             watch.end(step_tokens(step))
             if tokens is not None:
                 in_flight.append((step, tokens))
-            if len(in_flight) >= self.lane_count:
+                newest[step.lane] = tokens
+            # One step per lane in flight, and one chained behind it.
+            if len(in_flight) > self.lane_count:
                 collect()
 
     def follower_session(self) -> None:
@@ -420,8 +443,22 @@ class StageEngine:
 
     def _announce(self, step: Step | None) -> None:
         """The head tells rank 1 the step; it forwards it down the pipeline."""
-        ctrl = mx.array(encode_ctrl(step), dtype=mx.int32)
-        mx.async_eval(mx.distributed.send(ctrl, 1))
+        mx.async_eval(mx.distributed.send(self._ctrl(step), 1))
+
+    def _ctrl(self, step: Step | None) -> mx.array:
+        plain = (
+            step is not None
+            and not step.prefill
+            and not (step.join or step.remove or step.store or step.evict)
+        )
+        if not plain:
+            return mx.array(encode_ctrl(step), dtype=mx.int32)
+        assert step is not None
+        key = (step.lane, len(step.tokens))
+        ctrl = self._plain_ctrl.get(key)
+        if ctrl is None:
+            ctrl = self._plain_ctrl[key] = mx.array(encode_ctrl(step), dtype=mx.int32)
+        return ctrl
 
     def _follow(self) -> Step | None:
         """The step the head announced, passed on to the next rank first."""
@@ -440,11 +477,12 @@ class StageEngine:
 
     # -- one step -------------------------------------------------------------
 
-    def run_step(self, step: Step) -> mx.array | None:
+    def run_step(self, step: Step, fed: mx.array | None = None) -> mx.array | None:
         """Run this rank's layers for one step.
 
         On the head a decode step returns the sampled tokens, not yet
-        evaluated: the head collects them later.
+        evaluated: the head collects them later. A chained step feeds ``fed``,
+        the tokens of the lane's step in flight.
         """
         lane = self.lanes.setdefault(step.lane, _Lane())
         group = None
@@ -468,7 +506,10 @@ class StageEngine:
         if lane.n == 0:
             return None  # the lane emptied: a step of prefix-cache bookkeeping only
         assert lane.caches is not None
-        inputs = mx.array(step.tokens if self._feeds else [0] * lane.n, dtype=mx.int32)
+        if step.chained and fed is not None:
+            inputs = fed
+        else:
+            inputs = mx.array(step.tokens if self._feeds else [0] * lane.n, dtype=mx.int32)
         return self._decode(inputs[:, None], lane)  # (B, 1)
 
     def _fresh(self, n: int, restore: tuple[int, int] | None = None) -> list[Any]:
@@ -542,9 +583,14 @@ class StageEngine:
             tokens = self._sample(out[:, -1, :], lane)
             if spec.world_size > 1:
                 tokens = mx.distributed.send(tokens, 0)
+            if spec.is_first:  # one rank: collected later, as on any head
+                mx.async_eval(tokens, [c.state for c in owned])
+                return tokens
             mx.eval(tokens, [c.state for c in owned])
-            return tokens if spec.is_first else None
-        self._send_on(owned)
+            return None
+        # The head does not wait for its own compute: it goes on to collect
+        # tokens, or to build the next step, while this one runs.
+        self._send_on(owned, wait=not spec.is_first)
         if spec.is_first:
             template = mx.zeros((inputs.shape[0],), dtype=mx.int32)
             return mx.distributed.recv_like(template, spec.world_size - 1)
@@ -561,10 +607,13 @@ class StageEngine:
             )
         return tokens.astype(mx.int32)  # (B,)
 
-    def _send_on(self, owned: Sequence[Any]) -> None:
+    def _send_on(self, owned: Sequence[Any], wait: bool = True) -> None:
         """Evaluate this stage's caches and what it sends to the next stage."""
         sent = self.shard.sent
-        mx.eval(sent[-1:], [c.state for c in owned])
+        if wait:
+            mx.eval(sent[-1:], [c.state for c in owned])
+        else:
+            mx.async_eval(sent[-1:], [c.state for c in owned])
         sent.clear()
 
     def _remove(self, lane: _Lane, remove: Sequence[int]) -> None:

@@ -259,6 +259,8 @@ def _make_scheduler(spec: RunnerSpec, engine: Any) -> Any:
         # A model that cannot batch still serves one request per rank at once.
         rows_per_lane=spec.max_batch if can_batch else 1,
         prefix_cache=_make_prefix_cache(spec, engine),
+        # POMONA_CHAINED_STEPS=0 turns the overlap off: for side-by-side benchmarks.
+        chain=engine.can_chain and os.environ.get("POMONA_CHAINED_STEPS", "1") != "0",
     )
     scheduler.tokenizer = tokenizer
     return scheduler

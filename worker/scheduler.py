@@ -134,14 +134,23 @@ class _Lane:
     group: list[_Active] = field(default_factory=list)  # being admitted
     remove: list[int] = field(default_factory=list)  # engine rows to drop next step
     store: list[tuple[int, int]] = field(default_factory=list)  # (engine row, entry)
-    busy: bool = False  # a decode step is in flight
+    in_flight: int = 0  # decode steps launched and not yet collected (2: one chained)
     last_prefill: bool = False
     group_started: bool = False  # the ranks hold caches for the group
+
+    @property
+    def busy(self) -> bool:
+        """A decode step is in flight."""
+        return self.in_flight > 0
 
     @property
     def load(self) -> int:
         """Requests running or being admitted here (finished rows not counted)."""
         return sum(not r.done for r in self.rows) + len(self.group)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows or self.group or self.in_flight)
 
 
 class Scheduler:
@@ -158,8 +167,10 @@ class Scheduler:
         lanes: int = 1,
         rows_per_lane: int = MAX_ROWS,
         prefix_cache: PrefixCache | None = None,
+        chain: bool = False,
     ):
         self.prefix_cache = prefix_cache
+        self._chain = chain  # launch a lone lane's decode steps on tokens in flight
         self._make_detokenizer = make_detokenizer
         self._eos = frozenset(eos_token_ids)
         self._prefill_step = prefill_step
@@ -224,6 +235,9 @@ class Scheduler:
             if step is not None:
                 self._turn = (i + 1) % n
                 return step
+        step = self._chained_step()
+        if step is not None:
+            return step
         if not any(lane.busy for lane in self._lanes):
             # Nothing in flight and nothing to do: the session ends and every
             # rank forgets its caches, so there is nothing left to remove.
@@ -369,7 +383,7 @@ class Scheduler:
         if join:
             lane.rows.extend(join)
             lane.group = []
-        lane.busy = True
+        lane.in_flight += 1
         return Step(
             index,
             prefill=False,
@@ -380,6 +394,35 @@ class Scheduler:
             evict=tuple(evict),
         )
 
+    def _chained_step(self) -> Step | None:
+        """The next decode step of the one lane at work, on its tokens in flight.
+
+        Only when nothing else waits to happen: no other lane at work, no
+        request waiting or being admitted, and every row still running (a row
+        that finished, or was cancelled, leaves only in a step made once the
+        lane's tokens are all in).
+        """
+        if not self._chain or self._queue:
+            return None
+        at_work = [i for i, lane in enumerate(self._lanes) if lane.active]
+        if len(at_work) != 1:
+            return None
+        index = at_work[0]
+        lane = self._lanes[index]
+        if (
+            lane.in_flight != 1
+            or lane.group
+            or lane.remove
+            or lane.store
+            or not lane.rows
+            or any(r.done or r.req.cancelled.is_set() for r in lane.rows)
+        ):
+            return None
+        for r in lane.rows:
+            r.fed += 1
+        lane.in_flight += 1
+        return Step(index, prefill=False, tokens=(0,) * len(lane.rows), chained=True)
+
     def _feed(self, a: _Active) -> list[int]:
         chunk = a.to_prefill[: self._prefill_step]
         a.prefilled += len(chunk)
@@ -387,7 +430,7 @@ class Scheduler:
 
     def on_tokens(self, step: Step, tokens: list[int]) -> None:
         lane = self._lanes[step.lane]
-        lane.busy = False
+        lane.in_flight -= 1
         first = len(lane.rows) - len(step.join)
         now = time.monotonic()
         for i, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):

@@ -73,6 +73,10 @@ class TensorEngine(StageEngine):
     def lane_count(self) -> int:
         return 1
 
+    @property
+    def can_chain(self) -> bool:
+        return False  # every rank must be sent a step's tokens: they are known first
+
     def _announce(self, step: Step | None) -> None:
         vector, rest = encode_broadcast(step)
         # One evaluation each, in order: MLX orders independent outputs of one
