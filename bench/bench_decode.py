@@ -75,6 +75,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-pin", action="store_true", help="pin no rank to a core (a GPU machine's ranks)"
     )
+    p.add_argument(
+        "--pomona-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an option for Pomona's coordinator, e.g. --pomona-option=--prefill-step=2048",
+    )
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="model cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         args.layers or halves(model),
         # Every request repeats the prompt: without the prefix cache each one
         # prefills it, as each mlx-lm request does.
-        options=["--parallel", "pipeline", "--prompt-cache-gb", "0"],
+        options=["--parallel", "pipeline", "--prompt-cache-gb", "0", *args.pomona_option],
     )
     systems: list[MlxLm | Pomona] = [single, pipeline, pomona]
     rows = [
