@@ -37,8 +37,11 @@ from pomona.v1 import coordinator_pb2
 pytestmark = pytest.mark.cluster
 
 HEARTBEAT_TIMEOUT = 3.0
+# Pipeline stages whatever the links measured after serving (tensor groups'
+# failures are drilled in test_tensor.py).
 COORDINATOR_ARGS = (
     "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), "--retry-timeout", "90",
+    "--parallel", "pipeline",
 )  # fmt: skip
 FIGURES: list[dict[str, object]] = []
 SLOW_IMPORT = Path(__file__).parent / "data" / "slow_import"
