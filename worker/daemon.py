@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import struct
+import time
 from pathlib import Path
 
 import grpc
@@ -41,7 +42,7 @@ from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, Sta
 from pomona.worker.sampler import Sampler
 from pomona.worker.telemetry import effective_interval, telemetry_stream
 from pomona.worker.transfer_service import TransferService
-from pomona.worker.warm_runner import WarmRunner
+from pomona.worker.warm_runner import REFILL_AFTER_READY_S, WarmRunner
 
 log = logging.getLogger(__name__)
 
@@ -458,10 +459,17 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     async def _refill_spare(self, runner: RunnerProcess) -> None:
         """Another spare once ``runner``, which took the last one, is up (or failed):
-        the next load — a re-form after a failure — starts without the imports."""
+        the next load — a re-form after a failure — starts without the imports.
+
+        After a runner that came up, not at once: the spare's imports are seconds
+        of CPU, which the first requests would share (a failure refills at once).
+        """
         info = runner.info
         while info.state not in (State.READY, *TERMINAL):
             info = await runner.wait_change(info, 60.0)
+        deadline = time.monotonic() + REFILL_AFTER_READY_S
+        while info.state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+            info = await runner.wait_change(info, left)
         await self.spare.ensure()
 
     async def surveyed(self) -> None:
