@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,28 @@ def wait_for_listeners(
                     time.sleep(pause)  # its load has not arrived yet (still fetching)
                     pause = min(1.0, pause * 2)
     time.sleep(LISTEN_GRACE_S)
+
+
+def in_background(call: Callable[[], None]) -> Callable[[], None]:
+    """``call`` started in a thread; returns the call that waits for it and raises its error.
+
+    A daemon thread: a runner that fails meanwhile must not wait for it to exit.
+    """
+    done = threading.Event()
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:  # raised in the waiting thread, below
+            error.append(e)
+        done.set()
+
+    threading.Thread(target=run, daemon=True, name="background").start()
+
+    def wait() -> None:
+        done.wait()
+        if error:
+            raise error[0]
+
+    return wait
