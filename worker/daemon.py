@@ -128,6 +128,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self.hardware = read_hardware()
         self.backend_facts = read_backend_facts()
         self.runner: RunnerProcess | None = None
+        self._runner_started = asyncio.Condition()  # notified when ``runner`` is replaced
+        self.waiting_for_load = 0  # WatchShard calls holding on until their load arrives
         self.lease = Lease()
         # Open telemetry streams per coordinator: the last one closing frees its lease.
         self._watchers: dict[str, int] = {}
@@ -306,6 +308,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 self.config.load_timeout,
             )
             await self.runner.start(warm=self.spare.take(launch.env))
+            async with self._runner_started:
+                self._runner_started.notify_all()
             if self.runner.adopted:
                 self._refill = asyncio.create_task(self._refill_spare(self.runner))
             return shard_to_proto(self.runner.info)
@@ -374,6 +378,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     async def WatchShard(self, request, context):  # noqa: N802
         runner = self.runner
+        if request.wait_for_load:
+            runner = await self._runner_of(request.load_id, context.time_remaining())
         if runner is None or runner.spec.load_id != request.load_id:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no shard with load_id {request.load_id!r} here"
@@ -386,6 +392,24 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             if info.state in (State.READY, *TERMINAL):
                 return
             seen = info
+
+    async def _runner_of(self, load_id: str, timeout: float | None) -> RunnerProcess | None:
+        """The runner of ``load_id``, waiting up to ``timeout`` (at most a minute) for it."""
+
+        def arrived() -> bool:
+            return self.runner is not None and self.runner.spec.load_id == load_id
+
+        async with self._runner_started:
+            self.waiting_for_load += 1
+            try:
+                await asyncio.wait_for(
+                    self._runner_started.wait_for(arrived), min(timeout or 60.0, 60.0)
+                )
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self.waiting_for_load -= 1
+        return self.runner
 
     async def Wake(self, request, context):  # noqa: N802
         runner = self.runner
