@@ -136,8 +136,10 @@ def _wait_for_load() -> RunnerSpec | None:
     import mlx_lm.utils  # noqa: F401
 
     import pomona.worker.lockstep  # noqa: F401
+    import pomona.worker.runner_service  # noqa: F401 - the head's server, and its auth
     import pomona.worker.scheduler  # noqa: F401
     import pomona.worker.shard  # noqa: F401
+    import pomona.worker.tensor  # noqa: F401
 
     emit("warm")
     line = sys.stdin.readline()
