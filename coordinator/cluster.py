@@ -181,6 +181,15 @@ class Cluster:
             return 1
         return max(1, self.config.min_workers - len(self.left_out))
 
+    def all_expected(self, usable: list[Member]) -> bool:
+        """Every worker the first plan was told to wait for (``--min-workers`` > 1) is in.
+
+        Then the first plan starts at once: the settle only gathers answers that
+        may still come when it is not known how many to expect.
+        """
+        expected = self.config.min_workers
+        return not self.ever_served and expected > 1 and len(usable) >= expected
+
     def usable(self) -> list[Member]:
         now = time.monotonic()
         for node_id, (until, _) in list(self.left_out.items()):
@@ -259,7 +268,7 @@ class Cluster:
                 )
                 continue
             quiet = self.config.settle_seconds - (time.monotonic() - self._last_change)
-            if quiet > 0:
+            if quiet > 0 and not self.all_expected(usable):
                 await asyncio.sleep(quiet)
                 if self._changed.is_set():
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -41,7 +42,33 @@ from pomona.security import Auth, ClusterConfig
 from pomona.v1 import common_pb2, coordinator_pb2
 
 
-@click.group()
+class _Commands(click.Group):
+    """The commands kept in modules of their own, imported only when run (or listed):
+    a daemon starting (``pomona worker``, ``pomona coordinator``) does without them."""
+
+    MODULES = {
+        "init": ("pomona.init_cmd", "init_command"),
+        "plan": ("pomona.coordinator.plan_cli", "plan_command"),
+        "bench": ("pomona.bench_cmd", "bench_command"),
+        "chat": ("pomona.chat", "chat_command"),
+        "status": ("pomona.status_cmd", "status_command"),
+        "events": ("pomona.status_cmd", "events_command"),
+        "models": ("pomona.models_cmd", "models_command"),
+        "pull": ("pomona.models_cmd", "pull_command"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.MODULES:
+            module, name = self.MODULES[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), name)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(package_name="pomona")
 def main(verbose: int) -> None:
@@ -553,27 +580,6 @@ def up(
         parallel=parallel,
     )
     sys.exit(cluster.run(timeout))
-
-
-def _register_commands() -> None:
-    from pomona.bench_cmd import bench_command
-    from pomona.chat import chat_command
-    from pomona.coordinator.plan_cli import plan_command
-    from pomona.init_cmd import init_command
-    from pomona.models_cmd import models_command, pull_command
-    from pomona.status_cmd import events_command, status_command
-
-    main.add_command(init_command, "init")
-    main.add_command(plan_command, "plan")
-    main.add_command(bench_command, "bench")
-    main.add_command(chat_command, "chat")
-    main.add_command(status_command, "status")
-    main.add_command(events_command, "events")
-    main.add_command(models_command, "models")
-    main.add_command(pull_command, "pull")
-
-
-_register_commands()
 
 
 if __name__ == "__main__":

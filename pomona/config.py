@@ -102,7 +102,8 @@ class CoordinatorConfig:
     min_workers: int = 1
     # Quiet time after the last membership change before planning: Bonjour
     # answers to one query arrive within ~120 ms of each other (RFC 6762's
-    # random delay), and each is then described in a round trip.
+    # random delay), and each is then described in a round trip. Not before the
+    # first plan once ``min_workers`` (> 1) are in: that many were expected.
     settle_seconds: float = 0.5
     mdns_interfaces: tuple[str, ...] = ()
     load_timeout: float = 600.0

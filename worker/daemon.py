@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import struct
+import time
 from pathlib import Path
 
 import grpc
@@ -41,7 +42,7 @@ from pomona.worker.runner_process import TERMINAL, RunnerProcess, ShardInfo, Sta
 from pomona.worker.sampler import Sampler
 from pomona.worker.telemetry import effective_interval, telemetry_stream
 from pomona.worker.transfer_service import TransferService
-from pomona.worker.warm_runner import WarmRunner
+from pomona.worker.warm_runner import REFILL_AFTER_READY_S, WarmRunner
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self.hardware = read_hardware()
         self.backend_facts = read_backend_facts()
         self.runner: RunnerProcess | None = None
+        self._runner_started = asyncio.Condition()  # notified when ``runner`` is replaced
+        self.waiting_for_load = 0  # WatchShard calls holding on until their load arrives
         self.lease = Lease()
         # Open telemetry streams per coordinator: the last one closing frees its lease.
         self._watchers: dict[str, int] = {}
@@ -305,6 +308,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 self.config.load_timeout,
             )
             await self.runner.start(warm=self.spare.take(launch.env))
+            async with self._runner_started:
+                self._runner_started.notify_all()
             if self.runner.adopted:
                 self._refill = asyncio.create_task(self._refill_spare(self.runner))
             return shard_to_proto(self.runner.info)
@@ -373,6 +378,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     async def WatchShard(self, request, context):  # noqa: N802
         runner = self.runner
+        if request.wait_for_load:
+            runner = await self._runner_of(request.load_id, context.time_remaining())
         if runner is None or runner.spec.load_id != request.load_id:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no shard with load_id {request.load_id!r} here"
@@ -385,6 +392,24 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             if info.state in (State.READY, *TERMINAL):
                 return
             seen = info
+
+    async def _runner_of(self, load_id: str, timeout: float | None) -> RunnerProcess | None:
+        """The runner of ``load_id``, waiting up to ``timeout`` (at most a minute) for it."""
+
+        def arrived() -> bool:
+            return self.runner is not None and self.runner.spec.load_id == load_id
+
+        async with self._runner_started:
+            self.waiting_for_load += 1
+            try:
+                await asyncio.wait_for(
+                    self._runner_started.wait_for(arrived), min(timeout or 60.0, 60.0)
+                )
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self.waiting_for_load -= 1
+        return self.runner
 
     async def Wake(self, request, context):  # noqa: N802
         runner = self.runner
@@ -458,10 +483,17 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
 
     async def _refill_spare(self, runner: RunnerProcess) -> None:
         """Another spare once ``runner``, which took the last one, is up (or failed):
-        the next load — a re-form after a failure — starts without the imports."""
+        the next load — a re-form after a failure — starts without the imports.
+
+        After a runner that came up, not at once: the spare's imports are seconds
+        of CPU, which the first requests would share (a failure refills at once).
+        """
         info = runner.info
         while info.state not in (State.READY, *TERMINAL):
             info = await runner.wait_change(info, 60.0)
+        deadline = time.monotonic() + REFILL_AFTER_READY_S
+        while info.state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+            info = await runner.wait_change(info, left)
         await self.spare.ensure()
 
     async def surveyed(self) -> None:

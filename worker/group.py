@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ def join_group(backend: str, rank: int, world_size: int, timeout: float) -> Any:
 
 # The gap between a rank saying it is joining and its listening socket being up.
 LISTEN_GRACE_S = 0.05
+# A peer's NOT_FOUND after this long means its daemon waited for the load: ask again at once.
+WAITED_S = 1.0
 
 
 def wait_for_listeners(
@@ -74,7 +77,9 @@ def wait_for_listeners(
     as soon as it had loaded would wait a second or more for nothing, and one
     15 s ahead of rank 0 would fail the group. The last rank therefore starts
     the ring only when every other rank's daemon says its runner is joining:
-    then each connect of the chain finds its peer listening.
+    then each connect of the chain finds its peer listening. A peer still
+    fetching its stage has no load yet: its daemon holds the question until the
+    load arrives (``wait_for_load``), so the answer comes when it does.
     """
     import grpc
 
@@ -98,9 +103,11 @@ def wait_for_listeners(
                     raise RuntimeError(
                         f"rank {peer} ({address}) did not join within {timeout:.0f} s"
                     )
+                asked = time.monotonic()
                 try:
                     for status in stub.WatchShard(
-                        worker_pb2.WatchShardRequest(load_id=load_id), timeout=left
+                        worker_pb2.WatchShardRequest(load_id=load_id, wait_for_load=True),
+                        timeout=left,
                     ):
                         if status.state in joining:
                             break
@@ -112,11 +119,41 @@ def wait_for_listeners(
                         continue
                     break
                 except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        continue  # the peer waited for its load until our deadline
                     if e.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                         raise RuntimeError(
                             f"cannot ask rank {peer} ({address}) whether it is joining: "
                             f"{rpc.describe_error(e, address)}"
                         ) from e
-                    time.sleep(pause)  # its load has not arrived yet (still fetching)
-                    pause = min(1.0, pause * 2)
+                    if time.monotonic() - asked < WAITED_S:
+                        # Its load has not arrived yet (still fetching) and its daemon
+                        # did not wait for it (unreachable, or one that cannot).
+                        time.sleep(pause)
+                        pause = min(1.0, pause * 2)
     time.sleep(LISTEN_GRACE_S)
+
+
+def in_background(call: Callable[[], None]) -> Callable[[], None]:
+    """``call`` started in a thread; returns the call that waits for it and raises its error.
+
+    A daemon thread: a runner that fails meanwhile must not wait for it to exit.
+    """
+    done = threading.Event()
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:  # raised in the waiting thread, below
+            error.append(e)
+        done.set()
+
+    threading.Thread(target=run, daemon=True, name="background").start()
+
+    def wait() -> None:
+        done.wait()
+        if error:
+            raise error[0]
+
+    return wait

@@ -13,6 +13,7 @@ ahead of its load, ``python -m pomona.worker.runner --warm`` (warm_runner).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pomona.orphans import die_with_parent
-from pomona.worker.group import GroupError, join_group, wait_for_listeners
+from pomona.worker.group import GroupError, in_background, join_group, wait_for_listeners
 from pomona.worker.warm_runner import WARM_FLAG
 
 log = logging.getLogger("pomona.worker.runner")
@@ -135,8 +136,10 @@ def _wait_for_load() -> RunnerSpec | None:
     import mlx_lm.utils  # noqa: F401
 
     import pomona.worker.lockstep  # noqa: F401
+    import pomona.worker.runner_service  # noqa: F401 - the head's server, and its auth
     import pomona.worker.scheduler  # noqa: F401
     import pomona.worker.shard  # noqa: F401
+    import pomona.worker.tensor  # noqa: F401
 
     emit("warm")
     line = sys.stdin.readline()
@@ -166,6 +169,20 @@ def _run(spec: RunnerSpec) -> int:
         emit("state", state="connecting")
         group = join_group(spec.backend, spec.rank, spec.world_size, spec.join_timeout)
     emit("state", state="loading", progress=0.0)
+    peers_joining = None
+    if group is None and spec.world_size > 1 and spec.rank == spec.world_size - 1:
+        # The ring's last rank asks whether the others listen while its weights load.
+        peers_joining = in_background(
+            functools.partial(
+                wait_for_listeners,
+                spec.workers,
+                spec.node_ids,
+                spec.load_id,
+                spec.rank,
+                spec.cluster_config,
+                spec.peers_timeout,
+            )
+        )
 
     def progress(p: float) -> None:
         emit("state", state="loading", progress=round(p, 4))
@@ -193,15 +210,8 @@ def _run(spec: RunnerSpec) -> int:
     )
     loaded = time.monotonic()
     if spec.world_size > 1:
-        if group is None and spec.backend == "ring" and spec.rank == spec.world_size - 1:
-            wait_for_listeners(
-                spec.workers,
-                spec.node_ids,
-                spec.load_id,
-                spec.rank,
-                spec.cluster_config,
-                spec.peers_timeout,
-            )
+        if peers_joining is not None:
+            peers_joining()
         emit("state", state="connecting")
         if group is None:
             group = mx.distributed.init(backend=spec.backend, strict=True)

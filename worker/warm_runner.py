@@ -6,8 +6,9 @@ group waits for the slowest. So the daemon keeps one spare runner: started
 with the daemon, it imports everything and then waits, blocked on its stdin,
 for a load's spec and the environment that makes it join its group. A ``Load``
 adopts it (``RunnerProcess.start(warm=...)``) instead of starting a process,
-and once that runner is up (or has failed) the daemon starts the next spare,
-so a re-form after a failure starts without the imports too. A coordinator's
+and once that runner has failed, or has served for ``REFILL_AFTER_READY_S``,
+the daemon starts the next spare, so a re-form after a failure starts without
+the imports too. A coordinator's
 survey before a plan starts one if none is alive.
 
 One spare at a time, idle (a few hundred MB, no CPU). It dies with the daemon
@@ -31,6 +32,9 @@ WARM_FLAG = "--warm"
 # Variables a process must have from its start (CUDA reads its device list once,
 # when MLX first touches the GPU): a load that needs them starts a fresh process.
 START_ONLY_ENV = ("CUDA_VISIBLE_DEVICES",)
+# Seconds between a runner that took the spare coming up and the next spare's start:
+# its imports would otherwise compete with the first requests for the CPU.
+REFILL_AFTER_READY_S = 10.0
 
 
 def runner_command(*args: str) -> list[str]:

@@ -222,10 +222,12 @@ class UnloadRequest(_message.Message):
     def __init__(self, load_id: _Optional[str] = ..., coordinator: _Optional[str] = ...) -> None: ...
 
 class WatchShardRequest(_message.Message):
-    __slots__ = ("load_id",)
+    __slots__ = ("load_id", "wait_for_load")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_LOAD_FIELD_NUMBER: _ClassVar[int]
     load_id: str
-    def __init__(self, load_id: _Optional[str] = ...) -> None: ...
+    wait_for_load: bool
+    def __init__(self, load_id: _Optional[str] = ..., wait_for_load: _Optional[bool] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
     __slots__ = ("load_id", "state", "model", "start_layer", "end_layer", "rank", "progress", "runner_address", "error", "runner_pid", "weights_bytes", "files", "active_bytes", "world_size", "group_failed", "backend")
