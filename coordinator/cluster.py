@@ -560,6 +560,8 @@ class Cluster:
                 prompt_cache_bytes=cache.bytes,
                 prompt_cache_token_bytes=cache.token_bytes,
                 parallel="tensor" if tensor else "pipeline",
+                draft_model=self.config.draft_model if rank == 0 else "",
+                num_draft_tokens=self.config.num_draft_tokens if rank == 0 else 0,
             )
             for rank, a in enumerate(assignments)
         ]
