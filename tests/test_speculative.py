@@ -196,3 +196,14 @@ def test_sampled_rows_verify_through_probabilities(models: dict[str, Path]) -> N
         events.append(req.events.get())
     assert isinstance(events[-1], Done) and events[-1].completion_tokens > 0
     assert spec.verifies_total > 0 and spec.accepted_total > 0
+
+
+def test_a_verify_step_and_its_trim_travel_in_the_control_vector() -> None:
+    from pomona.worker.lockstep import Step, decode_ctrl, encode_ctrl
+
+    step = Step(1, prefill=False, tokens=(4, 5, 6, 7), width=4, trim=2, probs=True, remove=(0,))
+    back = decode_ctrl(encode_ctrl(step))
+    assert back is not None and (back.width, back.trim, back.probs) == (4, 2, True)
+    assert len(back.tokens) == 4 and back.remove == (0,)
+    with pytest.raises(ValueError, match="neither prefills nor admits"):
+        encode_ctrl(Step(0, prefill=False, tokens=(1, 2), width=2, join=(Sampling(),)))

@@ -179,7 +179,7 @@ def encode_ctrl(step: Step | None) -> list[int]:
     if not 1 <= step.width <= _MAX_WIDTH or not 0 <= step.trim < _MAX_WIDTH:
         raise ValueError(f"a verify step feeds at most {_MAX_WIDTH} tokens per row")
     restore = step.restore or (0, 0)
-    ctrl[11:14] = [step.width, step.trim, int(step.probs)]
+    ctrl[11:14] = [step.width - 1, step.trim, int(step.probs)]  # drafts per row
     ctrl[:11] = [
         OP_PREFILL if step.prefill else OP_DECODE,
         step.lane,
@@ -215,7 +215,7 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
         or not (0 <= n_rows <= MAX_JOIN and 0 <= n_join <= MAX_JOIN and 0 <= n_remove <= MAX_ROWS)
         or not (0 <= n_store <= MAX_STORE and 0 <= n_evict <= MAX_EVICT)
         or not 0 <= int(ctrl[2]) <= MAX_ROWS * MAX_JOIN
-        or not (1 <= int(ctrl[11]) <= _MAX_WIDTH and 0 <= int(ctrl[12]) < _MAX_WIDTH)
+        or not (0 <= int(ctrl[11]) < _MAX_WIDTH and 0 <= int(ctrl[12]) < _MAX_WIDTH)
     ):
         raise Desynchronized(
             "received a malformed control message: the stages of this pipeline disagree "
@@ -239,7 +239,7 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
         ),
         evict=tuple(int(x) for x in ctrl[_EVICT : _EVICT + n_evict]),
         restore=(int(ctrl[9]), int(ctrl[10])) if int(ctrl[9]) else None,
-        width=int(ctrl[11]),
+        width=int(ctrl[11]) + 1,
         trim=int(ctrl[12]),
         probs=bool(ctrl[13]),
     )
