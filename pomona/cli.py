@@ -89,6 +89,15 @@ CHAT_TEMPLATE_OPTION = click.option(
     "has none gets mlx_lm.server's plain 'USER: ... ASSISTANT:' format.",
 )
 
+
+def check_draft_option(draft_model: str, parallel: str) -> None:
+    if draft_model and parallel == "tensor":
+        raise click.BadParameter(
+            "speculative decoding runs on pipelines only: drop --parallel tensor or --draft-model",
+            param_hint="--draft-model",
+        )
+
+
 DRAFT_MODEL_OPTION = click.option(
     "--draft-model",
     default="",
@@ -420,6 +429,7 @@ def coordinator(
             raise click.BadParameter(f"{folder} is not a folder", param_hint="--model-dir")
     split = _parse_layers(layers)
     check_parallel(parallel, layers)
+    check_draft_option(draft_model, parallel)
     chat_template = read_chat_template(chat_template_file)
     cluster_config, _ = config_for_daemon(config_path, insecure)
     api_key = os.environ.get("POMONA_API_KEY", "") or (
@@ -564,6 +574,7 @@ def up(
 
     _parse_layers(layers)
     check_parallel(parallel, layers)
+    check_draft_option(draft_model, parallel)
     read_chat_template(chat_template_file)  # a bad file fails here, not in the coordinator
     cluster = LocalCluster(
         count,

@@ -207,3 +207,24 @@ def test_a_verify_step_and_its_trim_travel_in_the_control_vector() -> None:
     assert len(back.tokens) == 4 and back.remove == (0,)
     with pytest.raises(ValueError, match="neither prefills nor admits"):
         encode_ctrl(Step(0, prefill=False, tokens=(1, 2), width=2, join=(Sampling(),)))
+
+
+def test_the_planner_counts_the_draft_on_the_head_node() -> None:
+    from pomona.coordinator.planner import NodeSpec, PlanError, plan
+    from pomona.model_profile import ModelProfile
+
+    gib = 2**30
+    config = json.loads(
+        (Path(__file__).parents[1] / "pomona/model_configs/llama-3.1-8b.json").read_text()
+    )
+    profile = ModelProfile.from_config(config, name="llama-3.1-8b")
+    nodes = [
+        NodeSpec("a", "a", "Apple M4 Pro", 24 * gib),
+        NodeSpec("b", "b", "Apple M4 Pro", 24 * gib),
+    ]
+    alone = plan(profile, nodes, context_length=4096, objective="latency")
+    assert len(alone.stages) == 1  # the 16 GB model fits one node
+    drafted = plan(profile, nodes, context_length=4096, objective="latency", draft_bytes=8 * gib)
+    assert len(drafted.stages) == 2  # with an 8 GB draft beside it, it does not
+    with pytest.raises(PlanError):
+        plan(profile, nodes[:1], context_length=4096, draft_bytes=8 * gib)
