@@ -136,7 +136,8 @@ def test_greedy_acceptance_keeps_the_agreeing_prefix_and_the_targets_next() -> N
 
 def test_draft_length_adapts_and_drafting_stops_when_it_does_not_pay() -> None:
     costs = Costs()
-    costs.plain_step(0.010)
+    for _ in range(3):
+        costs.plain_step(0.010)
     costs.drafted(4, 0.004)  # 1 ms a draft token
     costs.verify_step(4, 0.011)
     good = DraftPolicy(k_max=4)

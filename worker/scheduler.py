@@ -481,7 +481,7 @@ class Scheduler:
         if step.width > 1:
             self._on_verify(lane, step, tokens)
             return
-        if self.drafter is not None and len(tokens) == 1:
+        if self.drafter is not None and len(tokens) == 1 and not step.join:
             self.drafter.plain_step(time.monotonic() - lane.launched)
         first = len(lane.rows) - len(step.join)
         now = time.monotonic()

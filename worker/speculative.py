@@ -39,6 +39,10 @@ EVIDENCE = 3
 # quickly: a poor one stops after ``EVIDENCE`` verify steps).
 PRIOR_ACCEPTANCE = 0.7
 EMA = 0.3  # weight of the newest measurement
+# Plain decode steps measured before any drafting, and one plain step in every
+# ``REPROBE`` of a request's steps, so the comparison follows the machine's load.
+PLAIN_PROBES = 3
+REPROBE = 64
 
 
 class DraftRefused(ValueError):
@@ -115,6 +119,7 @@ class Costs:
     plain: float | None = None
     verify: dict[int, float] = field(default_factory=dict)
     draft_token: float | None = None
+    plain_samples: int = 0
 
     @staticmethod
     def _mix(old: float | None, new: float) -> float:
@@ -122,6 +127,7 @@ class Costs:
 
     def plain_step(self, seconds: float) -> None:
         self.plain = self._mix(self.plain, seconds)
+        self.plain_samples += 1
 
     def verify_step(self, k: int, seconds: float) -> None:
         self.verify[k] = self._mix(self.verify.get(k), seconds)
@@ -146,6 +152,7 @@ class DraftPolicy:
     k_max: int
     acceptance: float = PRIOR_ACCEPTANCE
     verifies: int = 0
+    steps: int = 0
     stopped: bool = False
 
     def record(self, k: int, accepted: int) -> None:
@@ -154,11 +161,16 @@ class DraftPolicy:
 
     def choose(self, costs: Costs) -> int:
         """Drafts for the next step; 0 once drafting does not pay for this request."""
-        if self.stopped:
-            return 0
-        if costs.plain is None or costs.draft_token is None or not costs.verify:
+        self.steps += 1
+        if self.stopped or costs.plain_samples < PLAIN_PROBES or self.steps % REPROBE == 0:
+            return 0  # a plain step: measure what drafting is compared with
+        assert costs.plain is not None
+        if costs.draft_token is None or not costs.verify:
             return self.k_max  # nothing measured yet: try the most
-        plain_rate = 1.0 / costs.plain
+        # A verify step never costs less than a plain one: the cheaper of the two
+        # measured is the better estimate of a plain step (the first plain steps
+        # of a runner are often slow ones).
+        plain_rate = 1.0 / min(costs.plain, *costs.verify.values())
         best_k, best_rate = 0, plain_rate
         for k in range(1, self.k_max + 1):
             verify = costs.verify_cost(k)
