@@ -229,3 +229,11 @@ def test_the_planner_counts_the_draft_on_the_head_node() -> None:
     assert len(drafted.stages) == 2  # with an 8 GB draft beside it, it does not
     with pytest.raises(PlanError):
         plan(profile, nodes[:1], context_length=4096, draft_bytes=8 * gib)
+
+
+def test_unmeasured_draft_lengths_are_priced_between_the_measured_ones() -> None:
+    costs = Costs()
+    costs.plain_step(0.010)
+    costs.verify_step(4, 0.018)
+    assert costs.verify_cost(2) == pytest.approx(0.014)  # between plain and k = 4
+    assert costs.verify_cost(6) == pytest.approx(0.022)  # the same slope beyond

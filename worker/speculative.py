@@ -136,13 +136,21 @@ class Costs:
         self.draft_token = self._mix(self.draft_token, seconds / max(tokens, 1))
 
     def verify_cost(self, k: int) -> float | None:
+        """A verify step of ``k`` drafts: measured, else interpolated between the
+        measured ones and a plain step (k = 0), or extrapolated from the last two."""
         if k in self.verify:
             return self.verify[k]
-        if not self.verify:
+        if not self.verify or self.plain is None:
             return None
-        # Unmeasured k: the nearest measured one, scaled by the positions it feeds.
-        near = min(self.verify, key=lambda j: abs(j - k))
-        return self.verify[near] * max(1.0, (k + 1) / (near + 1)) if k > near else self.verify[near]
+        points = sorted({0: min(self.plain, *self.verify.values()), **self.verify}.items())
+        below = [p for p in points if p[0] < k]
+        above = [p for p in points if p[0] > k]
+        if above:
+            (k0, t0), (k1, t1) = below[-1], above[0]
+        else:
+            (k0, t0), (k1, t1) = points[-2], points[-1]
+        slope = max(0.0, (t1 - t0) / (k1 - k0))
+        return t0 + slope * (k - k0)
 
 
 @dataclass
