@@ -237,3 +237,61 @@ def test_unmeasured_draft_lengths_are_priced_between_the_measured_ones() -> None
     costs.verify_step(4, 0.018)
     assert costs.verify_cost(2) == pytest.approx(0.014)  # between plain and k = 4
     assert costs.verify_cost(6) == pytest.approx(0.022)  # the same slope beyond
+
+
+def test_a_next_turn_restores_kv_written_by_verify_steps(models: dict[str, Path]) -> None:
+    """The prefix cache keeps a finished request's KV after its rejected drafts were
+    trimmed: a next turn restored from it gets the tokens of mlx-lm alone."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load, load_tokenizer
+
+    from pomona.worker.prefix_cache import PrefixCache
+
+    # Its last two layers write weakly into the residual stream: its first two
+    # alone make a draft that agrees often, not always, at half the cost.
+    target = make_model(models["target"].parent / "weak-tail", "llama", num_layers=4, seed=11)
+    for path in target.glob("*.safetensors"):
+        weights = mx.load(str(path))
+        for name in weights:
+            if name.endswith(("o_proj.weight", "down_proj.weight")) and ".layers.2." in name:
+                weights[name] = weights[name] * 0.2
+            if name.endswith(("o_proj.weight", "down_proj.weight")) and ".layers.3." in name:
+                weights[name] = weights[name] * 0.2
+        mx.save_safetensors(str(path), weights)
+    model, tokenizer = load(str(target))
+
+    def reference(ids: list[int], n: int) -> list[int]:
+        out = []
+        for token, _ in generate_step(mx.array(ids), model, max_tokens=n):
+            if int(token) in tokenizer.eos_token_ids:
+                break
+            out.append(int(token))
+        return out
+
+    engine = StageEngine(load_stage(target, StageSpec(0, 4, 0, 1)))
+    draft = load(str(target))[0]
+    draft.model.layers = draft.model.layers[:2]
+    spec = Drafter(draft, 4)
+    scheduler = Scheduler(
+        lambda: load_tokenizer(target).detokenizer,
+        tokenizer.eos_token_ids,
+        drafter=spec,
+        prefix_cache=PrefixCache(10**9, 1, min_tokens=32),
+    )
+    first = tokenizer.encode(" ".join(_prompt(i) for i in range(4)))
+    turns = []
+    for prompt in (first, None):
+        if prompt is None:
+            prompt = first + turns[0] + tokenizer.encode(" and then")
+        req = GenRequest(str(len(turns)), prompt, 24)
+        scheduler.submit(req)
+        engine.head_session(scheduler.next_step, scheduler.on_tokens)
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        turns.append([t for e in events if isinstance(e, Delta) for t in e.tokens])
+        assert turns[-1] == reference(prompt, 24)
+        assert isinstance(events[-1], Done)
+    assert events[-1].cached_tokens > len(first)  # the restore reached the generated tokens
+    assert 0 < spec.accepted_total < spec.drafted_total, (spec.accepted_total, spec.drafted_total)
