@@ -7,6 +7,7 @@ Greedy output is single-process mlx-lm's either way.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -107,3 +108,23 @@ def test_three_workers_with_a_random_draft_that_breaks_give_the_targets_tokens(
         # Drafting is off now; the next request decodes plainly.
         tokens, _, last = generate_tokens(coord, PROMPTS[0], max_tokens=24)
         assert tokens == expected[PROMPTS[0]] and last.usage.drafted_tokens == 0
+
+
+def test_a_draft_with_another_tokenizer_is_refused_with_both_named(tmp_path: Path) -> None:
+    target = make_model(tmp_path / "llama", "llama", num_layers=2, seed=5)
+    other = make_model(tmp_path / "other", "llama", num_layers=1, seed=6)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with local_cluster(tmp_path) as c:
+        c.worker("w0")
+        coord = c.coordinator(str(target), extra=("--draft-model", str(other)))
+
+        def refused() -> str:
+            events = coordinator_stub(coord).Events(coordinator_pb2.EventsRequest(), timeout=10)
+            return next((e.message for e in events if e.kind == "load_failed"), "")
+
+        message = wait_for(refused, 60, "the load to fail")
+        assert f"the draft model {other} has a different tokenizer from {target}" in message
