@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A request stops drafting once this many verify steps show it does not pay.
+# A request pauses drafting once this many verify steps show it does not pay.
 EVIDENCE = 3
 # Acceptance starts here for a new request (the draft has to prove itself
 # quickly: a poor one stops after ``EVIDENCE`` verify steps).
@@ -43,6 +43,8 @@ EMA = 0.3  # weight of the newest measurement
 # ``REPROBE`` of a request's steps, so the comparison follows the machine's load.
 PLAIN_PROBES = 3
 REPROBE = 64
+FIRST_PAUSE = 16
+MAX_PAUSE = 512
 
 
 class DraftRefused(ValueError):
@@ -161,14 +163,26 @@ class DraftPolicy:
     acceptance: float = PRIOR_ACCEPTANCE
     verifies: int = 0
     steps: int = 0
-    stopped: bool = False
+    paused_until: int = 0  # plain steps until this step
+    pause: int = FIRST_PAUSE
+    evidence: int = EVIDENCE  # verify steps before drafting may pause
+
+    @property
+    def stopped(self) -> bool:
+        return self.steps < self.paused_until
 
     def record(self, k: int, accepted: int) -> None:
         self.verifies += 1
         self.acceptance = (1 - EMA) * self.acceptance + EMA * (accepted / max(k, 1))
 
     def choose(self, costs: Costs) -> int:
-        """Drafts for the next step; 0 once drafting does not pay for this request."""
+        """Drafts for the next step; 0 while drafting does not pay for this request.
+
+        When it does not, the request decodes plainly for a pause that doubles
+        each time (16 steps, then 32, ... up to 512), then one verify step
+        probes whether the draft has become worth it: a draft that never pays
+        costs a few per cent early in a stream and less and less after.
+        """
         self.steps += 1
         if self.stopped or costs.plain_samples < PLAIN_PROBES or self.steps % REPROBE == 0:
             return 0  # a plain step: measure what drafting is compared with
@@ -186,9 +200,14 @@ class DraftPolicy:
             rate = expected_tokens(self.acceptance, k) / (k * costs.draft_token + verify)
             if rate > best_rate:
                 best_k, best_rate = k, rate
-        if best_k == 0 and self.verifies >= EVIDENCE:
-            self.stopped = True
-        return best_k if best_k else (0 if self.stopped else 1)
+        if best_k:
+            return best_k
+        if self.verifies < self.evidence:
+            return 1
+        self.paused_until = self.steps + self.pause
+        self.pause = min(2 * self.pause, MAX_PAUSE)
+        self.evidence = self.verifies + 1
+        return 0
 
 
 @dataclass
