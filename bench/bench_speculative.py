@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="model cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    p.add_argument(
+        "--costs",
+        action="store_true",
+        help="only measure, in this process pinned to one core, what a forward pass of the "
+        "target's first half costs for 1 to 17 tokens per row and 1 to 4 rows: where "
+        "verifying several tokens stops being free",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.tokens < 2 or args.repeats < 1 or args.warmup_tokens < 1:
@@ -264,6 +271,35 @@ class Drafting(Pomona):
         return reply.tokens_per_verify_step if reply.HasField("tokens_per_verify_step") else None
 
 
+def step_costs(target: Path, layers: int) -> None:
+    """Median seconds of one stage's forward pass by rows and tokens per row."""
+    import os
+
+    os.sched_setaffinity(0, {0})
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load
+
+    model = load(str(target))[0]
+    model.model.layers = model.model.layers[: layers // 2]  # one of two stages
+    print("ms per forward pass of half the target's layers (after a 64-token prompt):")
+    print("rows  " + "".join(f"{w:>8} tok" for w in (1, 2, 3, 5, 9, 17)))
+    for rows in (1, 2, 4):
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.zeros((rows, 64), dtype=mx.int32), cache=cache))
+        line = f"{rows:>4}  "
+        for width in (1, 2, 3, 5, 9, 17):
+            times = []
+            for _ in range(5):
+                began = time.perf_counter()
+                mx.eval(model(mx.ones((rows, width), dtype=mx.int32), cache=cache))
+                times.append(time.perf_counter() - began)
+                for c in cache:
+                    c.trim(width)
+            line += f"{1e3 * statistics.median(times):>12.1f}"
+        print(line, flush=True)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -273,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     target, draft, scale, agreement = build_pair(args, args.prompt)
+    if args.costs:
+        step_costs(target, target_shape(args)[2])
+        return 0
     prompt = load_prompt(target, args.prompt)
     params, draft_params = parameter_count(target), parameter_count(draft)
     desc = (
