@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -83,6 +84,10 @@ def test_two_workers_with_an_agreeing_draft_give_the_targets_tokens(tmp_path: Pa
         assert status.draft_model == str(target)
         assert status.draft_acceptance_rate > 0.9
         assert status.tokens_per_verify_step > 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert "pomona_cluster_draft_acceptance_ratio" in metrics
+        assert "pomona_runner_draft_accepted_tokens_total" in metrics
 
 
 def test_three_workers_with_a_random_draft_that_breaks_give_the_targets_tokens(
