@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "target's first half costs for 1 to 17 tokens per row and 1 to 4 rows: where "
         "verifying several tokens stops being free",
     )
+    p.add_argument(
+        "--random-draft",
+        action="store_true",
+        help="also run the cluster with a random draft (the worst case, never accepted)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.tokens < 2 or args.repeats < 1 or args.warmup_tokens < 1:
@@ -300,6 +305,27 @@ def step_costs(target: Path, layers: int) -> None:
         print(line, flush=True)
 
 
+def random_draft(args: argparse.Namespace, draft: Path) -> Path:
+    """A draft of the same shape and tokenizer as ``draft`` with other random weights."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from modelfactory import make_model
+
+    folder = draft.parent / "random-draft"
+    if not (folder / "tokenizer.json").exists():
+        config = json.loads((draft / "config.json").read_text())
+        arch, shape, _ = target_shape(args)
+        make_model(
+            folder, arch, num_layers=args.draft_layers, shards=1, seed=99,
+            dtype=args.dtype, overrides=shape,
+        )  # fmt: skip
+        assert (
+            json.loads((folder / "config.json").read_text())["hidden_size"] == config["hidden_size"]
+        )
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(draft / name, folder / name)
+    return folder
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -338,7 +364,19 @@ def main(argv: list[str] | None = None) -> int:
         ],
         tag="-draft",
     )
-    rows = [Row(s.name, s) for s in (single, plain, drafting)]
+    systems: list[MlxLm | Pomona] = [single, plain, drafting]
+    if args.random_draft:
+        # The worst draft: never agrees. The policy must keep the stream at the cluster's rate.
+        systems.append(
+            Pomona(
+                "Pomona, 2 workers + random draft",
+                2,
+                split,
+                options=["--http-port", "0", "--draft-model", str(random_draft(args, draft))],
+                tag="-random",
+            )
+        )
+    rows = [Row(s.name, s) for s in systems]
     load_before = load_average()
     with processes.measuring(args.keep_logs, stop=control.close):
         original = drafting.request
@@ -348,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             return original(max_tokens, prompt)
 
         drafting.request = counted  # type: ignore[method-assign]
-        runs, _ = measure([single, plain, drafting], rows, processes, args, target, prompt)
+        runs, _ = measure(systems, rows, processes, args, target, prompt)
         per_verify = drafting.tokens_per_verify()
-    plain_runs = {k: v for k, v in runs.items() if k != drafting.name}
-    with_draft = {k: v for k, v in runs.items() if k != plain.name}
+    plain_runs = {k: runs[k] for k in (single.name, plain.name)}
+    with_draft = {k: runs[k] for k in (single.name, drafting.name)}
     info = run_info(
         "bench_speculative.py",
         T0,
@@ -383,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "meets" if ratios[key] >= goal else "BELOW"
         print(f"{text}: {ratios[key]:.2f}  (target >= {goal}: {verdict})")
     print(f"cluster without draft / mlx-lm, 1 process: {ratios['cluster_vs_single']:.2f}")
+    if args.random_draft:
+        ratios["random_draft_vs_cluster"] = mean[systems[-1].name] / mean[plain.name]
+        value = ratios["random_draft_vs_cluster"]
+        verdict = "meets" if value >= 0.95 else "BELOW"
+        print(f"random draft / same cluster without: {value:.2f}  (target >= 0.95: {verdict})")
     print(f"greedy tokens identical, systems without a draft: {info['tokens_match']}")
     print(f"greedy tokens identical, with the draft: {info['draft_tokens_match']}")
     if args.dtype != "float32":
