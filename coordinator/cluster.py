@@ -288,6 +288,9 @@ class Cluster:
                 return
             if await self._adopt(members, info.num_layers):
                 return
+            draft_bytes = await self._draft_bytes(members)
+            if draft_bytes is None:
+                return
             if self.links.has_choices(members):
                 # Which address each ring hop uses depends on the figures.
                 self.problem = f"measuring the links between {len(members)} workers"
@@ -300,18 +303,23 @@ class Cluster:
                 concurrency=self.config.concurrency,
                 objective=self.config.objective,
                 links=self.links.planner_links(),
+                draft_bytes=draft_bytes,
             )
+            drafting = bool(self.config.draft_model) and self.config.parallel == "auto"
             assignments, self.parallel = choose_split(
                 info,
                 [m.describe for m in members],
                 assignments,
-                parallel=self.config.parallel,
+                # A draft model runs on pipelines only.
+                parallel="pipeline" if drafting else self.config.parallel,
                 layers=self.config.layers,
                 context=self.config.context,
                 concurrency=self.config.concurrency,
                 objective=self.config.objective,
                 links=self.links.planner_links(),
             )
+            if drafting:
+                self.parallel = ParallelChoice("pipeline", "a draft model runs on pipelines only")
             assignments = prefer_holders(
                 assignments, [m.describe for m in members], survey, self.config.model
             )
@@ -435,6 +443,34 @@ class Cluster:
             head.runner_address,
         )
         return True
+
+    async def _draft_bytes(self, members: list[Member]) -> int | None:
+        """The draft model's weights and KV at the planned context and concurrency (0
+        without one), read by the first member that holds it; None: no member does."""
+        draft = self.config.draft_model
+        if not draft:
+            return 0
+        problems = []
+        for member in members:
+            try:
+                info = await member.stub.InspectModel(
+                    worker_pb2.InspectModelRequest(model=draft), timeout=rpc.INSPECT_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as e:
+                problems.append(f"{member.name}: {e.details()}")
+                continue
+            profile = ModelProfile.from_json(info.profile_json)
+            context = min(self.config.context, profile.max_context or self.config.context)
+            kv = sum(
+                profile.layer_kv_bytes(j, context, self.config.concurrency)
+                for j in range(profile.num_layers)
+            )
+            return profile.weight_bytes + kv
+        self.reforming = False
+        self.problem = f"no worker can read the draft model {draft}: " + "; ".join(problems)
+        self.monitor.events.record(ev.LOAD_FAILED, message=self.problem)
+        log.error("%s", self.problem)
+        return None
 
     async def _inspect(self, members: list[Member]) -> worker_pb2.ModelInfo | None:
         """The model's profile from the first member that can read it (once)."""
@@ -569,6 +605,8 @@ class Cluster:
                 prompt_cache_bytes=cache.bytes,
                 prompt_cache_token_bytes=cache.token_bytes,
                 parallel="tensor" if tensor else "pipeline",
+                draft_model=self.config.draft_model if rank == 0 else "",
+                num_draft_tokens=self.config.num_draft_tokens if rank == 0 else 0,
             )
             for rank, a in enumerate(assignments)
         ]

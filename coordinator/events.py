@@ -46,11 +46,13 @@ TRANSFER_FINISHED = "transfer_finished"
 TRANSFER_FAILED = "transfer_failed"
 # The chosen MLX backend (JACCL, NCCL) could not form its group: loaded again over the ring.
 BACKEND_FALLBACK = "backend_fallback"
+# The head's draft model (speculative decoding) failed: decoding goes on without it.
+DRAFT_FAILED = "draft_failed"
 EVENT_KINDS = (
     NODE_JOINED, NODE_LOST, NODE_RETURNED, NODE_DEGRADED, NODE_RECOVERED,
     PLAN_CHANGED, LOAD_STARTED, LOAD_FINISHED, LOAD_FAILED, REQUEST_FAILED,
     REQUEST_RETRIED, PIPELINE_FAILED, NODE_LEFT_OUT, TRANSFER_STARTED, TRANSFER_FINISHED,
-    TRANSFER_FAILED, BACKEND_FALLBACK,
+    TRANSFER_FAILED, BACKEND_FALLBACK, DRAFT_FAILED,
 )  # fmt: skip
 
 

@@ -121,11 +121,18 @@ class Demand:
     sums over layers (index j holds the total of layers 0..j-1)."""
 
     def __init__(
-        self, profile: ModelProfile, context: int, concurrency: int, head_everywhere: bool
+        self,
+        profile: ModelProfile,
+        context: int,
+        concurrency: int,
+        head_everywhere: bool,
+        draft_bytes: int = 0,
     ) -> None:
         p = profile
         self.profile, self.context, self.concurrency = p, context, concurrency
         self.head_everywhere = head_everywhere
+        # Speculative decoding: the draft model (weights and KV) lives beside stage 0.
+        self.draft_bytes = draft_bytes
         n = p.num_layers
         self.weights = _prefix([layer.weight_bytes for layer in p.layers])
         self.kv = _prefix([p.layer_kv_bytes(j, context, concurrency) for j in range(n)])
@@ -140,6 +147,7 @@ class Demand:
             context=self.context,
             concurrency=self.concurrency,
             head_everywhere=self.head_everywhere,
+            draft_bytes=self.draft_bytes,
         )
         return Demand(**{**args, **changes})
 
@@ -154,7 +162,9 @@ class Demand:
 
     def fixed(self, i: int, k: int) -> int:
         """Bytes stage i of k needs whatever its layers: embedding/head, activations."""
-        return self.fixed_weights(i, k) + self.activation + self.logits * self.holds(i, k)[1]
+        head = self.holds(i, k)[1]
+        draft = self.draft_bytes if i == 0 else 0
+        return self.fixed_weights(i, k) + self.activation + self.logits * head + draft
 
     def total(self, k: int) -> int:
         return self.cost[-1] + sum(self.fixed(i, k) for i in range(k))

@@ -71,6 +71,10 @@ _RUNNER_COUNTERS = (
         "prompt_cache_hit_tokens",
         "Prompt tokens restored from the prefix cache instead of prefilled.",
     ),
+    ("draft_tokens", "draft_tokens", "Tokens the draft model proposed (speculative decoding)."),
+    ("draft_accepted_tokens", "draft_accepted_tokens", "Drafted tokens the target accepted."),
+    ("verify_steps", "verify_steps", "Verify steps of drafted tokens through the pipeline."),
+    ("verify_tokens", "verify_tokens", "Tokens the verify steps produced."),
 )
 
 
@@ -126,6 +130,18 @@ def _cluster_metrics(reply: coordinator_pb2.StatusReply) -> Iterator[Metric]:
         "Prefix KV cache budget per stage.",
         value=reply.prompt_cache_budget_bytes,
     )
+    if reply.HasField("draft_acceptance_rate"):
+        yield GaugeMetricFamily(
+            "pomona_cluster_draft_acceptance_ratio",
+            "Share of drafted tokens the target accepted (speculative decoding).",
+            value=reply.draft_acceptance_rate,
+        )
+    if reply.HasField("tokens_per_verify_step"):
+        yield GaugeMetricFamily(
+            "pomona_cluster_tokens_per_verify_step",
+            "Tokens each verify step produced (speculative decoding).",
+            value=reply.tokens_per_verify_step,
+        )
     if reply.HasField("prompt_cache_hit_rate"):
         yield GaugeMetricFamily(
             "pomona_cluster_prompt_cache_hit_ratio",

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Protocol
 
 from pomona.coordinator.events import (
+    DRAFT_FAILED,
     EVENT_KINDS,
     NODE_DEGRADED,
     NODE_JOINED,
@@ -154,6 +155,8 @@ class ClusterFigures:
     prompt_cache_bytes: int = 0
     prompt_cache_budget_bytes: int = 0
     prompt_cache_hit_rate: float | None = None
+    draft_acceptance_rate: float | None = None
+    tokens_per_verify_step: float | None = None
 
 
 @dataclass
@@ -169,6 +172,7 @@ class _Node:
     reported: Health | None = None
     runner_key: tuple[str, int] | None = None  # (load_id, pid) of the head runner counted
     runner_requests: int = 0
+    draft_failed: tuple[str, int] | None = None  # the head runner whose draft failure is recorded
 
 
 class Monitor:
@@ -230,6 +234,14 @@ class Monitor:
                 self._requests_done += node.runner_requests
                 node.runner_key = key
             node.runner_requests = total
+            if sample.runner.draft_failed and node.draft_failed != key:
+                node.draft_failed = key
+                self.events.record(
+                    DRAFT_FAILED,
+                    node_id,
+                    node.name,
+                    "the draft model failed (see the runner's log): decoding goes on without it",
+                )
 
     def observe_rtt(self, node_id: str, rtt_s: float) -> None:
         if node_id in self._nodes:
@@ -306,6 +318,7 @@ class Monitor:
         not lost; totals keep counting across runner restarts."""
         tokens, in_flight, ttfts = 0.0, 0, []
         cached, budget, lookups, hits = 0, 0, 0, 0
+        drafted, accepted, verifies, verified = 0, 0, 0, 0
         for node_id, node in self._nodes.items():
             s = node.sample
             if s is None or not s.HasField("runner") or s.shard.rank != 0:
@@ -324,6 +337,10 @@ class Monitor:
             budget += s.runner.prompt_cache_budget_bytes
             lookups += s.runner.prompt_cache_lookups
             hits += s.runner.prompt_cache_hits
+            drafted += s.runner.draft_tokens
+            accepted += s.runner.draft_accepted_tokens
+            verifies += s.runner.verify_steps
+            verified += s.runner.verify_tokens
         total = self._requests_done + sum(n.runner_requests for n in self._nodes.values())
         return ClusterFigures(
             tokens_per_s=tokens,
@@ -334,6 +351,8 @@ class Monitor:
             prompt_cache_bytes=cached,
             prompt_cache_budget_bytes=budget,
             prompt_cache_hit_rate=hits / lookups if lookups else None,
+            draft_acceptance_rate=accepted / drafted if drafted else None,
+            tokens_per_verify_step=verified / verifies if verifies else None,
         )
 
 
@@ -414,6 +433,10 @@ def to_status_reply(
     reply.prompt_cache_budget_bytes = figures.prompt_cache_budget_bytes
     if figures.prompt_cache_hit_rate is not None:
         reply.prompt_cache_hit_rate = figures.prompt_cache_hit_rate
+    if figures.draft_acceptance_rate is not None:
+        reply.draft_acceptance_rate = figures.draft_acceptance_rate
+    if figures.tokens_per_verify_step is not None:
+        reply.tokens_per_verify_step = figures.tokens_per_verify_step
     for stage in plan:
         reply.plan.add(
             node_id=stage.node_id,

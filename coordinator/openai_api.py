@@ -287,12 +287,19 @@ class _Tally:
         prompt = self.reported.prompt_tokens if self.reported else 0
         completion = self.reported.completion_tokens if self.reported else self.tokens
         cached = self.reported.cached_tokens if self.reported else 0
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+        if self.reported and self.reported.drafted_tokens:
+            # A Pomona extension (clients ignore fields they do not know).
+            usage["pomona_speculative"] = {
+                "drafted_tokens": self.reported.drafted_tokens,
+                "accepted_tokens": self.reported.accepted_tokens,
+            }
+        return usage
 
 
 async def _collect(

@@ -61,8 +61,10 @@ def place(
     concurrency: int = 1,
     objective: str = "latency",
     links: Sequence[Link] = (),
+    draft_bytes: int = 0,
 ) -> tuple[list[Assignment], Plan | None]:
-    """Ranges in ring order for the model described by ``info``."""
+    """Ranges in ring order for the model described by ``info`` (and a draft model of
+    ``draft_bytes`` on the head's node)."""
     profile = ModelProfile.from_json(info.profile_json)
     specs = [node_spec(d.node_id, d.name, d.hardware) for d in nodes]
     context = min(context, profile.max_context or context)
@@ -76,9 +78,11 @@ def place(
             concurrency=concurrency,
             objective=objective,  # type: ignore[arg-type]
             links=links,
+            draft_bytes=draft_bytes,
         )
     except PlanError as e:
-        raise PlacementError(f"{info.model} does not fit: {e}") from e
+        draft = " with its draft model" if draft_bytes else ""
+        raise PlacementError(f"{info.model}{draft} does not fit: {e}") from e
     return [
         Assignment(s.node_id, s.name, s.start_layer, s.end_layer, s.weights_bytes)
         for s in result.stages

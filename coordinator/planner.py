@@ -287,6 +287,7 @@ def plan(
     os_reserve_bytes: int = DEFAULT_OS_RESERVE_BYTES,
     prompt_tokens: int | None = None,
     head_on_every_stage: bool = False,
+    draft_bytes: int = 0,
 ) -> Plan:
     """Place `profile` on `nodes`, or raise PlanError saying what is missing.
 
@@ -294,6 +295,8 @@ def plan(
     throughput: every node, layers balanced by memory bandwidth.
     head_on_every_stage: every stage holds embedding, norm and lm_head (as mlx-lm's
     own `pipeline()` keeps them), for runtimes where every rank computes logits.
+    draft_bytes: a draft model's weights and KV (speculative decoding), held by
+    the first stage's node.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
@@ -316,7 +319,7 @@ def plan(
     resolved = [resolve_node(n, os_reserve_bytes) for n in nodes]
     by_pair = {frozenset((link.a, link.b)): link for link in links}
     prefill = _Prefill.of(profile, prompt_tokens or min(context_length, DEFAULT_PROMPT_TOKENS))
-    demand = Demand(profile, context_length, concurrency, head_on_every_stage)
+    demand = Demand(profile, context_length, concurrency, head_on_every_stage, draft_bytes)
     found = _search(resolved, demand, by_pair, objective, prefill)
     if found is None:
         message, short, suggestions = explain_refusal(profile, resolved, demand, os_reserve_bytes)

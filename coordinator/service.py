@@ -69,6 +69,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             model_info=self.model_info.current(),
             max_context=serving.max_context if serving is not None else 0,
         )
+        reply.draft_model = cluster.config.draft_model
         reply.transfers.extend(cluster.distribution.node_transfers())
         reply.links.extend(cluster.links.to_proto())
         return reply

@@ -30,6 +30,7 @@ from pomona.config import (
     DEFAULT_MODEL,
     DEFAULT_WORKER_PORT,
     MAX_CHAT_TEMPLATE_CHARS,
+    MAX_DRAFT_TOKENS,
     CoordinatorConfig,
     WorkerConfig,
     default_cache_dir,
@@ -113,6 +114,29 @@ CHAT_TEMPLATE_OPTION = click.option(
     default=None,
     help="Jinja chat template file replacing the model's own. Without one, a model that "
     "has none gets mlx_lm.server's plain 'USER: ... ASSISTANT:' format.",
+)
+
+
+def check_draft_option(draft_model: str, parallel: str) -> None:
+    if draft_model and parallel == "tensor":
+        raise click.BadParameter(
+            "speculative decoding runs on pipelines only: drop --parallel tensor or --draft-model",
+            param_hint="--draft-model",
+        )
+
+
+DRAFT_MODEL_OPTION = click.option(
+    "--draft-model",
+    default="",
+    help="Speculative decoding: a small model with the same tokenizer that drafts tokens on "
+    "the head worker (which must hold it); the pipeline verifies several in one pass.",
+)
+NUM_DRAFT_TOKENS_OPTION = click.option(
+    "--num-draft-tokens",
+    type=click.IntRange(1, MAX_DRAFT_TOKENS),
+    default=4,
+    show_default=True,
+    help="The most tokens the draft model proposes per step (fewer while few are accepted).",
 )
 
 PROMPT_CACHE_OPTION = click.option(
@@ -385,6 +409,8 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 )
 @CHAT_TEMPLATE_OPTION
 @PROMPT_CACHE_OPTION
+@DRAFT_MODEL_OPTION
+@NUM_DRAFT_TOKENS_OPTION
 @BACKEND_OPTION
 @PARALLEL_OPTION
 @CONFIG_OPTION
@@ -413,6 +439,8 @@ def coordinator(
     model_dirs: tuple[Path, ...],
     chat_template_file: Path | None,
     prompt_cache_gb: float | None,
+    draft_model: str,
+    num_draft_tokens: int,
     backend: str,
     parallel: str,
     config_path: Path | None,
@@ -428,6 +456,7 @@ def coordinator(
             raise click.BadParameter(f"{folder} is not a folder", param_hint="--model-dir")
     split = _parse_layers(layers)
     check_parallel(parallel, layers)
+    check_draft_option(draft_model, parallel)
     chat_template = read_chat_template(chat_template_file)
     cluster_config, _ = config_for_daemon(config_path, insecure)
     api_key = os.environ.get("POMONA_API_KEY", "") or (
@@ -454,6 +483,8 @@ def coordinator(
         max_queue=max_queue,
         prefill_step=prefill_step,
         prompt_cache_gb=prompt_cache_gb,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
         chat_template=chat_template,
         objective=objective,
         backend=backend,
@@ -547,6 +578,8 @@ def generate(
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for ready.")
 @CHAT_TEMPLATE_OPTION
 @PROMPT_CACHE_OPTION
+@DRAFT_MODEL_OPTION
+@NUM_DRAFT_TOKENS_OPTION
 @BACKEND_OPTION
 @PARALLEL_OPTION
 def up(
@@ -558,6 +591,8 @@ def up(
     timeout: float,
     chat_template_file: Path | None,
     prompt_cache_gb: float | None,
+    draft_model: str,
+    num_draft_tokens: int,
     backend: str,
     parallel: str,
 ) -> None:
@@ -566,6 +601,7 @@ def up(
 
     _parse_layers(layers)
     check_parallel(parallel, layers)
+    check_draft_option(draft_model, parallel)
     read_chat_template(chat_template_file)  # a bad file fails here, not in the coordinator
     cluster = LocalCluster(
         count,
@@ -578,6 +614,8 @@ def up(
         backend=backend,
         prompt_cache_gb=prompt_cache_gb,
         parallel=parallel,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
     )
     sys.exit(cluster.run(timeout))
 

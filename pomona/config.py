@@ -20,6 +20,8 @@ DEFAULT_MODEL = "pomona-demo"
 # A chat template travels to each runner inside its spec, one command-line argument,
 # which Linux caps at 128 KiB; real templates are a few KiB.
 MAX_CHAT_TEMPLATE_CHARS = 64 * 1024
+# Speculative decoding: the most tokens a draft model proposes in one step.
+MAX_DRAFT_TOKENS = 32
 # Tokens of context (prompt + output) the coordinator reserves KV cache for, and the
 # context `pomona plan` plans for unless told otherwise.
 DEFAULT_CONTEXT = 8192
@@ -114,6 +116,10 @@ class CoordinatorConfig:
     max_batch: int = 16
     max_queue: int = 64
     prefill_step: int = 512
+    # Speculative decoding: a draft model the head runner runs (empty: none),
+    # and the most tokens it drafts per step.
+    draft_model: str = ""
+    num_draft_tokens: int = 4
     # Prefix KV cache per worker, GB (0: off); None: the planner's default.
     prompt_cache_gb: float | None = None
     # A Jinja chat template replacing the model's own (the text, read at the CLI);

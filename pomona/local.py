@@ -96,8 +96,12 @@ class LocalCluster:
         backend: str = "auto",
         prompt_cache_gb: float | None = None,
         parallel: str = "auto",
+        draft_model: str = "",
+        num_draft_tokens: int = 4,
     ):
         self.prompt_cache_gb = prompt_cache_gb
+        self.draft_model = draft_model
+        self.num_draft_tokens = num_draft_tokens
         self.count = count
         self.http_port = http_port
         self.model = model
@@ -166,14 +170,20 @@ class LocalCluster:
             args += ["--chat-template", str(self.chat_template)]
         if self.prompt_cache_gb is not None:
             args += ["--prompt-cache-gb", f"{self.prompt_cache_gb:g}"]
+        if self.draft_model:
+            args += ["--draft-model", self.draft_model]
+            args += ["--num-draft-tokens", str(self.num_draft_tokens)]
         self._spawn("coordinator", args)
 
     def _model_dir_args(self) -> list[str]:
-        """A model given as a folder is found in its parent folder."""
-        path = Path(self.model).expanduser()
-        if path.is_dir():
-            return ["--model-dir", str(path.resolve().parent)]
-        return []
+        """A model (or draft) given as a folder is found in its parent folder."""
+        args: list[str] = []
+        for model in (self.model, self.draft_model):
+            path = Path(model).expanduser()
+            parent = str(path.resolve().parent)
+            if model and path.is_dir() and parent not in args:
+                args += ["--model-dir", parent]
+        return args
 
     def _dead_child(self, among: str = "") -> str:
         for name, proc, log_path in self.children:

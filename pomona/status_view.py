@@ -196,6 +196,13 @@ def _summary(reply: coordinator_pb2.StatusReply, width: int) -> list[Text]:
                 2,
             )
         )
+    if reply.draft_model:
+        draft = f"draft {reply.draft_model.rsplit('/', 1)[-1]}"
+        if reply.HasField("draft_acceptance_rate"):
+            draft += f" {reply.draft_acceptance_rate:.0%} accepted"
+        if reply.HasField("tokens_per_verify_step"):
+            draft += f", {reply.tokens_per_verify_step:.2f} tok/verify"
+        parts.append((draft, "", 5))
     for state in ("degraded", "lost"):  # also in the table: less urgent here
         if states.count(state):
             parts.append((f"{states.count(state)} {state}", STATE_STYLES[state], 5))

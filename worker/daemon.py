@@ -22,7 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pomona import rpc
 from pomona.backends import BACKENDS, RankHost, devices_from_wire, rank_launch
 from pomona.chips import chip_bandwidth_gbs
-from pomona.config import MAX_CHAT_TEMPLATE_CHARS, PROTOCOL_VERSION, WorkerConfig
+from pomona.config import (
+    MAX_CHAT_TEMPLATE_CHARS,
+    MAX_DRAFT_TOKENS,
+    PROTOCOL_VERSION,
+    WorkerConfig,
+)
 from pomona.mdns import make_zeroconf
 from pomona.model_profile import ModelProfile
 from pomona.model_store import ModelStore
@@ -268,6 +273,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 f"layers [{request.start_layer}, {request.end_layer}) are outside "
                 f"{request.model}'s {num_layers} layers",
             )
+        draft_path = await self._draft_path(request, context)
         async with self._lock:
             if self.runner is not None:
                 await self.runner.stop()
@@ -298,6 +304,10 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 prompt_cache_bytes=request.prompt_cache_bytes,
                 prompt_cache_token_bytes=request.prompt_cache_token_bytes,
                 parallel=request.parallel or "pipeline",
+                model=request.model,
+                draft_model_path=str(draft_path or ""),
+                draft_model=request.draft_model if draft_path else "",
+                num_draft_tokens=request.num_draft_tokens or RunnerSpec.num_draft_tokens,
             )
             launch = rank_launch(spec.backend, spec.rank, launch_hosts(request))
             self.runner = RunnerProcess(
@@ -313,6 +323,24 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             if self.runner.adopted:
                 self._refill = asyncio.create_task(self._refill_spare(self.runner))
             return shard_to_proto(self.runner.info)
+
+    async def _draft_path(
+        self, r: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> Path | None:
+        """The head's draft model folder (speculative decoding), or the call aborted."""
+        if not r.draft_model or r.rank != 0:
+            return None
+        try:
+            return await asyncio.to_thread(self._resolve, r.draft_model)
+        except ModelRefused as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except (ModelNotFound, OSError, ValueError) as e:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"the draft model {r.draft_model!r} is not on {self.config.name}, the head "
+                f"worker (it runs the draft): {e}",
+            )
+        raise AssertionError("abort raises")
 
     async def _stage_or_model(
         self, r: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext
@@ -350,6 +378,8 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             return "max_batch must be 0..64 and max_queue 0..100000"
         if not 0 <= r.prefill_step <= 65536:
             return "prefill_step must be 0..65536"
+        if not 0 <= r.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            return f"num_draft_tokens must be 0..{MAX_DRAFT_TOKENS}"
         if len(r.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
             return f"the chat template is over {MAX_CHAT_TEMPLATE_CHARS} characters"
         if r.parallel not in ("", "pipeline", "tensor"):

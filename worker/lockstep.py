@@ -62,6 +62,7 @@ from pomona.worker.shard import (
     make_stage_cache,
     stage_caches,
 )
+from pomona.worker.speculative import sampling_probs
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ OP_DECODE = 2
 # else has lost track of the message stream and says so instead of guessing.
 _MAGIC_AT = _HEADER - 1
 MAGIC = 0x504D4E41
+_MAX_WIDTH = 33  # tokens per row of a verify step: the last one and up to 32 drafts
 
 
 class Desynchronized(RuntimeError):
@@ -130,6 +132,14 @@ class Step:
     # Head only, never sent: the tokens are those of the lane's step still in
     # flight (``tokens`` holds placeholders of the same count).
     chained: bool = False
+    # Speculative decoding (``speculative``): a verify step feeds ``width``
+    # tokens per row (the last token, then the drafts) and returns the
+    # target's ``width`` tokens per row, or its probability rows (``probs``)
+    # for sampled rows; ``trim`` positions of the lane's caches, rejected
+    # drafts of its previous step, are dropped before anything else.
+    width: int = 1
+    trim: int = 0
+    probs: bool = False
 
 
 def _f2i(x: float) -> int:
@@ -177,7 +187,12 @@ def encode_ctrl(step: Step | None) -> list[int]:
         )
     if step.restore is not None and not (step.prefill and step.new_group and len(step.chunk) == 1):
         raise ValueError("only a new prefill group of one request restores a prefix")
+    if step.width > 1 and (step.prefill or step.join):
+        raise ValueError("a verify step neither prefills nor admits requests")
+    if not 1 <= step.width <= _MAX_WIDTH or not 0 <= step.trim < _MAX_WIDTH:
+        raise ValueError(f"a verify step feeds at most {_MAX_WIDTH} tokens per row")
     restore = step.restore or (0, 0)
+    ctrl[11:14] = [step.width - 1, step.trim, int(step.probs)]  # drafts per row
     ctrl[:11] = [
         OP_PREFILL if step.prefill else OP_DECODE,
         step.lane,
@@ -213,6 +228,7 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
         or not (0 <= n_rows <= MAX_JOIN and 0 <= n_join <= MAX_JOIN and 0 <= n_remove <= MAX_ROWS)
         or not (0 <= n_store <= MAX_STORE and 0 <= n_evict <= MAX_EVICT)
         or not 0 <= int(ctrl[2]) <= MAX_ROWS * MAX_JOIN
+        or not (0 <= int(ctrl[11]) < _MAX_WIDTH and 0 <= int(ctrl[12]) < _MAX_WIDTH)
     ):
         raise Desynchronized(
             "received a malformed control message: the stages of this pipeline disagree "
@@ -236,6 +252,9 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
         ),
         evict=tuple(int(x) for x in ctrl[_EVICT : _EVICT + n_evict]),
         restore=(int(ctrl[9]), int(ctrl[10])) if int(ctrl[9]) else None,
+        width=int(ctrl[11]) + 1,
+        trim=int(ctrl[12]),
+        probs=bool(ctrl[13]),
     )
 
 
@@ -485,6 +504,8 @@ class StageEngine:
         the tokens of the lane's step in flight.
         """
         lane = self.lanes.setdefault(step.lane, _Lane())
+        if step.trim:
+            self._trim(lane, step.trim)
         group = None
         if step.prefill and (step.new_group or lane.group is None):
             # Before any eviction of this step, which may drop the restored entry.
@@ -506,10 +527,13 @@ class StageEngine:
         if lane.n == 0:
             return None  # the lane emptied: a step of prefix-cache bookkeeping only
         assert lane.caches is not None
+        width = step.width
         if step.chained and fed is not None:
             inputs = fed
         else:
-            inputs = mx.array(step.tokens if self._feeds else [0] * lane.n, dtype=mx.int32)
+            inputs = mx.array(step.tokens if self._feeds else [0] * lane.n * width, dtype=mx.int32)
+        if width > 1:
+            return self._verify(inputs.reshape(lane.n, width), lane, step.probs)
         return self._decode(inputs[:, None], lane)  # (B, 1)
 
     def _fresh(self, n: int, restore: tuple[int, int] | None = None) -> list[Any]:
@@ -595,6 +619,45 @@ class StageEngine:
             template = mx.zeros((inputs.shape[0],), dtype=mx.int32)
             return mx.distributed.recv_like(template, spec.world_size - 1)
         return None
+
+    def _verify(self, inputs: mx.array, lane: _Lane, probs: bool) -> mx.array | None:
+        """A verify step (B, W): on the head, the target's W tokens per row
+        (B * W,), or its probability rows (B * W, V) for sampled rows."""
+        spec = self.spec
+        out = self.model(inputs, cache=lane.caches)
+        owned = stage_caches(lane.caches or [], spec)
+        if spec.is_last:
+            if probs:
+                result = mx.concatenate(
+                    [sampling_probs(out[i], r.sampling) for i, r in enumerate(lane.rows)]
+                )
+            else:
+                result = mx.argmax(out, axis=-1).astype(mx.int32).reshape(-1)
+            if spec.world_size > 1:
+                result = mx.distributed.send(result, 0)
+            mx.eval(result, [c.state for c in owned])
+            return result if spec.is_first else None
+        self._send_on(owned)
+        if spec.is_first:
+            count = inputs.shape[0] * inputs.shape[1]
+            if probs:
+                template = mx.zeros((count, self.vocab_size), dtype=mx.float32)
+            else:
+                template = mx.zeros((count,), dtype=mx.int32)
+            return mx.distributed.recv_like(template, spec.world_size - 1)
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        config = self.shard.config
+        return int(config.get("vocab_size") or config.get("text_config", {})["vocab_size"])
+
+    def _trim(self, lane: _Lane, n: int) -> None:
+        """Drop the last ``n`` positions of every row of the lane (rejected drafts)."""
+        if lane.caches is None:
+            return
+        for c in stage_caches(lane.caches, self.spec):
+            c.trim(n)
 
     def _sample(self, logits: mx.array, lane: _Lane) -> mx.array:
         """The next token of every row of the lane, from its logits (B, V)."""

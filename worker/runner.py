@@ -80,6 +80,12 @@ class RunnerSpec:
     prompt_cache_token_bytes: int = 0
     # "pipeline": layers [start, end); "tensor": a slice of every layer.
     parallel: str = "pipeline"
+    # Speculative decoding (head runner): the draft model's folder and name,
+    # and the most tokens it drafts per step.
+    model: str = ""  # the target's name, as the coordinator gave it
+    draft_model_path: str = ""
+    draft_model: str = ""
+    num_draft_tokens: int = 4
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -271,9 +277,52 @@ def _make_scheduler(spec: RunnerSpec, engine: Any) -> Any:
         prefix_cache=_make_prefix_cache(spec, engine),
         # POMONA_CHAINED_STEPS=0 turns the overlap off: for side-by-side benchmarks.
         chain=engine.can_chain and os.environ.get("POMONA_CHAINED_STEPS", "1") != "0",
+        drafter=_make_drafter(spec, engine, tokenizer),
     )
     scheduler.tokenizer = tokenizer
     return scheduler
+
+
+def _make_drafter(spec: RunnerSpec, engine: Any, tokenizer: Any) -> Any:
+    """The draft model for speculative decoding, checked against the target, or None."""
+    if not spec.draft_model_path:
+        return None
+    if spec.parallel != "pipeline":
+        log.warning("speculative decoding runs on pipelines only: the draft is not used")
+        return None
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load
+
+    from pomona.worker.speculative import Drafter, check_draft
+
+    began = time.monotonic()
+    draft, draft_tokenizer = load(spec.draft_model_path)[:2]
+    check_draft(
+        spec.model or Path(spec.model_path).name,
+        spec.draft_model or spec.draft_model_path,
+        tokenizer,
+        draft_tokenizer,
+        engine.kinds,
+        make_prompt_cache(draft),
+    )
+    log.info(
+        "draft model %s loaded in %.2f s: up to %d drafted tokens per step",
+        spec.draft_model or spec.draft_model_path,
+        time.monotonic() - began,
+        spec.num_draft_tokens,
+    )
+
+    def failed(error: str) -> None:
+        emit("draft_failed", error=error)
+
+    return Drafter(
+        draft,
+        spec.num_draft_tokens,
+        prefill_step=spec.prefill_step,
+        # A test hook: the draft raises after this many proposals.
+        fail_after=int(os.environ.get("POMONA_TEST_DRAFT_FAIL_AFTER", "0")),
+        on_failure=failed,
+    )
 
 
 def _make_prefix_cache(spec: RunnerSpec, engine: Any) -> Any:
@@ -336,6 +385,15 @@ def _start_monitor(spec: RunnerSpec, engine: Any, scheduler: Any) -> None:
                     requests_waiting=scheduler.waiting,
                     ttft_s=sum(ttfts) / len(ttfts) if ttfts else None,
                 )
+                drafter = scheduler.drafter
+                if drafter is not None:
+                    stats.update(
+                        draft_tokens=drafter.drafted_total,
+                        draft_accepted_tokens=drafter.accepted_total,
+                        verify_steps=drafter.verifies_total,
+                        verify_tokens=drafter.verify_tokens_total,
+                        draft_failed=int(bool(drafter.failed)),
+                    )
                 cache = scheduler.prefix_cache
                 if cache is not None:
                     stats.update(

@@ -195,6 +195,8 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     cached_tokens=event.cached_tokens,
+                    drafted_tokens=event.drafted_tokens,
+                    accepted_tokens=event.accepted_tokens,
                 ),
             )
             return

@@ -57,6 +57,8 @@ class Done:
     completion_tokens: int
     error: str = ""
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache
+    drafted_tokens: int = 0  # speculative decoding: tokens the draft proposed
+    accepted_tokens: int = 0  # and of which the target accepted
 
 
 class QueueFull(Exception):
@@ -135,6 +137,9 @@ class _Lane:
     remove: list[int] = field(default_factory=list)  # engine rows to drop next step
     store: list[tuple[int, int]] = field(default_factory=list)  # (engine row, entry)
     in_flight: int = 0  # decode steps launched and not yet collected (2: one chained)
+    launched: float = 0.0  # when the last step not chained was launched
+    trim: int = 0  # positions of rejected drafts every stage drops at the next step
+    proposal: Any = None  # the drafts of the verify step in flight
     last_prefill: bool = False
     group_started: bool = False  # the ranks hold caches for the group
 
@@ -168,9 +173,12 @@ class Scheduler:
         rows_per_lane: int = MAX_ROWS,
         prefix_cache: PrefixCache | None = None,
         chain: bool = False,
+        drafter: Any = None,
     ):
         self.prefix_cache = prefix_cache
         self._chain = chain  # launch a lone lane's decode steps on tokens in flight
+        # Speculative decoding (``speculative.Drafter``): one-row lanes verify drafts.
+        self.drafter = drafter
         self._make_detokenizer = make_detokenizer
         self._eos = frozenset(eos_token_ids)
         self._prefill_step = prefill_step
@@ -243,6 +251,7 @@ class Scheduler:
             # rank forgets its caches, so there is nothing left to remove.
             for lane in self._lanes:
                 lane.remove.clear()
+                lane.trim = 0
         return None
 
     def _admit(self) -> None:
@@ -365,6 +374,7 @@ class Scheduler:
                 store=store,
                 evict=tuple(evict),
                 restore=restore,
+                trim=self._trim(lane),
             )
             self._unpin(first)
             return step
@@ -373,10 +383,22 @@ class Scheduler:
             if store or evict:
                 # The lane empties: its last rows leave now, kept in the prefix cache.
                 lane.remove.clear()
-                return Step(index, prefill=False, remove=remove, store=store, evict=tuple(evict))
+                return Step(
+                    index,
+                    prefill=False,
+                    remove=remove,
+                    store=store,
+                    evict=tuple(evict),
+                    trim=self._trim(lane),
+                )
             return None
         lane.remove.clear()
         lane.last_prefill = False
+        lane.launched = time.monotonic()
+        if not join and len(lane.rows) == 1 and self.drafter is not None:
+            verify = self._verify_step(index, lane, remove, store, tuple(evict))
+            if verify is not None:
+                return verify
         tokens = [r.generated[-1] for r in lane.rows] + [a.req.prompt[-1] for a in join]
         for r in lane.rows:
             r.fed += 1
@@ -392,6 +414,7 @@ class Scheduler:
             remove=remove,
             store=store,
             evict=tuple(evict),
+            trim=self._trim(lane),
         )
 
     def _chained_step(self) -> Step | None:
@@ -414,23 +437,103 @@ class Scheduler:
             or lane.group
             or lane.remove
             or lane.store
+            or lane.trim
+            or lane.proposal is not None
             or not lane.rows
             or any(r.done or r.req.cancelled.is_set() for r in lane.rows)
         ):
             return None
+        if (
+            self.drafter is not None
+            and len(lane.rows) == 1
+            and not self.drafter.resting(id(lane.rows[0]))
+        ):
+            return None  # the row's next step may be a verify step: it needs its tokens
         for r in lane.rows:
             r.fed += 1
         lane.in_flight += 1
         return Step(index, prefill=False, tokens=(0,) * len(lane.rows), chained=True)
+
+    def _trim(self, lane: _Lane) -> int:
+        trim, lane.trim = lane.trim, 0
+        return trim
+
+    def _verify_step(
+        self,
+        index: int,
+        lane: _Lane,
+        remove: tuple[int, ...],
+        store: tuple[tuple[int, int], ...],
+        evict: tuple[int, ...],
+    ) -> Step | None:
+        """A verify step of the lane's one row, or None when it drafts nothing now.
+
+        Drafts never reach past the request's ``max_tokens``. With several
+        rows the lane decodes plainly: their caches would need trimming by a
+        different count each.
+        """
+        row = lane.rows[0]
+        sampling = row.req.sampling
+        k = min(
+            self.drafter.draft_count(id(row), sampling),
+            row.req.max_tokens - len(row.generated) - 1,
+        )
+        if k < 1:
+            return None
+        proposal = self.drafter.propose(id(row), row.req.prompt + row.generated, k, sampling)
+        if proposal is None:
+            return None  # the draft failed: drafting is off, this step decodes plainly
+        lane.proposal = proposal
+        lane.in_flight += 1
+        lane.launched = time.monotonic()
+        return Step(
+            index,
+            prefill=False,
+            tokens=(row.generated[-1], *proposal.drafts),
+            remove=remove,
+            store=store,
+            evict=evict,
+            width=k + 1,
+            trim=self._trim(lane),
+            probs=sampling.temperature > 0,
+        )
+
+    def _on_verify(self, lane: _Lane, step: Step, result: list[Any]) -> None:
+        """Accept what the target agrees with; the rest leaves every stage's caches next step."""
+        row, proposal = lane.rows[0], lane.proposal
+        lane.proposal = None
+        k = step.width - 1
+        tokens = self.drafter.accept(id(row), proposal, result)
+        self.drafter.verified(
+            id(row), k, len(tokens) - 1, len(tokens), time.monotonic() - lane.launched
+        )
+        # The caches now hold the last token and every draft; they keep the
+        # drafts that became generated tokens (a draft that ended the request
+        # with a stop token or string did not).
+        kept = 0
+        for j, token in enumerate(tokens):
+            if row.done:
+                break
+            before = len(row.generated)
+            self._accept(row, token)
+            if j < len(tokens) - 1 and len(row.generated) > before:
+                kept += 1
+        row.fed += 1 + kept
+        lane.trim = k - kept
 
     def _feed(self, a: _Active) -> list[int]:
         chunk = a.to_prefill[: self._prefill_step]
         a.prefilled += len(chunk)
         return chunk
 
-    def on_tokens(self, step: Step, tokens: list[int]) -> None:
+    def on_tokens(self, step: Step, tokens: list[Any]) -> None:
         lane = self._lanes[step.lane]
         lane.in_flight -= 1
+        if step.width > 1:
+            self._on_verify(lane, step, tokens)
+            return
+        if self.drafter is not None and len(tokens) == 1 and not (step.join or step.chained):
+            self.drafter.plain_step(time.monotonic() - lane.launched)
         first = len(lane.rows) - len(step.join)
         now = time.monotonic()
         for i, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
@@ -483,8 +586,20 @@ class Scheduler:
             text, _ = active.matcher.push(active.detokenizer.last_segment)
             self._emit(active, text + active.matcher.flush())
         req = active.req
+        drafted, accepted = (0, 0)
+        if self.drafter is not None:
+            drafted, accepted = self.drafter.usage(id(active))
+            self.drafter.release(id(active))
         req.events.put(
-            Done(reason, len(req.prompt), len(active.generated), error, cached_tokens=active.cached)
+            Done(
+                reason,
+                len(req.prompt),
+                len(active.generated),
+                error,
+                cached_tokens=active.cached,
+                drafted_tokens=drafted,
+                accepted_tokens=accepted,
+            )
         )
         active.done = True
         active.reason = reason

@@ -129,7 +129,7 @@ class PlanStage(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weights_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("cluster", "model", "serving", "problem", "nodes", "plan", "load_id", "tokens_per_s", "ttft_s", "requests_in_flight", "requests_total", "requests_failed", "timestamp", "vocab_size", "max_context", "model_profile_json", "prompt_cache_bytes", "prompt_cache_budget_bytes", "prompt_cache_hit_rate", "transfers", "links")
+    __slots__ = ("cluster", "model", "serving", "problem", "nodes", "plan", "load_id", "tokens_per_s", "ttft_s", "requests_in_flight", "requests_total", "requests_failed", "timestamp", "vocab_size", "max_context", "model_profile_json", "prompt_cache_bytes", "prompt_cache_budget_bytes", "prompt_cache_hit_rate", "draft_model", "draft_acceptance_rate", "tokens_per_verify_step", "transfers", "links")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,9 @@ class StatusReply(_message.Message):
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_VERIFY_STEP_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     cluster: str
@@ -170,9 +173,12 @@ class StatusReply(_message.Message):
     prompt_cache_bytes: int
     prompt_cache_budget_bytes: int
     prompt_cache_hit_rate: float
+    draft_model: str
+    draft_acceptance_rate: float
+    tokens_per_verify_step: float
     transfers: _containers.RepeatedCompositeFieldContainer[NodeTransfer]
     links: _containers.RepeatedCompositeFieldContainer[LinkMeasurement]
-    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., load_id: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., timestamp: _Optional[float] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., model_profile_json: _Optional[str] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_budget_bytes: _Optional[int] = ..., prompt_cache_hit_rate: _Optional[float] = ..., transfers: _Optional[_Iterable[_Union[NodeTransfer, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
+    def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., load_id: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., timestamp: _Optional[float] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., model_profile_json: _Optional[str] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_budget_bytes: _Optional[int] = ..., prompt_cache_hit_rate: _Optional[float] = ..., draft_model: _Optional[str] = ..., draft_acceptance_rate: _Optional[float] = ..., tokens_per_verify_step: _Optional[float] = ..., transfers: _Optional[_Iterable[_Union[NodeTransfer, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
 
 class NodeTransfer(_message.Message):
     __slots__ = ("node_id", "name", "progress")

@@ -158,7 +158,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., other_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids", "rdma", "prompt_cache_bytes", "prompt_cache_token_bytes", "parallel")
+    __slots__ = ("load_id", "model", "start_layer", "end_layer", "rank", "world_size", "ring_hosts", "workers", "backend", "max_context", "max_batch", "max_queue", "prefill_step", "coordinator", "chat_template", "node_ids", "rdma", "prompt_cache_bytes", "prompt_cache_token_bytes", "parallel", "draft_model", "num_draft_tokens")
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,8 @@ class LoadRequest(_message.Message):
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     load_id: str
     model: str
     start_layer: int
@@ -199,7 +201,9 @@ class LoadRequest(_message.Message):
     prompt_cache_bytes: int
     prompt_cache_token_bytes: int
     parallel: str
-    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., rdma: _Optional[_Iterable[_Union[RdmaRow, _Mapping]]] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_token_bytes: _Optional[int] = ..., parallel: _Optional[str] = ...) -> None: ...
+    draft_model: str
+    num_draft_tokens: int
+    def __init__(self, load_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step: _Optional[int] = ..., coordinator: _Optional[str] = ..., chat_template: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., rdma: _Optional[_Iterable[_Union[RdmaRow, _Mapping]]] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_token_bytes: _Optional[int] = ..., parallel: _Optional[str] = ..., draft_model: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class RdmaRow(_message.Message):
     __slots__ = ("peers",)
@@ -300,7 +304,7 @@ class InterfaceTraffic(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., sent_bytes_per_s: _Optional[float] = ..., received_bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class RunnerStats(_message.Message):
-    __slots__ = ("mlx_active_bytes", "mlx_peak_bytes", "mlx_cache_bytes", "tokens_per_s", "requests_in_flight", "requests_waiting", "tokens_total", "requests_total", "ttft_s", "rss_bytes", "prompt_cache_bytes", "prompt_cache_budget_bytes", "prompt_cache_lookups", "prompt_cache_hits", "prompt_cache_hit_tokens")
+    __slots__ = ("mlx_active_bytes", "mlx_peak_bytes", "mlx_cache_bytes", "tokens_per_s", "requests_in_flight", "requests_waiting", "tokens_total", "requests_total", "ttft_s", "rss_bytes", "prompt_cache_bytes", "prompt_cache_budget_bytes", "prompt_cache_lookups", "prompt_cache_hits", "prompt_cache_hit_tokens", "draft_tokens", "draft_accepted_tokens", "verify_steps", "verify_tokens", "draft_failed")
     MLX_ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MLX_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MLX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +320,11 @@ class RunnerStats(_message.Message):
     PROMPT_CACHE_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FAILED_FIELD_NUMBER: _ClassVar[int]
     mlx_active_bytes: int
     mlx_peak_bytes: int
     mlx_cache_bytes: int
@@ -331,7 +340,12 @@ class RunnerStats(_message.Message):
     prompt_cache_lookups: int
     prompt_cache_hits: int
     prompt_cache_hit_tokens: int
-    def __init__(self, mlx_active_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., mlx_cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., ttft_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_budget_bytes: _Optional[int] = ..., prompt_cache_lookups: _Optional[int] = ..., prompt_cache_hits: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ...) -> None: ...
+    draft_tokens: int
+    draft_accepted_tokens: int
+    verify_steps: int
+    verify_tokens: int
+    draft_failed: int
+    def __init__(self, mlx_active_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., mlx_cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., ttft_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_budget_bytes: _Optional[int] = ..., prompt_cache_lookups: _Optional[int] = ..., prompt_cache_hits: _Optional[int] = ..., prompt_cache_hit_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., draft_accepted_tokens: _Optional[int] = ..., verify_steps: _Optional[int] = ..., verify_tokens: _Optional[int] = ..., draft_failed: _Optional[int] = ...) -> None: ...
 
 class NodeSample(_message.Message):
     __slots__ = ("timestamp", "node_id", "cpu_percent", "memory_total_bytes", "memory_used_bytes", "memory_available_bytes", "memory_pressure", "swap_used_bytes", "gpu_utilization_percent", "gpu_power_watts", "gpu_temperature_c", "cpu_power_watts", "thermal_state", "interfaces", "shard", "runner")

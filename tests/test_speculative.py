@@ -1,0 +1,297 @@
+"""Speculative decoding: a draft proposes, the pipeline verifies, the output is the target's.
+
+In one process (a one-stage pipeline: the same engine and scheduler as a
+cluster's head) and on real clusters: greedy output equals single-process
+mlx-lm with a draft that always agrees, one that never does and one that
+breaks mid-request; sampled output follows the target's distribution.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clusterkit import reference_tokens_of
+from modelfactory import make_model
+
+from pomona.worker.lockstep import Sampling, StageEngine
+from pomona.worker.scheduler import Delta, Done, GenRequest, Scheduler
+from pomona.worker.shard import StageSpec, load_stage
+from pomona.worker.speculative import (
+    Costs,
+    Drafter,
+    DraftPolicy,
+    DraftRefused,
+    accept_greedy,
+    accept_sampled,
+    check_draft,
+)
+
+WORDS = ["four", "two", "many", "big", "small", "odd", "new", "old"]
+
+
+def _prompt(i: int) -> str:
+    return f"The lab has {WORDS[i % len(WORDS)]} machines and {i} cables"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("speculative")
+    return {
+        "target": make_model(root / "target", "llama", num_layers=4, seed=11),
+        "random": make_model(root / "random", "llama", num_layers=2, seed=99),
+    }
+
+
+def _run(
+    target: Path, draft: Path | None, prompts: list[str], max_tokens: int, **drafter: int
+) -> tuple[list[list[int]], list[Done], Drafter | None]:
+    from mlx_lm.utils import load, load_tokenizer
+
+    tokenizer = load_tokenizer(target)
+    engine = StageEngine(load_stage(target, StageSpec(0, 4, 0, 1)))
+    spec = Drafter(load(str(draft))[0], 4, **drafter) if draft is not None else None
+    scheduler = Scheduler(
+        lambda: tokenizer.detokenizer, tokenizer.eos_token_ids, lanes=2, drafter=spec
+    )
+    requests = [GenRequest(str(i), tokenizer.encode(p), max_tokens) for i, p in enumerate(prompts)]
+    for r in requests:
+        scheduler.submit(r)
+    engine.head_session(scheduler.next_step, scheduler.on_tokens)
+    tokens, done = [], []
+    for req in requests:
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        tokens.append([t for e in events if isinstance(e, Delta) for t in e.tokens])
+        assert isinstance(events[-1], Done)
+        done.append(events[-1])
+    assert scheduler.idle
+    return tokens, done, spec
+
+
+def test_greedy_output_with_a_draft_is_the_targets(models: dict[str, Path]) -> None:
+    prompts = [_prompt(i) for i in range(3)]
+    expected = reference_tokens_of(models["target"], prompts, 40)
+    want = [expected[p] for p in prompts]
+
+    # A draft that always agrees (the target itself): nearly every draft is kept.
+    alone, done, same = _run(models["target"], models["target"], prompts[:1], 40)
+    assert alone == want[:1]
+    assert same is not None and same.verifies_total > 0
+    assert same.accepted_total >= 0.9 * same.drafted_total
+    assert done[0].drafted_tokens == same.drafted_total
+    assert done[0].accepted_tokens == same.accepted_total
+    # Concurrent requests: one-row lanes draft, fuller lanes decode plainly.
+    together, _, _ = _run(models["target"], models["target"], prompts, 40)
+    assert together == want
+
+    # A draft that never agrees: its tokens are refused, and it soon stops drafting.
+    refused, done, rand = _run(models["target"], models["random"], prompts[:1], 40)
+    assert refused == want[:1]
+    assert rand is not None and rand.accepted_total <= 0.2 * rand.drafted_total
+    assert done[0].drafted_tokens < 40  # it stopped drafting
+
+    # A draft that breaks mid-request: the request goes on without it.
+    broken, done, dead = _run(models["target"], models["target"], prompts[:1], 40, fail_after=2)
+    assert broken == want[:1]
+    assert dead is not None and dead.failed.startswith("RuntimeError")
+
+
+def test_rejection_sampling_follows_the_targets_distribution() -> None:
+    rng = np.random.default_rng(1234)
+    vocab, k, draws = 5, 3, 20000
+    p = rng.dirichlet(np.ones(vocab), size=k + 1)
+    q = rng.dirichlet(np.ones(vocab), size=k)
+    first = np.zeros(vocab)
+    second = np.zeros((vocab, vocab))
+    for _ in range(draws):
+        drafts = [int(rng.choice(vocab, p=q[i])) for i in range(k)]
+        out = accept_sampled(drafts, q, p, rng)
+        assert 1 <= len(out) <= k + 1
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[0], out[1]] += 1
+    # The first token follows p[0]: within 4 standard errors, at a fixed seed.
+    expected = p[0] * draws
+    assert np.all(np.abs(first - expected) < 4 * np.sqrt(expected) + 1), (first, expected)
+    # After an accepted first draft, the second token follows p[1].
+    for d in range(vocab):
+        row = second[d]
+        if row.sum() > 2000:
+            freq = row / row.sum()
+            assert np.all(np.abs(freq - p[1]) < 4 * np.sqrt(p[1] / row.sum()) + 0.01), d
+    # A draft equal to the target is always kept.
+    drafts = [int(rng.choice(vocab, p=p[i])) for i in range(k)]
+    assert accept_sampled(drafts, p[:k], p, rng)[:k] == drafts
+
+
+def test_greedy_acceptance_keeps_the_agreeing_prefix_and_the_targets_next() -> None:
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]
+    assert accept_greedy([5, 6, 7], [5, 9, 7, 8]) == [5, 9]
+    assert accept_greedy([5, 6, 7], [4, 6, 7, 8]) == [4]
+
+
+def test_draft_length_adapts_and_drafting_stops_when_it_does_not_pay() -> None:
+    costs = Costs()
+    for _ in range(3):
+        costs.plain_step(0.010)
+    costs.drafted(4, 0.004)  # 1 ms a draft token
+    costs.verify_step(4, 0.011)
+    good = DraftPolicy(k_max=4)
+    for _ in range(5):
+        good.record(4, 4)
+    assert good.choose(costs) == 4
+    poor = DraftPolicy(k_max=4)
+    for _ in range(5):
+        poor.record(4, 0)
+    assert poor.choose(costs) == 0 and poor.stopped
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    from mlx_lm.utils import load_tokenizer
+
+    target = make_model(tmp_path / "target", "llama", num_layers=2)
+    other = make_model(tmp_path / "other", "llama", num_layers=2)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(DraftRefused, match="the draft model other has a different tokenizer"):
+        check_draft(
+            "target",
+            "other",
+            load_tokenizer(target),
+            load_tokenizer(other),
+            [("KVCache", None)],
+            [],
+        )
+    with pytest.raises(DraftRefused, match="cannot drop rejected draft positions"):
+        check_draft(
+            "gemma",
+            "target",
+            load_tokenizer(target),
+            load_tokenizer(target),
+            [("KVCache", None), ("RotatingKVCache", 8)],
+            [],
+        )
+
+
+def test_sampled_rows_verify_through_probabilities(models: dict[str, Path]) -> None:
+    from mlx_lm.utils import load, load_tokenizer
+
+    tokenizer = load_tokenizer(models["target"])
+    engine = StageEngine(load_stage(models["target"], StageSpec(0, 4, 0, 1)))
+    spec = Drafter(load(str(models["target"]))[0], 4)
+    scheduler = Scheduler(lambda: tokenizer.detokenizer, tokenizer.eos_token_ids, drafter=spec)
+    req = GenRequest(
+        "s", tokenizer.encode(_prompt(1)), 30, Sampling(temperature=0.8, top_p=0.9, seed=7)
+    )
+    scheduler.submit(req)
+    engine.head_session(scheduler.next_step, scheduler.on_tokens)
+    events = []
+    while not req.events.empty():
+        events.append(req.events.get())
+    assert isinstance(events[-1], Done) and events[-1].completion_tokens > 0
+    assert spec.verifies_total > 0 and spec.accepted_total > 0
+
+
+def test_a_verify_step_and_its_trim_travel_in_the_control_vector() -> None:
+    from pomona.worker.lockstep import Step, decode_ctrl, encode_ctrl
+
+    step = Step(1, prefill=False, tokens=(4, 5, 6, 7), width=4, trim=2, probs=True, remove=(0,))
+    back = decode_ctrl(encode_ctrl(step))
+    assert back is not None and (back.width, back.trim, back.probs) == (4, 2, True)
+    assert len(back.tokens) == 4 and back.remove == (0,)
+    with pytest.raises(ValueError, match="neither prefills nor admits"):
+        encode_ctrl(Step(0, prefill=False, tokens=(1, 2), width=2, join=(Sampling(),)))
+
+
+def test_the_planner_counts_the_draft_on_the_head_node() -> None:
+    from pomona.coordinator.planner import NodeSpec, PlanError, plan
+    from pomona.model_profile import ModelProfile
+
+    gib = 2**30
+    config = json.loads(
+        (Path(__file__).parents[1] / "pomona/model_configs/llama-3.1-8b.json").read_text()
+    )
+    profile = ModelProfile.from_config(config, name="llama-3.1-8b")
+    nodes = [
+        NodeSpec("a", "a", "Apple M4 Pro", 24 * gib),
+        NodeSpec("b", "b", "Apple M4 Pro", 24 * gib),
+    ]
+    alone = plan(profile, nodes, context_length=4096, objective="latency")
+    assert len(alone.stages) == 1  # the 16 GB model fits one node
+    drafted = plan(profile, nodes, context_length=4096, objective="latency", draft_bytes=8 * gib)
+    assert len(drafted.stages) == 2  # with an 8 GB draft beside it, it does not
+    with pytest.raises(PlanError):
+        plan(profile, nodes[:1], context_length=4096, draft_bytes=8 * gib)
+
+
+def test_unmeasured_draft_lengths_are_priced_between_the_measured_ones() -> None:
+    costs = Costs()
+    costs.plain_step(0.010)
+    costs.verify_step(4, 0.018)
+    assert costs.verify_cost(2) == pytest.approx(0.014)  # between plain and k = 4
+    assert costs.verify_cost(6) == pytest.approx(0.022)  # the same slope beyond
+
+
+def test_a_next_turn_restores_kv_written_by_verify_steps(models: dict[str, Path]) -> None:
+    """The prefix cache keeps a finished request's KV after its rejected drafts were
+    trimmed: a next turn restored from it gets the tokens of mlx-lm alone."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load, load_tokenizer
+
+    from pomona.worker.prefix_cache import PrefixCache
+
+    # Its last two layers write weakly into the residual stream: its first two
+    # alone make a draft that agrees often, not always, at half the cost.
+    target = make_model(models["target"].parent / "weak-tail", "llama", num_layers=4, seed=11)
+    for path in target.glob("*.safetensors"):
+        weights = mx.load(str(path))
+        for name in weights:
+            if name.endswith(("o_proj.weight", "down_proj.weight")) and ".layers.2." in name:
+                weights[name] = weights[name] * 0.2
+            if name.endswith(("o_proj.weight", "down_proj.weight")) and ".layers.3." in name:
+                weights[name] = weights[name] * 0.2
+        mx.save_safetensors(str(path), weights)
+    model, tokenizer = load(str(target))
+
+    def reference(ids: list[int], n: int) -> list[int]:
+        out = []
+        for token, _ in generate_step(mx.array(ids), model, max_tokens=n):
+            if int(token) in tokenizer.eos_token_ids:
+                break
+            out.append(int(token))
+        return out
+
+    engine = StageEngine(load_stage(target, StageSpec(0, 4, 0, 1)))
+    draft = load(str(target))[0]
+    draft.model.layers = draft.model.layers[:2]
+    spec = Drafter(draft, 4)
+    scheduler = Scheduler(
+        lambda: load_tokenizer(target).detokenizer,
+        tokenizer.eos_token_ids,
+        drafter=spec,
+        prefix_cache=PrefixCache(10**9, 1, min_tokens=32),
+    )
+    first = tokenizer.encode(" ".join(_prompt(i) for i in range(4)))
+    turns = []
+    for prompt in (first, None):
+        if prompt is None:
+            prompt = first + turns[0] + tokenizer.encode(" and then")
+        req = GenRequest(str(len(turns)), prompt, 24)
+        scheduler.submit(req)
+        engine.head_session(scheduler.next_step, scheduler.on_tokens)
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        turns.append([t for e in events if isinstance(e, Delta) for t in e.tokens])
+        assert turns[-1] == reference(prompt, 24)
+        assert isinstance(events[-1], Done)
+    assert events[-1].cached_tokens > len(first)  # the restore reached the generated tokens
+    assert 0 < spec.accepted_total < spec.drafted_total, (spec.accepted_total, spec.drafted_total)
