@@ -468,7 +468,8 @@ class StageEngine:
         plain = (
             step is not None
             and not step.prefill
-            and not (step.join or step.remove or step.store or step.evict)
+            and step.width == 1
+            and not (step.join or step.remove or step.store or step.evict or step.trim)
         )
         if not plain:
             return mx.array(encode_ctrl(step), dtype=mx.int32)
