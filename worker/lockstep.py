@@ -15,14 +15,18 @@ after launching the next one: a receive is never outstanding while it computes
 (the ring backend's receive spins).
 
 With one lane at work (one stream, or every stream in one batch) the head
-does not wait for a step's tokens before launching the lane's next decode
-step: it builds that step on the tokens still in flight (MLX arrays the ring
-has yet to deliver) and enqueues it, then collects the earlier step's tokens
-while the rest of the pipeline computes. Building the graph, encoding the
-control vector, detokenizing and streaming so leave the critical path, as in
-mlx-lm's own generator (``async_eval``). Such a *chained* step is made only
-when the lane's rows stay as they are; a row that finished is computed one
-step too many, and its token dropped.
+does not wait for a step's tokens before making the lane's next decode step:
+it builds that step on the tokens still in flight (MLX arrays the ring has
+yet to deliver) and announces it, then evaluates it, which waits for those
+tokens, and only then hands the earlier step's tokens to the scheduler.
+Building the graph, encoding the control vector, detokenizing and streaming
+so happen while the rest of the pipeline computes, off the critical path,
+as mlx-lm's generator does with ``async_eval``. (The head evaluates each step
+before going on rather than leaving it to run in the background: a step in
+flight when the ring fails takes the runner down with SIGSEGV instead of
+raising.) Such a *chained* step is made only when the lane's rows stay as
+they are; a row that finished is computed one step too many, and its token
+dropped.
 
 A step belongs to one lane and is either a prefill chunk of the group of
 requests being admitted to it (batched, right padded like mlx-lm's prompt
@@ -490,10 +494,15 @@ class StageEngine:
         return decode_ctrl(cast(list[int], ctrl.tolist()))
 
     def reset(self) -> None:
-        """Forget every sequence (a session ended)."""
+        """Forget every sequence (a session ended).
+
+        MLX's buffer cache is kept, as mlx-lm's server keeps it between
+        requests: the next session reuses the buffers of this one's caches and
+        activations instead of allocating them again (within MLX's cache
+        limit; its size shows as the runner's MLX cache in ``pomona status``).
+        """
         self.watch.idle()
         self.lanes = {}
-        mx.clear_cache()
 
     # -- one step -------------------------------------------------------------
 
@@ -613,9 +622,12 @@ class StageEngine:
                 return tokens
             mx.eval(tokens, [c.state for c in owned])
             return None
-        # The head does not wait for its own compute: it goes on to collect
-        # tokens, or to build the next step, while this one runs.
-        self._send_on(owned, wait=not spec.is_first)
+        # Evaluated here, on the head too: a step left running in the
+        # background when the ring fails (a peer died) takes the runner down
+        # with SIGSEGV instead of raising. A chained step so waits here for the
+        # tokens it feeds, but its graph was built, and the earlier tokens
+        # streamed, while the rest of the pipeline computed.
+        self._send_on(owned)
         if spec.is_first:
             template = mx.zeros((inputs.shape[0],), dtype=mx.int32)
             return mx.distributed.recv_like(template, spec.world_size - 1)
@@ -671,13 +683,10 @@ class StageEngine:
             )
         return tokens.astype(mx.int32)  # (B,)
 
-    def _send_on(self, owned: Sequence[Any], wait: bool = True) -> None:
+    def _send_on(self, owned: Sequence[Any]) -> None:
         """Evaluate this stage's caches and what it sends to the next stage."""
         sent = self.shard.sent
-        if wait:
-            mx.eval(sent[-1:], [c.state for c in owned])
-        else:
-            mx.async_eval(sent[-1:], [c.state for c in owned])
+        mx.eval(sent[-1:], [c.state for c in owned])
         sent.clear()
 
     def _remove(self, lane: _Lane, remove: Sequence[int]) -> None:
