@@ -423,3 +423,31 @@ def test_a_cancelled_row_stops_the_chain() -> None:
     s.on_tokens(chained, [ord("b")])
     assert s.next_step() is None  # reaped: the row leaves with the session
     assert drain(req)[-1].reason is Finish.CANCELLED
+
+
+def test_a_next_turn_sent_while_a_chained_step_is_in_flight_finds_the_first_turn_kept() -> None:
+    from pomona.worker.prefix_cache import PrefixCache
+
+    s = Scheduler(
+        CharDetokenizer,
+        [EOS],
+        prefill_step=64,
+        lanes=2,
+        chain=True,
+        prefix_cache=PrefixCache(100_000, 1),
+    )
+    history = list(range(10, 50))
+    s.submit(GenRequest("first", history, max_tokens=1))
+    assert s.next_step().prefill  # type: ignore[union-attr]
+    join = s.next_step()
+    chained = s.next_step()
+    assert join is not None and chained is not None and chained.chained
+    s.on_tokens(join, [ord("a")])  # the first turn is done: its client sends the next
+    s.submit(GenRequest("second", [*history, ord("a"), 60, 61], max_tokens=2))
+    assert s.next_step() is None  # not admitted before the first turn's KV is kept
+    s.on_tokens(chained, [ord("b")])
+    kept = s.next_step()
+    assert kept is not None and kept.remove == (0,) and len(kept.store) == 1
+    restored = s.next_step()
+    assert restored is not None and restored.prefill and restored.restore is not None
+    assert restored.restore[1] >= len(history)

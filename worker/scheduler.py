@@ -255,7 +255,18 @@ class Scheduler:
         return None
 
     def _admit(self) -> None:
-        """Form admission groups for lanes that have none, balancing the lanes."""
+        """Form admission groups for lanes that have none, balancing the lanes.
+
+        With a prefix cache, not while a finished row's KV is still to be kept:
+        its request has ended, and the next turn of its chat may be waiting
+        already (a chained step in flight delays the keeping by one step).
+        """
+        if self.prefix_cache is not None and any(
+            r.done and r.reason in (Finish.STOP, Finish.LENGTH)
+            for lane in self._lanes
+            for r in lane.rows
+        ):
+            return
         with self._cond:
             while self._queue:
                 free = [
