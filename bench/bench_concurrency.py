@@ -41,7 +41,6 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import statistics
 import string
 import sys
@@ -63,6 +62,7 @@ from systems import (  # noqa: E402
     halves,
     load_average,
     run_info,
+    stop_on_signals,
     wait_for,
 )
 
@@ -107,10 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tokens < 2 or args.warmup_tokens < 1 or not args.levels or min(args.levels) < 1:
         p.error("--tokens must be at least 2; --warmup-tokens and every concurrency at least 1")
     return args
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # -- prompts ------------------------------------------------------------------
@@ -515,8 +511,7 @@ def _cpu_ms(t: Turn) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    stop_on_signals()
 
     if args.no_pin:
         os.environ[NO_PIN] = "1"  # inherited by every process started from here on

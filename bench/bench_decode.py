@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import statistics
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from systems import (  # noqa: E402
     halves,
     load_average,
     run_info,
+    stop_on_signals,
     wait_for,
 )
 
@@ -90,10 +90,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tokens < 2 or args.repeats < 1 or args.warmup_tokens < 1:
         p.error("--tokens must be at least 2, --repeats and --warmup-tokens at least 1")
     return args
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def load_prompt(model: Path, text: str, length: int = 0) -> list[int]:
@@ -319,8 +315,7 @@ def _tokens(runs: list[Run]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    stop_on_signals()
 
     if args.no_pin:
         os.environ[NO_PIN] = "1"  # inherited by every process started from here on

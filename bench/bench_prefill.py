@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from systems import (  # noqa: E402
     Processes,
     load_average,
     run_info,
+    stop_on_signals,
     wait_for,
 )
 
@@ -108,14 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    stop_on_signals()
     context = max(4096, args.prompt_tokens + NEW_TOKENS + args.gen_tokens + 16)
     shape = {**(SMALL if args.small else {}), "max_position_embeddings": context}
     model = ensure_model(args.cache_dir, "float32", shape)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode import Row, divergence, load_prompt, measure  # noqa: E402
 from bench_model import REPO, default_cache_dir, parameter_count  # noqa: E402
-from systems import ControlServer, MlxLm, Pomona, Processes, Run, load_average, run_info  # noqa: E402
+from systems import (  # noqa: E402
+    ControlServer,
+    MlxLm,
+    Pomona,
+    Processes,
+    Run,
+    load_average,
+    run_info,
+    stop_on_signals,
+)
 
 T0 = time.monotonic()
 DEFAULT_PROMPT = "The lab has four machines. Each machine holds some layers of the model."
@@ -250,24 +258,12 @@ class Drafting(Pomona):
         self.counting = False
 
     def request(self, max_tokens: int, prompt: Sequence[int] | None = None) -> Run:
-        from pomona.v1 import common_pb2
-
-        request = common_pb2.GenerateRequest(
-            prompt_tokens=list(prompt) if prompt is not None else self.prompt,
-            max_tokens=max_tokens,
-            sampling=common_pb2.SamplingParams(temperature=0.0),
-        )
-        tokens: list[int] = []
-        stamps: list[float] = []
-        start = time.perf_counter()
-        for chunk in self._stub.Generate(request, timeout=600):
-            now = time.perf_counter() - start
-            tokens.extend(chunk.tokens)
-            stamps.extend([now] * len(chunk.tokens))
-            if chunk.HasField("usage") and self.counting:
-                self.drafted += chunk.usage.drafted_tokens
-                self.accepted += chunk.usage.accepted_tokens
-        return Run(tuple(tokens), tuple(stamps))
+        run = super().request(max_tokens, prompt)
+        usage = self.last_usage
+        if usage is not None and self.counting:
+            self.drafted += usage.drafted_tokens
+            self.accepted += usage.accepted_tokens
+        return run
 
     def tokens_per_verify(self) -> float | None:
         from pomona.v1 import coordinator_pb2
@@ -326,14 +322,9 @@ def random_draft(args: argparse.Namespace, draft: Path) -> Path:
     return folder
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    stop_on_signals()
     target, draft, scale, agreement = build_pair(args, args.prompt)
     if args.costs:
         step_costs(target, target_shape(args)[2])

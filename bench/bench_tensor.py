@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import Row, _raise_interrupt, divergence, load_prompt, measure  # noqa: E402
+from bench_decode import Row, divergence, load_prompt, measure  # noqa: E402
 from bench_model import NUM_LAYERS, OVERRIDES, default_cache_dir, ensure_model, parameter_count  # noqa: E402
 from systems import (  # noqa: E402
     LOOPBACK,
@@ -50,6 +49,7 @@ from systems import (  # noqa: E402
     free_ports,
     load_average,
     run_info,
+    stop_on_signals,
 )
 
 T0 = time.monotonic()
@@ -185,8 +185,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    stop_on_signals()
     model = ensure_model(args.cache_dir, args.dtype)
     prompt = load_prompt(model, PROMPT)
     model_desc = f"qwen2, {parameter_count(model) / 1e6:.1f}M parameters, {args.dtype}"

@@ -56,6 +56,16 @@ class Run:
         return (len(self.tokens) - 1) / seconds if seconds > 0 else 0.0
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end a benchmark as Ctrl-C does: every process it started stops."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+
+
 def halves(model: Path) -> str:
     """Pomona's ``--layers`` for two workers: the model's layers as even as they go."""
     n = int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
@@ -384,6 +394,7 @@ class Pomona:
         self.prompt: list[int] = []
         self.config = Path()
         self.processes: Processes | None = None
+        self.last_usage: Any = None  # the Usage of the last request
         self._stub: Any = None
 
     def start(self, processes: Processes, model: Path, prompt: Sequence[int]) -> None:
@@ -483,13 +494,14 @@ class Pomona:
         tokens: list[int] = []
         stamps: list[float] = []
         start = time.perf_counter()
-        cached = 0
+        self.last_usage = None
         for chunk in self._stub.Generate(request, timeout=600):
             now = time.perf_counter() - start
             tokens.extend(chunk.tokens)
             stamps.extend([now] * len(chunk.tokens))
             if chunk.HasField("usage"):
-                cached = chunk.usage.cached_tokens
+                self.last_usage = chunk.usage
+        cached = self.last_usage.cached_tokens if self.last_usage is not None else 0
         return Run(tuple(tokens), tuple(stamps), cached)
 
     def stop(self) -> None:
