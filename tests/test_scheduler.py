@@ -354,15 +354,22 @@ def chaining(lanes: int = 2) -> Scheduler:
     return Scheduler(CharDetokenizer, [EOS], prefill_step=4, lanes=lanes, chain=True)
 
 
-def test_a_lone_lane_launches_its_next_decode_step_on_tokens_in_flight() -> None:
-    s = chaining()
-    req = GenRequest("r", [5, 6], max_tokens=3)
+def join_then_chain(s: Scheduler, req: GenRequest) -> tuple[Step, Step]:
+    """Submit a short request; its join step and the step chained behind it."""
     s.submit(req)
     assert s.next_step().prefill  # type: ignore[union-attr]
     join = s.next_step()
+    chained = s.next_step()  # before the join's token is in
     assert join is not None and join.join and not join.chained
-    first = s.next_step()  # before the join's token is in
-    assert first is not None and first.chained and first.tokens == (0,) and first.lane == 0
+    assert chained is not None and chained.chained and chained.lane == join.lane
+    return join, chained
+
+
+def test_a_lone_lane_launches_its_next_decode_step_on_tokens_in_flight() -> None:
+    s = chaining()
+    req = GenRequest("r", [5, 6], max_tokens=3)
+    join, first = join_then_chain(s, req)
+    assert first.tokens == (0,) and first.lane == 0
     assert s.next_step() is None  # one chained step at most
     s.on_tokens(join, [ord("a")])
     second = s.next_step()
@@ -378,11 +385,7 @@ def test_a_lone_lane_launches_its_next_decode_step_on_tokens_in_flight() -> None
 def test_a_row_that_finished_stops_the_chain_and_its_extra_token_is_dropped() -> None:
     s = chaining()
     req = GenRequest("r", [5, 6], max_tokens=10)
-    s.submit(req)
-    s.next_step()
-    join = s.next_step()
-    chained = s.next_step()
-    assert join is not None and chained is not None and chained.chained
+    join, chained = join_then_chain(s, req)
     s.on_tokens(join, [EOS])
     assert s.next_step() is None  # the row is done: nothing more is chained
     s.on_tokens(chained, [ord("q")])
@@ -412,11 +415,7 @@ def test_a_waiting_request_or_a_second_lane_at_work_stops_the_chain() -> None:
 def test_a_cancelled_row_stops_the_chain() -> None:
     s = chaining(lanes=1)
     req = GenRequest("r", [5, 6], max_tokens=10)
-    s.submit(req)
-    s.next_step()
-    join = s.next_step()
-    chained = s.next_step()
-    assert join is not None and chained is not None and chained.chained
+    join, chained = join_then_chain(s, req)
     req.cancel()
     s.on_tokens(join, [ord("a")])
     assert s.next_step() is None
@@ -437,11 +436,7 @@ def test_a_next_turn_sent_while_a_chained_step_is_in_flight_finds_the_first_turn
         prefix_cache=PrefixCache(100_000, 1),
     )
     history = list(range(10, 50))
-    s.submit(GenRequest("first", history, max_tokens=1))
-    assert s.next_step().prefill  # type: ignore[union-attr]
-    join = s.next_step()
-    chained = s.next_step()
-    assert join is not None and chained is not None and chained.chained
+    join, chained = join_then_chain(s, GenRequest("first", history, max_tokens=1))
     s.on_tokens(join, [ord("a")])  # the first turn is done: its client sends the next
     s.submit(GenRequest("second", [*history, ord("a"), 60, 61], max_tokens=2))
     assert s.next_step() is None  # not admitted before the first turn's KV is kept

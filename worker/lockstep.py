@@ -416,7 +416,6 @@ class StageEngine:
         oldest step in flight is then collected, which frees its lane.
         """
         in_flight: deque[tuple[Step, mx.array]] = deque()
-        newest: dict[int, mx.array] = {}  # each lane's tokens of its last step launched
         watch = self.watch
 
         def collect() -> None:
@@ -439,11 +438,12 @@ class StageEngine:
                 mx.synchronize()
                 self.reset()
                 return
-            tokens = self.run_step(step, newest.get(step.lane) if step.chained else None)
+            # A chained step feeds the tokens of its lane's step in flight.
+            fed = next((t for s, t in reversed(in_flight) if s.lane == step.lane), None)
+            tokens = self.run_step(step, fed if step.chained else None)
             watch.end(step_tokens(step))
             if tokens is not None:
                 in_flight.append((step, tokens))
-                newest[step.lane] = tokens
             # One step per lane in flight, and one chained behind it.
             if len(in_flight) > self.lane_count:
                 collect()
