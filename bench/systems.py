@@ -502,6 +502,11 @@ class Pomona:
             if chunk.HasField("usage"):
                 self.last_usage = chunk.usage
         cached = self.last_usage.cached_tokens if self.last_usage is not None else 0
+        trace = os.environ.get("POMONA_STEP_TRACE")
+        if trace and stamps:  # beside the ranks' step traces: when the client asked
+            with open(os.path.join(trace, "client.tsv"), "a") as f:
+                began = time.monotonic() - (time.perf_counter() - start)
+                f.write(f"{began:.6f}\t{stamps[0]:.6f}\t{stamps[-1]:.6f}\t{len(tokens)}\n")
         return Run(tuple(tokens), tuple(stamps), cached)
 
     def stop(self) -> None:

@@ -48,6 +48,7 @@ their control plane instead.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import time
 from collections import deque
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from pomona.worker.prefix_kv import restore_prefix
@@ -294,6 +296,46 @@ class _Lane:
     group: list[Any] | None = None
 
 
+class StepTrace:
+    """Per-step timings of this rank, for profiling (``POMONA_STEP_TRACE=DIR``).
+
+    One tab-separated line per step: start and end (monotonic seconds), the
+    kind, the tokens it fed, its lane, and whether it was chained. Written when
+    a session ends, so tracing costs a list append per step.
+    """
+
+    def __init__(self, folder: str, rank: int):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"rank{rank}.tsv")
+        self.lines: list[str] = []
+
+    @staticmethod
+    def from_env(rank: int) -> StepTrace | None:
+        folder = os.environ.get("POMONA_STEP_TRACE", "")
+        return StepTrace(folder, rank) if folder else None
+
+    def add(self, began: float, kind: str, step: Step | None, tokens: int) -> None:
+        lane = -1 if step is None else step.lane
+        chained = int(step is not None and step.chained)
+        self.lines.append(
+            f"{began:.6f}\t{time.monotonic():.6f}\t{kind}\t{tokens}\t{lane}\t{chained}"
+        )
+
+    def flush(self) -> None:
+        if self.lines:
+            with open(self.path, "a") as f:
+                f.write("\n".join(self.lines) + "\n")
+            self.lines = []
+
+
+def _kind(step: Step | None) -> str:
+    if step is None:
+        return "leave"
+    if step.prefill:
+        return "prefill"
+    return "verify" if step.width > 1 else "decode"
+
+
 @dataclass
 class StepWatch:
     """How long this rank may wait inside one step before a peer counts as frozen.
@@ -344,6 +386,51 @@ class StepWatch:
         return -1.0 if since is None else now - since - self.budget
 
 
+class _CausalBatchKVCache(BatchKVCache):
+    """mlx-lm's batched KV cache, with the plain causal mask while no row is padded.
+
+    ``BatchKVCache`` always masks with an array (for its left padding), which
+    keeps MLX's attention off its fused causal kernel: on a GPU that made a
+    4,096-token prefill of one request through Pomona about twice as slow as
+    mlx-lm's, whose single-request cache masks with "causal". When no row is
+    left padded (one request, or rows that joined together) the two masks are
+    the same, so the cheap one is used. ``unpadded`` is kept by the engine,
+    which makes every change to the padding (a join, a removal, a padded
+    prefill), so building a step never waits on the device to know it.
+    """
+
+    unpadded = False
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:
+        if self.unpadded and not return_array and not kwargs.get("window_size"):
+            return "causal" if N > 1 else None
+        return super().make_mask(N, return_array=return_array, **kwargs)
+
+
+def _note_padding(caches: Sequence[Any]) -> None:
+    """Mark which of these batched caches have no padded row (see above)."""
+    for c in caches:
+        if type(c) is BatchKVCache:
+            c.__class__ = _CausalBatchKVCache
+        if isinstance(c, _CausalBatchKVCache):
+            c.unpadded = c.left_padding.size == 0 or not mx.any(c.left_padding).item()
+
+
+def warm_up_steps(prefill_step: int, widths: Sequence[int] = ()) -> list[Step]:
+    """The steps of a warm-up session (``StageEngine.warm_up``): two full prefill
+    chunks of one request (the second over a cache that holds the first), the
+    decode step it joins in, a plain decode step, then a verify step of every
+    width in ``widths``."""
+    chunk = ((0,) * max(prefill_step, 1),)
+    steps = [
+        Step(0, prefill=True, chunk=chunk, new_group=True),
+        Step(0, prefill=True, chunk=chunk),
+        Step(0, prefill=False, tokens=(0,), join=(Sampling(),)),
+        Step(0, prefill=False, tokens=(0,)),
+    ]
+    return steps + [Step(0, prefill=False, tokens=(0,) * w, width=w) for w in widths]
+
+
 def step_tokens(step: Step, lane_rows: int = 0) -> int:
     """The tokens one step feeds through a stage: its size for the watchdog."""
     if step.prefill:
@@ -373,6 +460,7 @@ class StageEngine:
         # Which rank embeds real tokens and which samples (holds the rows' samplers).
         self._feeds = self.spec.is_first
         self._samples = self.spec.is_last
+        self.trace = StepTrace.from_env(self.spec.rank)
 
     @property
     def lane_count(self) -> int:
@@ -417,13 +505,17 @@ class StageEngine:
         """
         in_flight: deque[tuple[Step, mx.array]] = deque()
         watch = self.watch
+        trace = self.trace
 
         def collect() -> None:
             step, tokens = in_flight.popleft()
             size = len(step.tokens) + len(step.join)
             watch.begin(size)
+            began = time.monotonic()
             mx.eval(tokens)
             watch.end(size)
+            if trace is not None:
+                trace.add(began, "collect", step, size)
             on_tokens(step, cast(list[int], tokens.tolist()))
 
         while True:
@@ -432,6 +524,7 @@ class StageEngine:
                 collect()
                 continue
             watch.begin(None if step is None else step_tokens(step))
+            began = time.monotonic()
             if self.spec.world_size > 1:
                 self._announce(step)
             if step is None:
@@ -442,17 +535,31 @@ class StageEngine:
             fed = next((t for s, t in reversed(in_flight) if s.lane == step.lane), None)
             tokens = self.run_step(step, fed if step.chained else None)
             watch.end(step_tokens(step))
+            if trace is not None:
+                trace.add(began, _kind(step), step, step_tokens(step))
             if tokens is not None:
                 in_flight.append((step, tokens))
             # One step per lane in flight, and one chained behind it.
             if len(in_flight) > self.lane_count:
                 collect()
 
+    def warm_up(self, steps: Sequence[Step]) -> None:
+        """Run ``steps`` as a session of their own, dropping what they return.
+
+        Every rank so meets these step shapes at load: an accelerator compiles
+        the kernels of each new shape on first use (seconds on MLX's CUDA
+        backend), which would otherwise fall in a user's first request.
+        """
+        todo = deque(steps)
+        self.head_session(lambda: todo.popleft() if todo else None, lambda step, tokens: None)
+
     def follower_session(self) -> None:
         """Follow the head's steps until it says leave."""
         watch = self.watch
+        trace = self.trace
         while True:
             watch.begin()
+            began = time.monotonic()
             step = self._follow()
             if step is None:
                 mx.synchronize()
@@ -461,8 +568,13 @@ class StageEngine:
             lane = self.lanes.get(step.lane)
             size = step_tokens(step, lane.n if lane is not None else 0)
             watch.sized(size)
+            if trace is not None:
+                trace.add(began, "wait", step, 0)
+                began = time.monotonic()
             self.run_step(step)
             watch.end(size)
+            if trace is not None:
+                trace.add(began, _kind(step), step, size)
 
     def _announce(self, step: Step | None) -> None:
         """The head tells rank 1 the step; it forwards it down the pipeline."""
@@ -503,6 +615,8 @@ class StageEngine:
         """
         self.watch.idle()
         self.lanes = {}
+        if self.trace is not None:
+            self.trace.flush()
 
     # -- one step -------------------------------------------------------------
 
@@ -559,12 +673,13 @@ class StageEngine:
             restored = restore_prefix(kept, tokens)
             layers = range(spec.start, spec.end)
             merged = {i: type(c).merge([c]) for i, c in zip(layers, restored, strict=True)}
-            return alias_caches(merged, self._kinds, spec)
-        singles = [make_stage_cache(self.model, spec) for _ in range(n)]
-        merged = {
-            i: type(singles[0][i]).merge([s[i] for s in singles])
-            for i in range(spec.start, spec.end)
-        }
+        else:
+            singles = [make_stage_cache(self.model, spec) for _ in range(n)]
+            merged = {
+                i: type(singles[0][i]).merge([s[i] for s in singles])
+                for i in range(spec.start, spec.end)
+            }
+        _note_padding(list(merged.values()))
         return alias_caches(merged, self._kinds, spec)
 
     def _store(self, lane: _Lane, row: int, entry: int) -> None:
@@ -592,6 +707,7 @@ class StageEngine:
             for c in owned:
                 c.finalize()
             mx.eval([c.state for c in owned])
+            _note_padding(owned)
 
     def _join(self, lane: _Lane, join: Sequence[Sampling]) -> None:
         """The lane's admission group becomes the last rows of its batch."""
@@ -605,6 +721,7 @@ class StageEngine:
                 stage_caches(lane.caches, spec), stage_caches(group, spec), strict=True
             ):
                 mine.extend(theirs)
+            _note_padding(stage_caches(lane.caches, spec))
         lane.n += len(join)
         if self._samples:
             lane.rows.extend(_row(s) for s in join)
@@ -700,5 +817,7 @@ class StageEngine:
             return
         assert lane.caches is not None
         index = mx.array(keep, dtype=mx.int32)
-        for c in stage_caches(lane.caches, self.spec):
+        owned = stage_caches(lane.caches, self.spec)
+        for c in owned:
             c.filter(index)
+        _note_padding(owned)

@@ -220,8 +220,12 @@ def make_stage_cache(model: nn.Module, spec: StageSpec) -> list[Any]:
 
 
 def cache_kind(cache: Any) -> tuple[str, Any]:
-    """What distinguishes caches for masks: full or sliding, and the window."""
-    return type(cache).__name__.removeprefix("Batch"), getattr(cache, "max_size", None)
+    """What distinguishes caches for masks: full or sliding, and the window.
+
+    Named by mlx-lm's class, so that Pomona's subclasses of its caches count
+    as the caches they extend."""
+    cls = next((t for t in type(cache).__mro__ if t.__module__.startswith("mlx_lm")), type(cache))
+    return cls.__name__.removeprefix("Batch"), getattr(cache, "max_size", None)
 
 
 def alias_caches(owned: dict[int, Any], kinds: list[tuple[str, Any]], spec: StageSpec) -> list[Any]:
