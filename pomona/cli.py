@@ -345,9 +345,9 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
 @click.option(
     "--prefill-step",
     type=click.IntRange(16, 65536),
-    default=512,
-    show_default=True,
-    help="Prompt tokens per prefill chunk.",
+    default=None,
+    help="Prompt tokens per prefill chunk [default: 512; 2048 when every worker "
+    "runs on one GPU, where stages cannot prefill at once].",
 )
 @click.option(
     "--objective",
@@ -426,7 +426,7 @@ def coordinator(
     mdns: tuple[str, ...],
     max_batch: int,
     max_queue: int,
-    prefill_step: int,
+    prefill_step: int | None,
     objective: str,
     context: int,
     concurrency: int,
@@ -481,7 +481,7 @@ def coordinator(
         mdns_interfaces=mdns,
         max_batch=max_batch,
         max_queue=max_queue,
-        prefill_step=prefill_step,
+        prefill_step=prefill_step or 0,
         prompt_cache_gb=prompt_cache_gb,
         draft_model=draft_model,
         num_draft_tokens=num_draft_tokens,

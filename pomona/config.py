@@ -115,7 +115,7 @@ class CoordinatorConfig:
     # prefill chunk (smaller chunks stall running streams less).
     max_batch: int = 16
     max_queue: int = 64
-    prefill_step: int = 512
+    prefill_step: int = 0  # 0: the head runner chooses (worker/runner.py)
     # Speculative decoding: a draft model the head runner runs (empty: none),
     # and the most tokens it drafts per step.
     draft_model: str = ""

@@ -299,7 +299,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
                 allow_remote_code=self.config.allow_remote_code,
                 max_batch=request.max_batch or RunnerSpec.max_batch,
                 max_queue=request.max_queue or RunnerSpec.max_queue,
-                prefill_step=request.prefill_step or RunnerSpec.prefill_step,
+                prefill_step=request.prefill_step,  # 0: the runner chooses
                 chat_template=request.chat_template,
                 prompt_cache_bytes=request.prompt_cache_bytes,
                 prompt_cache_token_bytes=request.prompt_cache_token_bytes,

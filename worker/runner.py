@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,7 +56,8 @@ class RunnerSpec:
     node_id: str = ""
     node_ids: tuple[str, ...] = ()
     max_context: int = 0
-    prefill_step: int = 512
+    # Prompt tokens per prefill chunk; 0: chosen here (``prefill_step_for``).
+    prefill_step: int = 0
     max_queue: int = 64
     max_batch: int = 16
     # The cluster configuration file (never the secret itself: the spec is
@@ -158,8 +160,38 @@ def _wait_for_load() -> RunnerSpec | None:
     return RunnerSpec.from_json(command["spec"])
 
 
+# Prompt tokens per prefill chunk when not set: small chunks let the stages of
+# a pipeline of machines prefill one prompt at once (bench_prefill.py: 0.51x
+# mlx-lm's time to first token at 256 tokens, 0.57x at 512, on 2 CPU ranks);
+# ranks on one GPU cannot compute at once, so there larger chunks, as mlx-lm's,
+# cost fewer hand-offs (the H200: 0.88x mlx-lm's pipeline at 2048, 1.20x at 512).
+PREFILL_STEP = 512
+SHARED_GPU_PREFILL_STEP = 2048
+
+
+def shares_one_gpu(workers: tuple[str, ...], on_gpu: bool) -> bool:
+    """Whether every rank computes on one GPU: all on a GPU, all on one host.
+
+    ``workers``: the ranks' daemon addresses ("host:port"). One rank counts.
+    """
+    hosts = {w.rsplit(":", 1)[0] for w in workers}
+    return on_gpu and len(hosts) <= 1
+
+
+def prefill_step_for(asked: int, shared_gpu: bool) -> int:
+    """The prefill chunk: as asked (--prefill-step), else by where the ranks run."""
+    if asked:
+        return asked
+    return SHARED_GPU_PREFILL_STEP if shared_gpu else PREFILL_STEP
+
+
 def _run(spec: RunnerSpec) -> int:
+    import dataclasses
+
     import mlx.core as mx
+
+    shared_gpu = shares_one_gpu(spec.workers, bool(mx.default_device() == mx.gpu))
+    spec = dataclasses.replace(spec, prefill_step=prefill_step_for(spec.prefill_step, shared_gpu))
 
     from pomona.worker.lockstep import StepWatch
     from pomona.worker.shard import StageSpec, load_stage, load_tensor_slice
@@ -229,7 +261,7 @@ def _run(spec: RunnerSpec) -> int:
         mx.eval(mx.distributed.all_sum(mx.ones((1,))))  # everyone is here
     joined = time.monotonic()
     engine = make_engine(shard, StepWatch(first=spec.step_timeout))
-    scheduler = _make_scheduler(spec, engine) if spec.rank == 0 else None
+    scheduler = _make_scheduler(spec, engine, shared_gpu) if spec.rank == 0 else None
     log.info(
         "rank %d set up in %.2f s: weights %.2f s, group %.2f s, engine %.2f s",
         spec.rank,
@@ -256,12 +288,20 @@ def _run(spec: RunnerSpec) -> int:
     return 0
 
 
-def _make_scheduler(spec: RunnerSpec, engine: Any) -> Any:
+def _make_scheduler(spec: RunnerSpec, engine: Any, shared_gpu: bool = False) -> Any:
+    """The head's scheduler.
+
+    Lanes, one per rank, let the ranks compute at once. Ranks that share one
+    GPU cannot, so there every request goes in one lane, whose steps chain: on
+    the H200, two lanes of 4 rows gave 0.54x the aggregate tokens/s of
+    mlx_lm.server's one batch at 8 streams.
+    """
     from mlx_lm.utils import load_tokenizer
 
     from pomona.worker.scheduler import Scheduler
 
     can_batch = engine.can_batch()
+    lanes = 1 if shared_gpu and can_batch else engine.lane_count
 
     extra = {"chat_template": spec.chat_template} if spec.chat_template else None
     tokenizer = load_tokenizer(Path(spec.model_path), tokenizer_config_extra=extra)
@@ -271,7 +311,7 @@ def _make_scheduler(spec: RunnerSpec, engine: Any) -> Any:
         prefill_step=spec.prefill_step,
         max_queue=spec.max_queue,
         max_batch=spec.max_batch,
-        lanes=engine.lane_count,
+        lanes=lanes,
         # A model that cannot batch still serves one request per rank at once.
         rows_per_lane=spec.max_batch if can_batch else 1,
         prefix_cache=_make_prefix_cache(spec, engine),
@@ -315,7 +355,7 @@ def _make_drafter(spec: RunnerSpec, engine: Any, tokenizer: Any) -> Any:
     def failed(error: str) -> None:
         emit("draft_failed", error=error)
 
-    return Drafter(
+    drafter = Drafter(
         draft,
         spec.num_draft_tokens,
         prefill_step=spec.prefill_step,
@@ -323,6 +363,8 @@ def _make_drafter(spec: RunnerSpec, engine: Any, tokenizer: Any) -> Any:
         fail_after=int(os.environ.get("POMONA_TEST_DRAFT_FAIL_AFTER", "0")),
         on_failure=failed,
     )
+    drafter.trace = engine.trace
+    return drafter
 
 
 def _make_prefix_cache(spec: RunnerSpec, engine: Any) -> Any:
@@ -458,27 +500,35 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
         worker_pb2_grpc.WorkerStub(rpc.channel(w, auth, target))
         for w, target in zip(spec.workers[1:], targets[1:], strict=True)
     ]
-    emit("ready", address=f"{spec.advertise_host}:{port}")
+
+    def wake(session: int) -> None:
+        """Every other rank enters session number ``session``."""
+        calls = [
+            p.Wake.future(
+                worker_pb2.WakeRequest(load_id=spec.load_id, session=session),
+                timeout=rpc.WAKE_TIMEOUT,
+            )
+            for p in peers
+        ]
+        for rank, call in enumerate(calls, start=1):
+            try:
+                call.result()
+            except grpc.RpcError as e:
+                raise RuntimeError(
+                    f"could not wake rank {rank} at {spec.workers[rank]}: {e.details()}"
+                ) from e
+
     session = 0
+    if _warm_up_wanted():
+        session += 1
+        _warm_up(spec, engine, scheduler, lambda: wake(session))
+    emit("ready", address=f"{spec.advertise_host}:{port}")
     try:
         while not stopping.is_set():
             if not scheduler.wait_for_work(timeout=1.0):
                 continue
             session += 1
-            calls = [
-                p.Wake.future(
-                    worker_pb2.WakeRequest(load_id=spec.load_id, session=session),
-                    timeout=rpc.WAKE_TIMEOUT,
-                )
-                for p in peers
-            ]
-            for rank, call in enumerate(calls, start=1):
-                try:
-                    call.result()
-                except grpc.RpcError as e:
-                    raise RuntimeError(
-                        f"could not wake rank {rank} at {spec.workers[rank]}: {e.details()}"
-                    ) from e
+            wake(session)
             engine.head_session(scheduler.next_step, scheduler.on_tokens)
     except Exception as e:
         scheduler.fail_all(f"the pipeline failed: {e}")
@@ -486,6 +536,38 @@ def _serve_head(spec: RunnerSpec, engine: Any, scheduler: Any, config: dict[str,
     finally:
         server.stop(grace=1.0)
     return 0
+
+
+def _warm_up_wanted() -> bool:
+    """Warm up at load on an accelerator (``POMONA_WARMUP=1|0`` overrides).
+
+    MLX's GPU backends compile a kernel for each new step shape on first use:
+    on the H200, the first 4,096-token request took 5.0 s to its first token
+    and the next ones 0.3 s. On the CPU there is little to gain, and tests and
+    benchmarks there load many times.
+    """
+    import mlx.core as mx
+
+    wanted = os.environ.get("POMONA_WARMUP", "")
+    if wanted:
+        return wanted != "0"
+    return bool(mx.default_device() == mx.gpu)
+
+
+def _warm_up(spec: RunnerSpec, engine: Any, scheduler: Any, wake: Callable[[], None]) -> None:
+    """One session of the step shapes a request meets first, on every rank."""
+    from pomona.worker.lockstep import warm_up_steps
+
+    began = time.monotonic()
+    drafter = scheduler.drafter
+    widths = range(2, drafter.k_max + 2) if drafter is not None else ()
+    if drafter is not None:
+        drafter.warm_up(spec.prefill_step)
+    wake()
+    engine.warm_up(warm_up_steps(spec.prefill_step, widths))
+    log.info(
+        "warmed up in %.2f s (prefill chunks of %d)", time.monotonic() - began, spec.prefill_step
+    )
 
 
 if __name__ == "__main__":
