@@ -16,7 +16,7 @@ import pytest
 from clusterkit import reference_tokens_of
 from modelfactory import make_model
 
-from pomona.worker.lockstep import Sampling, StageEngine
+from pomona.worker.lockstep import Sampling, StageEngine, Step
 from pomona.worker.scheduler import Delta, Done, GenRequest, Scheduler
 from pomona.worker.shard import StageSpec, load_stage
 from pomona.worker.speculative import (
@@ -295,3 +295,47 @@ def test_a_next_turn_restores_kv_written_by_verify_steps(models: dict[str, Path]
         assert isinstance(events[-1], Done)
     assert events[-1].cached_tokens > len(first)  # the restore reached the generated tokens
     assert 0 < spec.accepted_total < spec.drafted_total, (spec.accepted_total, spec.drafted_total)
+
+
+def test_one_slow_step_does_not_swing_the_measured_costs() -> None:
+    costs = Costs()
+    for seconds in (0.010, 0.011, 0.350, 0.010):  # a kernel compiled on its first use
+        costs.plain_step(seconds)
+        costs.verify_step(2, seconds + 0.002)
+    assert costs.plain == pytest.approx(0.0105)
+    assert costs.verify[2] == pytest.approx(0.0125)
+
+
+def test_measuring_steps_chain_as_the_steps_of_a_request_that_does_not_draft(
+    models: dict[str, Path],
+) -> None:
+    """The plain steps a draft is weighed against are chained ones, timed from
+    one step's tokens to the next: what a plain token costs when no draft runs."""
+    from mlx_lm.utils import load, load_tokenizer
+
+    target = models["target"]
+    tokenizer = load_tokenizer(target)
+    engine = StageEngine(load_stage(target, StageSpec(0, 4, 0, 1)))
+    drafter = Drafter(load(str(target))[0], 2)
+    scheduler = Scheduler(
+        lambda: tokenizer.detokenizer,
+        tokenizer.eos_token_ids,
+        lanes=1,
+        chain=True,
+        drafter=drafter,
+    )
+    steps: list[Step] = []
+
+    def next_step() -> Step | None:
+        step = scheduler.next_step()
+        if step is not None:
+            steps.append(step)
+        return step
+
+    scheduler.submit(GenRequest("a", tokenizer.encode(_prompt(0)), 12))
+    engine.head_session(next_step, scheduler.on_tokens)
+    decode = [s for s in steps if not s.prefill]
+    # The join, then plain steps until PLAIN_PROBES are measured: chained ones.
+    assert not decode[1].chained and decode[2].chained and decode[2].width == 1
+    assert drafter.costs.plain_samples >= 3
+    assert any(s.width > 1 for s in decode)  # then it drafts

@@ -138,6 +138,7 @@ class _Lane:
     store: list[tuple[int, int]] = field(default_factory=list)  # (engine row, entry)
     in_flight: int = 0  # decode steps launched and not yet collected (2: one chained)
     launched: float = 0.0  # when the last step not chained was launched
+    arrived: float = 0.0  # when the tokens of its last step came in
     trim: int = 0  # positions of rejected drafts every stage drops at the next step
     proposal: Any = None  # the drafts of the verify step in flight
     last_prefill: bool = False
@@ -516,7 +517,7 @@ class Scheduler:
         k = step.width - 1
         tokens = self.drafter.accept(id(row), proposal, result)
         self.drafter.verified(
-            id(row), k, len(tokens) - 1, len(tokens), time.monotonic() - lane.launched
+            id(row), k, len(tokens) - 1, len(tokens), lane.arrived - lane.launched
         )
         # The caches now hold the last token and every draft; they keep the
         # drafts that became generated tokens (a draft that ended the request
@@ -540,13 +541,17 @@ class Scheduler:
     def on_tokens(self, step: Step, tokens: list[Any]) -> None:
         lane = self._lanes[step.lane]
         lane.in_flight -= 1
+        now = time.monotonic()
+        # What one plain token costs is the time between two steps' tokens: a
+        # chained step was launched before the tokens it follows came in.
+        since = max(lane.arrived, lane.launched)
+        lane.arrived = now
         if step.width > 1:
             self._on_verify(lane, step, tokens)
             return
-        if self.drafter is not None and len(tokens) == 1 and not (step.join or step.chained):
-            self.drafter.plain_step(time.monotonic() - lane.launched)
+        if self.drafter is not None and len(tokens) == 1 and not step.join:
+            self.drafter.plain_step(now - since)
         first = len(lane.rows) - len(step.join)
-        now = time.monotonic()
         for i, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
             if i >= first and not row.done:
                 self.ttfts.append(now - row.req.submitted)

@@ -19,7 +19,9 @@ turns drafting off for good; the request goes on with plain decode steps.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -38,7 +40,8 @@ EVIDENCE = 3
 # Acceptance starts here for a new request (the draft has to prove itself
 # quickly: a poor one stops after ``EVIDENCE`` verify steps).
 PRIOR_ACCEPTANCE = 0.7
-EMA = 0.3  # weight of the newest measurement
+EMA = 0.3  # weight of the newest acceptance measurement
+RECENT = 9  # measured step costs whose median is the estimate
 # Plain decode steps measured before any drafting, and one plain step in every
 # ``REPROBE`` of a request's steps, so the comparison follows the machine's load.
 PLAIN_PROBES = 3
@@ -116,35 +119,49 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 @dataclass
 class Costs:
-    """Measured seconds: a plain one-row decode step, a verify step by k, a draft token."""
+    """Measured seconds: a plain one-row decode step, a verify step by k, a draft token.
 
-    plain: float | None = None
-    verify: dict[int, float] = field(default_factory=dict)
-    draft_token: float | None = None
+    Each figure is the median of its last ``RECENT`` measurements, so that one
+    slow step (a kernel compiled on its first use, a hiccup of the machine)
+    does not swing the choice for the steps after it.
+    """
+
     plain_samples: int = 0
+    _plain: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    _verify: dict[int, deque[float]] = field(default_factory=dict)
+    _draft: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
 
-    @staticmethod
-    def _mix(old: float | None, new: float) -> float:
-        return new if old is None else (1 - EMA) * old + EMA * new
+    @property
+    def plain(self) -> float | None:
+        return statistics.median(self._plain) if self._plain else None
+
+    @property
+    def verify(self) -> dict[int, float]:
+        return {k: statistics.median(v) for k, v in self._verify.items()}
+
+    @property
+    def draft_token(self) -> float | None:
+        return statistics.median(self._draft) if self._draft else None
 
     def plain_step(self, seconds: float) -> None:
-        self.plain = self._mix(self.plain, seconds)
+        self._plain.append(seconds)
         self.plain_samples += 1
 
     def verify_step(self, k: int, seconds: float) -> None:
-        self.verify[k] = self._mix(self.verify.get(k), seconds)
+        self._verify.setdefault(k, deque(maxlen=RECENT)).append(seconds)
 
     def drafted(self, tokens: int, seconds: float) -> None:
-        self.draft_token = self._mix(self.draft_token, seconds / max(tokens, 1))
+        self._draft.append(seconds / max(tokens, 1))
 
     def verify_cost(self, k: int) -> float | None:
         """A verify step of ``k`` drafts: measured, else interpolated between the
         measured ones and a plain step (k = 0), or extrapolated from the last two."""
-        if k in self.verify:
-            return self.verify[k]
-        if not self.verify or self.plain is None:
+        verify, plain = self.verify, self.plain
+        if k in verify:
+            return verify[k]
+        if not verify or plain is None:
             return None
-        points = sorted({0: min(self.plain, *self.verify.values()), **self.verify}.items())
+        points = sorted({0: min(plain, *verify.values()), **verify}.items())
         below = [p for p in points if p[0] < k]
         above = [p for p in points if p[0] > k]
         if above:
@@ -186,18 +203,19 @@ class DraftPolicy:
         self.steps += 1
         if self.stopped or costs.plain_samples < PLAIN_PROBES or self.steps % REPROBE == 0:
             return 0  # a plain step: measure what drafting is compared with
-        assert costs.plain is not None
-        if costs.draft_token is None or not costs.verify:
+        plain, measured, draft_token = costs.plain, costs.verify, costs.draft_token
+        assert plain is not None
+        if draft_token is None or not measured:
             return self.k_max  # nothing measured yet: try the most
         # A verify step never costs less than a plain one: the cheaper of the two
         # measured is the better estimate of a plain step (the first plain steps
         # of a runner are often slow ones).
-        plain_rate = 1.0 / min(costs.plain, *costs.verify.values())
+        plain_rate = 1.0 / min(plain, *measured.values())
         best_k, best_rate = 0, plain_rate
         for k in range(1, self.k_max + 1):
             verify = costs.verify_cost(k)
             assert verify is not None
-            rate = expected_tokens(self.acceptance, k) / (k * costs.draft_token + verify)
+            rate = expected_tokens(self.acceptance, k) / (k * draft_token + verify)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         if best_k:
@@ -250,6 +268,7 @@ class Drafter:
         self.fail_after = fail_after
         self.on_failure = on_failure
         self.costs = Costs()
+        self.trace: Any = None  # the head's lockstep.StepTrace, when profiling
         self.failed = ""
         self._states: dict[int, _DraftState] = {}
         self.proposals = 0
@@ -268,16 +287,25 @@ class Drafter:
         return state.policy.choose(self.costs)
 
     def resting(self, rid: int) -> bool:
-        """Whether this request's next step is a plain one inside a pause (or drafting
-        failed), so that the head may chain it on tokens in flight; it is counted
-        as one of the pause's plain steps."""
+        """Whether this request's next step is a plain one whatever the costs (inside
+        a pause, a measuring step, or drafting failed), so that the head may chain
+        it on tokens in flight; it is counted as one of the request's steps.
+
+        Measuring steps chain too: drafting is weighed against what a plain
+        token costs when steps chain, as they do while a request does not draft.
+        """
         if self.failed:
             return True
         state = self._states.get(rid)
         if state is None:
             return False
         policy = state.policy
-        if policy.steps + 1 < policy.paused_until:
+        step = policy.steps + 1
+        if (
+            step < policy.paused_until
+            or self.costs.plain_samples < PLAIN_PROBES
+            or step % REPROBE == 0
+        ):
             policy.steps += 1
             return True
         return False
@@ -292,6 +320,8 @@ class Drafter:
             began = time.monotonic()
             proposal = self._propose(self._state(rid, sampling), seq, k, sampling)
             self.costs.drafted(k, time.monotonic() - began)
+            if self.trace is not None:
+                self.trace.add(began, "draft", None, k)
             return proposal
         except Exception as e:  # a draft that breaks must never break the request
             self.failed = f"{type(e).__name__}: {e}"
@@ -315,6 +345,19 @@ class Drafter:
 
     def plain_step(self, seconds: float) -> None:
         self.costs.plain_step(seconds)
+
+    def warm_up(self, prompt_tokens: int) -> None:
+        """Run the draft at the shapes of a request's first proposals (a prompt
+        of ``prompt_tokens``, then one token at a time), so that an accelerator
+        compiles their kernels at load rather than in a request."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        logits = self.model(mx.zeros((1, max(prompt_tokens, 1)), dtype=mx.int32), cache=cache)
+        token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]
+        for _ in range(2):
+            token = mx.argmax(self.model(token, cache=cache)[:, -1, :], axis=-1)[:, None]
+        mx.eval(token)
 
     def usage(self, rid: int) -> tuple[int, int]:
         """(drafted, accepted) tokens of one request so far."""
