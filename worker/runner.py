@@ -190,8 +190,11 @@ def _run(spec: RunnerSpec) -> int:
 
     import mlx.core as mx
 
-    shared_gpu = shares_one_gpu(spec.workers, bool(mx.default_device() == mx.gpu))
+    on_gpu = bool(mx.default_device() == mx.gpu)
+    shared_gpu = shares_one_gpu(spec.workers, on_gpu)
     spec = dataclasses.replace(spec, prefill_step=prefill_step_for(spec.prefill_step, shared_gpu))
+    if spec.draft_model_path and on_gpu and sys.platform == "linux":
+        _attention_for_drafts()
 
     from pomona.worker.lockstep import StepWatch
     from pomona.worker.shard import StageSpec, load_stage, load_tensor_slice
@@ -286,6 +289,21 @@ def _run(spec: RunnerSpec) -> int:
         elif command.get("cmd") == "stop":
             break
     return 0
+
+
+def _attention_for_drafts() -> None:
+    """On CUDA, verify steps attend without cuDNN (``MLX_CUDA_USE_CUDNN_SDPA=0``).
+
+    MLX's CUDA backend builds a cuDNN graph for each new (query, key) length of
+    attention over several tokens, some 50-70 ms each on the H200. A prompt's
+    chunks meet a few lengths; verify steps meet a new one every step, so with
+    cuDNN a draft made one stream 0.72x as fast as without it, and 0.98x with
+    the composed attention. Set before any attention runs; an explicit setting
+    in the environment wins. Metal has no such cost.
+    """
+    if "MLX_CUDA_USE_CUDNN_SDPA" not in os.environ:
+        os.environ["MLX_CUDA_USE_CUDNN_SDPA"] = "0"
+        log.info("speculative decoding on CUDA: attention without cuDNN graphs")
 
 
 def _make_scheduler(spec: RunnerSpec, engine: Any, shared_gpu: bool = False) -> Any:
