@@ -110,6 +110,8 @@ class Cluster:
         self.failure = ""
         self.reforming = False
         self.ever_served = False
+        # When the first plan began to wait for the missing ranks of a running load.
+        self._adopt_wait_began: float | None = None
         self._changed = asyncio.Event()
         self._last_change = time.monotonic()
         self._serving_changed = asyncio.Condition()
@@ -190,6 +192,45 @@ class Cluster:
         expected = self.config.min_workers
         return not self.ever_served and expected > 1 and len(usable) >= expected
 
+    def missing_ranks(self, usable: list[Member]) -> str:
+        """Why the first plan waits for more workers ("" when it need not).
+
+        Workers found so far may hold some ranks of a load of this model that
+        is still running (this coordinator was restarted): until the others
+        are found, or ``adopt_wait_seconds`` pass, planning would reload the
+        model (minutes for a big one) instead of adopting the load. Bonjour
+        answers can come seconds apart on a busy network or machine, more
+        than the settle. The loop is woken when the wait runs out.
+        """
+        if self.ever_served or self.serving is not None:
+            return ""
+        ranks: dict[str, tuple[int, set[int]]] = {}
+        for m in usable:
+            s = m.describe.shard
+            if (
+                s.state != worker_pb2.SHARD_STATE_READY
+                or s.model != self.config.model
+                or s.world_size < 2
+                or s.load_id in self._dead_loads
+            ):
+                continue
+            ranks.setdefault(s.load_id, (s.world_size, set()))[1].add(s.rank)
+        short = [(load, size, found) for load, (size, found) in ranks.items() if len(found) < size]
+        if not short:
+            self._adopt_wait_began = None
+            return ""
+        now = time.monotonic()
+        if self._adopt_wait_began is None:
+            self._adopt_wait_began = now
+            asyncio.get_running_loop().call_later(self.config.adopt_wait_seconds, self.note_change)
+        if now - self._adopt_wait_began >= self.config.adopt_wait_seconds:
+            return ""
+        load, size, found = short[0]
+        return (
+            f"waiting for the workers of the running load {load}: {len(found)} of its "
+            f"{size} ranks found, up to {self.config.adopt_wait_seconds:.0f} s, to adopt it"
+        )
+
     def usable(self) -> list[Member]:
         now = time.monotonic()
         for node_id, (until, _) in list(self.left_out.items()):
@@ -266,6 +307,10 @@ class Cluster:
                 self.problem = f"waiting for workers: {len(usable)} of {needed} available" + (
                     f" ({self.failure})" if self.failure else ""
                 )
+                continue
+            missing = self.missing_ranks(usable)
+            if missing:
+                self.problem = missing
                 continue
             quiet = self.config.settle_seconds - (time.monotonic() - self._last_change)
             if quiet > 0 and not self.all_expected(usable):

@@ -107,6 +107,10 @@ class CoordinatorConfig:
     # random delay), and each is then described in a round trip. Not before the
     # first plan once ``min_workers`` (> 1) are in: that many were expected.
     settle_seconds: float = 0.5
+    # Before the first plan, while workers found so far hold some ranks of a
+    # running load of this model: how long to wait for the other ranks, to
+    # adopt the load rather than reload the model (a restarted coordinator).
+    adopt_wait_seconds: float = 10.0
     mdns_interfaces: tuple[str, ...] = ()
     load_timeout: float = 600.0
     # Layers per worker, in order; empty means split by memory.

@@ -209,13 +209,11 @@ def test_restarted_coordinator_then_a_worker_lost(cluster: Cluster) -> None:
     before = cluster.status().load_id
     cluster.coord.stop(signal.SIGKILL)
     killed = time.monotonic()
-    # Restarted as it was started, waiting for its three workers: with fewer, a
-    # worker found more than the settle (0.5 s) after the others on a loaded
-    # machine was missing from the first plan, which then reloaded instead of
-    # adopting (a known gap: a restarted coordinator does not yet wait for every
-    # rank of a running load it could adopt).
+    # Restarted with --min-workers 1: a worker found after the settle (0.5 s)
+    # is still waited for, as a rank of the running load it adopts
+    # (tests/test_adopt.py makes one answer late on purpose).
     cluster.coord = cluster.kit.coordinator(
-        str(cluster.model), min_workers=3, extra=COORDINATOR_ARGS
+        str(cluster.model), min_workers=1, extra=COORDINATOR_ARGS
     )
     wait_serving(cluster.coord, timeout=RECOVERY_TIMEOUT)
     assert cluster.status().load_id == before  # adopted, not reloaded

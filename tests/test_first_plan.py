@@ -60,3 +60,73 @@ def test_the_first_plan_starts_without_the_settle_once_min_workers_are_in() -> N
             running.cancel()
 
     asyncio.run(scenario())
+
+
+MODEL = "/models/big"
+
+
+def _rank(cluster: Cluster, rank: int, load: str = "L1", world: int = 3) -> Member:
+    node_id = f"{rank:012x}"
+    shard = worker_pb2.ShardStatus(
+        state=worker_pb2.SHARD_STATE_READY, model=MODEL, load_id=load, rank=rank, world_size=world
+    )
+    member = Member(
+        node_id,
+        f"w{rank}",
+        f"10.0.0.{rank + 1}:50151",
+        worker_pb2.DescribeReply(shard=shard),
+        None,  # type: ignore[arg-type]
+    )
+    cluster.members[node_id] = member
+    return member
+
+
+def test_the_first_plan_waits_for_every_rank_of_a_running_load() -> None:
+    async def scenario() -> None:
+        cluster = Cluster(CoordinatorConfig(model=MODEL, settle_seconds=0.0))
+        _rank(cluster, 0)
+        _rank(cluster, 2)
+        assert "2 of its 3 ranks found" in cluster.missing_ranks(cluster.usable())
+        _rank(cluster, 1)
+        assert cluster.missing_ranks(cluster.usable()) == ""
+        cluster._dead_loads.add("L1")  # a load that broke is never waited for
+        del cluster.members[f"{1:012x}"]
+        assert cluster.missing_ranks(cluster.usable()) == ""
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_coordinator_plans_with_every_rank_or_after_the_wait() -> None:
+    async def scenario(third_comes: bool) -> list[int]:
+        # --min-workers 1 and no settle: without the wait it would plan at once.
+        config = CoordinatorConfig(model=MODEL, settle_seconds=0.0, adopt_wait_seconds=1.0)
+        cluster = Cluster(config)
+        planned: list[int] = []
+        done = asyncio.Event()
+
+        async def plan_and_load() -> None:
+            planned.append(len(cluster.usable()))
+            cluster.ever_served = True
+            done.set()
+
+        cluster.plan_and_load = plan_and_load  # type: ignore[method-assign]
+        _rank(cluster, 1)
+        cluster.note_change()
+        running = asyncio.create_task(cluster.run())
+        try:
+            await asyncio.sleep(0.2)
+            assert not planned and "1 of its 3 ranks" in cluster.problem
+            _rank(cluster, 0)
+            cluster.note_change()
+            await asyncio.sleep(0.2)
+            assert not planned
+            if third_comes:
+                _rank(cluster, 2)
+                cluster.note_change()
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            running.cancel()
+        return planned
+
+    assert asyncio.run(scenario(third_comes=True)) == [3]
+    assert asyncio.run(scenario(third_comes=False)) == [2]  # the wait ran out: plan anyway
