@@ -30,9 +30,10 @@ from typing import Any
 from pomona.worker.lockstep import MAX_EVICT, MAX_JOIN, MAX_ROWS, MAX_STORE, Sampling, Step
 from pomona.worker.prefix_cache import PrefixCache
 
-# A batched prefill step holds at most this many chunks' worth of tokens
-# (4 x 512 by default: the 2048-token step the planner budgets memory for).
-GROUP_CHUNKS = 4
+# A batched prefill step holds at most this many tokens, padding included (or
+# one prefill chunk, when --prefill-step is larger): the step the planner
+# budgets activation memory for (coordinator/memory_fit.PREFILL_CHUNK_TOKENS).
+GROUP_TOKENS = 2048
 
 
 class Finish(Enum):
@@ -290,9 +291,10 @@ class Scheduler:
         """Up to ``want`` waiting requests that can be prefilled together.
 
         A prompt longer than one prefill chunk is admitted alone (in chunks);
-        shorter ones share one batched chunk of at most ``GROUP_CHUNKS``
-        chunks' worth of tokens, padding included, so that one prefill step
-        never holds the running streams up for much longer than a chunk.
+        shorter ones share one batched chunk of at most ``GROUP_TOKENS``
+        tokens (four 512-token chunks), padding included, so that one
+        prefill step stays within the activation memory the plan budgets and
+        never holds the running streams up for long.
         A prompt that hits the prefix cache is admitted alone too: its group
         starts from the restored KV.
         """
@@ -306,7 +308,7 @@ class Scheduler:
             hit = cache.lookup(req.prompt) if cache is not None and not group else None
             n = len(req.prompt) - 1 - (hit.tokens if hit else 0)
             long = n > self._prefill_step or hit is not None
-            too_many = (len(group) + 1) * max(width, n) > GROUP_CHUNKS * self._prefill_step
+            too_many = (len(group) + 1) * max(width, n) > max(GROUP_TOKENS, self._prefill_step)
             if group and (long or too_many):
                 break
             width = max(width, n)
