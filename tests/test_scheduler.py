@@ -246,13 +246,18 @@ def test_control_vector_round_trips(sampling: Sampling) -> None:
     assert decode_ctrl(encode_ctrl(None)) is None
 
 
-def test_a_batched_prefill_step_holds_at_most_four_chunks_of_tokens() -> None:
-    s = make(prefill_step=4, lanes=1)
+@pytest.mark.parametrize("prefill_step", [512, 2048])
+def test_a_batched_prefill_step_holds_at_most_the_tokens_the_plan_budgets(
+    prefill_step: int,
+) -> None:
+    """2048 tokens (the planner's activation budget), with 512-token chunks or
+    with the 2048-token chunks of ranks that share one GPU."""
+    s = make(prefill_step=prefill_step, lanes=1)
     for i in range(6):
-        s.submit(GenRequest(str(i), [1, 2, 3, 4], max_tokens=1))  # 3 tokens to prefill each
+        s.submit(GenRequest(str(i), [1] * 501, max_tokens=1))  # 500 tokens to prefill each
     st = s.next_step()
     assert st is not None and st.prefill
-    assert len(st.chunk) == 5  # 5 x 3 = 15 <= 4 x 4; a sixth would make 18
+    assert len(st.chunk) == 4  # 4 x 500 <= 2048; a fifth would make 2500
 
 
 def test_a_finished_row_makes_room_in_the_same_step() -> None:
