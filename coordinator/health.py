@@ -32,8 +32,23 @@ SAMPLE_INTERVAL_S = 1.0
 # runner killed, a node lost) is usually reported within a second. Wait this
 # long for it before blaming the runner that saw the peer go.
 SYMPTOM_GRACE_S = 2.0
-# What a runner reports when a peer failed, not itself.
-PEER_SYMPTOMS = ("connection to a peer was lost", "a peer stopped answering")
+# What a runner reports when a peer failed, not itself: Pomona's own words, and
+# MLX's ring's in the stderr of a runner that crashed (SIGSEGV) once a peer's
+# socket closed under a pending transfer (the drills saw it when a neighbour
+# was killed; the neighbour was then blamed instead of the killed runner).
+PEER_SYMPTOMS = (
+    "connection to a peer was lost",
+    "a peer stopped answering",
+    "was closed by the peer",
+    "Too many send/recv errors",
+)
+
+
+def peer_symptom(why: str) -> bool:
+    """Whether a runner's failure reads as a peer's, not its own."""
+    return any(symptom in why for symptom in PEER_SYMPTOMS)
+
+
 # A member silent for the heartbeat timeout is lost unless it answers this fast:
 # a health check takes milliseconds on a LAN.
 PROBE_TIMEOUT_S = 1.0
@@ -100,7 +115,7 @@ class HealthWatcher:
             and shard.state in (worker_pb2.SHARD_STATE_FAILED, worker_pb2.SHARD_STATE_STOPPED)
         ):
             why = shard.error or "it stopped"
-            if any(symptom in why for symptom in PEER_SYMPTOMS):
+            if peer_symptom(why):
                 await asyncio.sleep(SYMPTOM_GRACE_S)
                 if self.cluster.serving is not serving:
                     return  # the cause was found meanwhile

@@ -220,3 +220,16 @@ def test_restarted_coordinator_rediscovers_the_running_cluster(
 def test_figures_table(cluster: Cluster) -> None:
     """Prints (and with POMONA_FIGURES writes) the table of the drills above."""
     figures_table(FIGURES, os.environ.get("POMONA_FIGURES"))
+
+
+def test_a_runner_that_crashed_on_the_rings_errors_reads_as_a_peers_symptom() -> None:
+    """Its neighbour is blamed only after the grace, so the killed runner is named."""
+    from pomona.coordinator.health import peer_symptom
+
+    assert peer_symptom(
+        "runner exited with code -11: [ring] Socket 5 was closed by the peer | [ring] Too"
+        " many send/recv errors. Failing pending tasks..."
+    )
+    assert peer_symptom("the connection to a peer was lost")
+    assert not peer_symptom("runner exited with code -9")
+    assert not peer_symptom("MemoryError: out of memory loading layer 3")
