@@ -46,7 +46,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _run(
-    target: Path, draft: Path | None, prompts: list[str], max_tokens: int, **drafter: int
+    target: Path,
+    draft: Path | None,
+    prompts: list[str],
+    max_tokens: int,
+    lanes: int = 2,
+    **drafter: int,
 ) -> tuple[list[list[int]], list[Done], Drafter | None]:
     from mlx_lm.utils import load, load_tokenizer
 
@@ -54,7 +59,7 @@ def _run(
     engine = StageEngine(load_stage(target, StageSpec(0, 4, 0, 1)))
     spec = Drafter(load(str(draft))[0], 4, **drafter) if draft is not None else None
     scheduler = Scheduler(
-        lambda: tokenizer.detokenizer, tokenizer.eos_token_ids, lanes=2, drafter=spec
+        lambda: tokenizer.detokenizer, tokenizer.eos_token_ids, lanes=lanes, drafter=spec
     )
     requests = [GenRequest(str(i), tokenizer.encode(p), max_tokens) for i, p in enumerate(prompts)]
     for r in requests:
@@ -84,7 +89,7 @@ def test_greedy_output_with_a_draft_is_the_targets(models: dict[str, Path]) -> N
     assert same.accepted_total >= 0.9 * same.drafted_total
     assert done[0].drafted_tokens == same.drafted_total
     assert done[0].accepted_tokens == same.accepted_total
-    # Concurrent requests: one-row lanes draft, fuller lanes decode plainly.
+    # Concurrent requests: every row of a lane drafts its own.
     together, _, _ = _run(models["target"], models["target"], prompts, 40)
     assert together == want
 
@@ -339,3 +344,71 @@ def test_measuring_steps_chain_as_the_steps_of_a_request_that_does_not_draft(
     assert not decode[1].chained and decode[2].chained and decode[2].width == 1
     assert drafter.costs.plain_samples >= 3
     assert any(s.width > 1 for s in decode)  # then it drafts
+
+
+@pytest.mark.parametrize("draft", ["target", "random"])
+def test_rows_of_one_lane_draft_and_drop_their_own_rejected_positions(
+    models: dict[str, Path], draft: str
+) -> None:
+    """Four requests in one lane: each row drafts its own k and keeps its own
+    accepted drafts; the rows that kept fewer roll the rest into left padding.
+    Greedy tokens stay single-process mlx-lm's, prompts of different lengths."""
+    prompts = [_prompt(i) + " and more" * i for i in range(4)]
+    expected = reference_tokens_of(models["target"], prompts, 30)
+    tokens, done, drafter = _run(models["target"], models[draft], prompts, 30, lanes=1)
+    assert tokens == [expected[p] for p in prompts]
+    assert drafter is not None and drafter.verifies_total > 0
+    assert all(d.drafted_tokens > 0 for d in done)  # every row drafted
+    if draft == "random":
+        assert drafter.accepted_total < drafter.drafted_total  # rows kept different counts
+
+
+def test_rows_that_keep_different_numbers_of_drafts_keep_the_targets_tokens(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row drafts 4 every step (the policy pinned), and the drafts of rows
+    2 and 3 are spoiled after the first and from the first: in one step rows
+    keep up to 4, 1 and 0 drafts, so the caches drop different numbers of
+    positions per row."""
+    import pomona.worker.speculative as spec
+
+    monkeypatch.setattr(spec.DraftPolicy, "choose", lambda self, costs, rows=1: self.k_max)
+    propose = spec.Drafter.propose
+    spoiled = {2: 1, 3: 0}  # row index (by prompt) -> drafts left unspoiled
+
+    def spoil(self, rid, seq, k, sampling):  # type: ignore[no-untyped-def]
+        proposal = propose(self, rid, seq, k, sampling)
+        row = next((i for i, p in enumerate(prompts) if list(seq[: len(p)]) == p), None)
+        if proposal is not None and row in spoiled:
+            keep = spoiled[row]
+            proposal.drafts[keep:] = [(d + 1) % 64 for d in proposal.drafts[keep:]]
+        return proposal
+
+    monkeypatch.setattr(spec.Drafter, "propose", spoil)
+    from mlx_lm.utils import load_tokenizer
+
+    texts = [_prompt(i) + " and more" * i for i in range(4)]
+    tokenizer = load_tokenizer(models["target"])
+    prompts = [tokenizer.encode(t) for t in texts]
+    expected = reference_tokens_of(models["target"], texts, 24)
+    seen: list[Step] = []
+    run_step = StageEngine.run_step
+
+    def record(self, step, fed=None):  # type: ignore[no-untyped-def]
+        seen.append(step)
+        return run_step(self, step, fed)
+
+    monkeypatch.setattr(StageEngine, "run_step", record)
+    tokens, _, drafter = _run(models["target"], models["target"], texts, 24, lanes=1)
+    assert tokens == [expected[t] for t in texts]
+    assert drafter is not None and drafter.verifies_total > 0
+    assert any(s.row_trims for s in seen)  # rows dropped different counts
+    assert any(s.width == 5 and len(s.tokens) == 20 for s in seen)  # 4 rows, 4 drafts each
+
+
+def test_per_row_trims_travel_in_the_control_vector() -> None:
+    from pomona.worker.lockstep import decode_ctrl, encode_ctrl
+
+    step = Step(0, prefill=False, tokens=(5,) * 9, width=3, trim=1, row_trims=(0, 2, 1))
+    back = decode_ctrl(encode_ctrl(step))
+    assert back is not None and back.row_trims == (0, 2, 1) and back.trim == 1

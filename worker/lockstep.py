@@ -83,7 +83,8 @@ MAX_STORE = 16  # finished rows kept in the prefix cache in one step
 MAX_EVICT = 32  # prefix-cache entries evicted in one step
 _STORE = _JOIN + MAX_JOIN * _SAMPLING_INTS
 _EVICT = _STORE + 2 * MAX_STORE
-CTRL_LEN = _EVICT + MAX_EVICT
+_ROW_TRIMS = _EVICT + MAX_EVICT
+CTRL_LEN = _ROW_TRIMS + MAX_ROWS
 
 OP_LEAVE = 0
 OP_PREFILL = 1
@@ -146,6 +147,10 @@ class Step:
     width: int = 1
     trim: int = 0
     probs: bool = False
+    # Rows of a verify step rejected different numbers of drafts: beyond
+    # ``trim``, row i drops ``row_trims[i]`` more positions, rolled into its
+    # left padding (as mlx-lm's batch caches finalize right padding).
+    row_trims: tuple[int, ...] = ()
 
 
 def _f2i(x: float) -> int:
@@ -197,8 +202,10 @@ def encode_ctrl(step: Step | None) -> list[int]:
         raise ValueError("a verify step neither prefills nor admits requests")
     if not 1 <= step.width <= _MAX_WIDTH or not 0 <= step.trim < _MAX_WIDTH:
         raise ValueError(f"a verify step feeds at most {_MAX_WIDTH} tokens per row")
+    if len(step.row_trims) > MAX_ROWS or not all(0 <= t < _MAX_WIDTH for t in step.row_trims):
+        raise ValueError(f"at most {MAX_ROWS} rows trim fewer than {_MAX_WIDTH} positions each")
     restore = step.restore or (0, 0)
-    ctrl[11:14] = [step.width - 1, step.trim, int(step.probs)]  # drafts per row
+    ctrl[11:15] = [step.width - 1, step.trim, int(step.probs), len(step.row_trims)]
     ctrl[:11] = [
         OP_PREFILL if step.prefill else OP_DECODE,
         step.lane,
@@ -219,6 +226,7 @@ def encode_ctrl(step: Step | None) -> list[int]:
         ctrl[at : at + _SAMPLING_INTS] = _encode_sampling(s)
     ctrl[_STORE : _STORE + 2 * len(step.store)] = [x for pair in step.store for x in pair]
     ctrl[_EVICT : _EVICT + len(step.evict)] = list(step.evict)
+    ctrl[_ROW_TRIMS : _ROW_TRIMS + len(step.row_trims)] = list(step.row_trims)
     return ctrl
 
 
@@ -226,7 +234,7 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
     """The step (with placeholder tokens) a control vector describes."""
     op = int(ctrl[0])
     n_rows, n_remove, n_join = int(ctrl[3]), int(ctrl[5]), int(ctrl[6])
-    n_store, n_evict = int(ctrl[7]), int(ctrl[8])
+    n_store, n_evict, n_trims = int(ctrl[7]), int(ctrl[8]), int(ctrl[14])
     if (
         len(ctrl) != CTRL_LEN
         or int(ctrl[_MAGIC_AT]) != MAGIC
@@ -235,6 +243,7 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
         or not (0 <= n_store <= MAX_STORE and 0 <= n_evict <= MAX_EVICT)
         or not 0 <= int(ctrl[2]) <= MAX_ROWS * MAX_JOIN
         or not (0 <= int(ctrl[11]) < _MAX_WIDTH and 0 <= int(ctrl[12]) < _MAX_WIDTH)
+        or not 0 <= n_trims <= MAX_ROWS
     ):
         raise Desynchronized(
             "received a malformed control message: the stages of this pipeline disagree "
@@ -261,6 +270,7 @@ def decode_ctrl(ctrl: Sequence[int]) -> Step | None:
         width=int(ctrl[11]) + 1,
         trim=int(ctrl[12]),
         probs=bool(ctrl[13]),
+        row_trims=tuple(int(x) for x in ctrl[_ROW_TRIMS : _ROW_TRIMS + n_trims]),
     )
 
 
@@ -585,7 +595,9 @@ class StageEngine:
             step is not None
             and not step.prefill
             and step.width == 1
-            and not (step.join or step.remove or step.store or step.evict or step.trim)
+            and not (
+                step.join or step.remove or step.store or step.evict or step.trim or step.row_trims
+            )
         )
         if not plain:
             return mx.array(encode_ctrl(step), dtype=mx.int32)
@@ -628,8 +640,8 @@ class StageEngine:
         the tokens of the lane's step in flight.
         """
         lane = self.lanes.setdefault(step.lane, _Lane())
-        if step.trim:
-            self._trim(lane, step.trim)
+        if step.trim or step.row_trims:
+            self._trim(lane, step.trim, step.row_trims)
         group = None
         if step.prefill and (step.new_group or lane.group is None):
             # Before any eviction of this step, which may drop the restored entry.
@@ -782,12 +794,21 @@ class StageEngine:
         config = self.shard.config
         return int(config.get("vocab_size") or config.get("text_config", {})["vocab_size"])
 
-    def _trim(self, lane: _Lane, n: int) -> None:
-        """Drop the last ``n`` positions of every row of the lane (rejected drafts)."""
+    def _trim(self, lane: _Lane, n: int, rows: Sequence[int] = ()) -> None:
+        """Drop the last ``n`` positions of every row of the lane (rejected drafts),
+        and ``rows[i]`` more of row i: those roll to the row's front and become
+        left padding, which the mask hides (mlx-lm's ``finalize``)."""
         if lane.caches is None:
             return
-        for c in stage_caches(lane.caches, self.spec):
-            c.trim(n)
+        owned = stage_caches(lane.caches, self.spec)
+        for c in owned:
+            if n:
+                c.trim(n)
+            if any(rows):
+                c.prepare(right_padding=list(rows))
+                c.finalize()
+        if any(rows):
+            _note_padding(owned)
 
     def _sample(self, logits: mx.array, lane: _Lane) -> mx.array:
         """The next token of every row of the lane, from its logits (B, V)."""

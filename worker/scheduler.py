@@ -141,7 +141,8 @@ class _Lane:
     launched: float = 0.0  # when the last step not chained was launched
     arrived: float = 0.0  # when the tokens of its last step came in
     trim: int = 0  # positions of rejected drafts every stage drops at the next step
-    proposal: Any = None  # the drafts of the verify step in flight
+    row_trims: tuple[int, ...] = ()  # and those of single rows beyond ``trim``
+    proposal: Any = None  # the drafts of the verify step in flight, by row
     last_prefill: bool = False
     group_started: bool = False  # the ranks hold caches for the group
 
@@ -253,7 +254,7 @@ class Scheduler:
             # rank forgets its caches, so there is nothing left to remove.
             for lane in self._lanes:
                 lane.remove.clear()
-                lane.trim = 0
+                lane.trim, lane.row_trims = 0, ()
         return None
 
     def _admit(self) -> None:
@@ -389,6 +390,7 @@ class Scheduler:
                 evict=tuple(evict),
                 restore=restore,
                 trim=self._trim(lane),
+                row_trims=self._row_trims(lane),
             )
             self._unpin(first)
             return step
@@ -404,12 +406,13 @@ class Scheduler:
                     store=store,
                     evict=tuple(evict),
                     trim=self._trim(lane),
+                    row_trims=self._row_trims(lane),
                 )
             return None
         lane.remove.clear()
         lane.last_prefill = False
         lane.launched = time.monotonic()
-        if not join and len(lane.rows) == 1 and self.drafter is not None:
+        if not join and self.drafter is not None:
             verify = self._verify_step(index, lane, remove, store, tuple(evict))
             if verify is not None:
                 return verify
@@ -429,6 +432,7 @@ class Scheduler:
             store=store,
             evict=tuple(evict),
             trim=self._trim(lane),
+            row_trims=self._row_trims(lane),
         )
 
     def _chained_step(self) -> Step | None:
@@ -452,17 +456,16 @@ class Scheduler:
             or lane.remove
             or lane.store
             or lane.trim
+            or lane.row_trims
             or lane.proposal is not None
             or not lane.rows
             or any(r.done or r.req.cancelled.is_set() for r in lane.rows)
         ):
             return None
-        if (
-            self.drafter is not None
-            and len(lane.rows) == 1
-            and not self.drafter.resting(id(lane.rows[0]))
+        if self.drafter is not None and not self.drafter.all_resting(
+            [id(r) for r in lane.rows], len(lane.rows)
         ):
-            return None  # the row's next step may be a verify step: it needs its tokens
+            return None  # the next step may be a verify step: it needs the tokens
         for r in lane.rows:
             r.fed += 1
         lane.in_flight += 1
@@ -472,6 +475,10 @@ class Scheduler:
         trim, lane.trim = lane.trim, 0
         return trim
 
+    def _row_trims(self, lane: _Lane) -> tuple[int, ...]:
+        rows, lane.row_trims = lane.row_trims, ()
+        return rows
+
     def _verify_step(
         self,
         index: int,
@@ -480,60 +487,92 @@ class Scheduler:
         store: tuple[tuple[int, int], ...],
         evict: tuple[int, ...],
     ) -> Step | None:
-        """A verify step of the lane's one row, or None when it drafts nothing now.
+        """A verify step of the lane's rows, or None when none drafts now.
 
-        Drafts never reach past the request's ``max_tokens``. With several
-        rows the lane decodes plainly: their caches would need trimming by a
-        different count each.
+        Each row drafts its own k (0: it takes the target's next token, as in
+        a plain step); the step is as wide as the most. Drafts never reach
+        past a request's ``max_tokens``. Rows are verified together only when
+        all are greedy or all sampled (the last rank returns tokens or
+        probability rows for the whole step).
         """
-        row = lane.rows[0]
-        sampling = row.req.sampling
-        k = min(
-            self.drafter.draft_count(id(row), sampling),
-            row.req.max_tokens - len(row.generated) - 1,
-        )
-        if k < 1:
+        rows = lane.rows
+        if len({r.req.sampling.temperature > 0 for r in rows}) != 1:
             return None
-        proposal = self.drafter.propose(id(row), row.req.prompt + row.generated, k, sampling)
-        if proposal is None:
-            return None  # the draft failed: drafting is off, this step decodes plainly
-        lane.proposal = proposal
+        counts = [
+            min(
+                self.drafter.draft_count(id(r), r.req.sampling, len(rows)),
+                r.req.max_tokens - len(r.generated) - 1,
+            )
+            for r in rows
+        ]
+        if max(counts) < 1:
+            return None
+        proposals: list[Any] = []
+        for row, k in zip(rows, counts, strict=True):
+            if k < 1:
+                proposals.append(None)
+                continue
+            proposal = self.drafter.propose(
+                id(row), row.req.prompt + row.generated, k, row.req.sampling
+            )
+            if proposal is None:
+                return None  # the draft failed: drafting is off, this step decodes plainly
+            proposals.append(proposal)
+        width = 1 + max(len(p.drafts) for p in proposals if p is not None)
+        tokens: list[int] = []
+        for row, proposal in zip(rows, proposals, strict=True):
+            drafts = proposal.drafts if proposal is not None else []
+            # A row with fewer drafts repeats its last token: those positions are dropped.
+            tokens += [row.generated[-1], *drafts]
+            tokens += [row.generated[-1]] * (width - 1 - len(drafts))
+        lane.proposal = proposals
         lane.in_flight += 1
         lane.launched = time.monotonic()
         return Step(
             index,
             prefill=False,
-            tokens=(row.generated[-1], *proposal.drafts),
+            tokens=tuple(tokens),
             remove=remove,
             store=store,
             evict=evict,
-            width=k + 1,
+            width=width,
             trim=self._trim(lane),
-            probs=sampling.temperature > 0,
+            row_trims=self._row_trims(lane),
+            probs=rows[0].req.sampling.temperature > 0,
         )
 
     def _on_verify(self, lane: _Lane, step: Step, result: list[Any]) -> None:
-        """Accept what the target agrees with; the rest leaves every stage's caches next step."""
-        row, proposal = lane.rows[0], lane.proposal
-        lane.proposal = None
-        k = step.width - 1
-        tokens = self.drafter.accept(id(row), proposal, result)
-        self.drafter.verified(
-            id(row), k, len(tokens) - 1, len(tokens), lane.arrived - lane.launched
+        """Accept what the target agrees with, row by row; the rest leaves every
+        stage's caches at the lane's next step."""
+        proposals, lane.proposal = lane.proposal, None
+        width = step.width
+        trims: list[int] = []
+        produced = 0
+        for i, (row, proposal) in enumerate(zip(lane.rows, proposals, strict=True)):
+            part = result[i * width : (i + 1) * width]
+            tokens = self.drafter.accept(id(row), proposal, part, sampled=step.probs)
+            if proposal is not None:
+                self.drafter.row_verified(id(row), len(proposal.drafts), len(tokens) - 1)
+            produced += len(tokens)
+            # The caches now hold the last token and every position fed; they
+            # keep the drafts that became generated tokens (a draft that ended
+            # the request with a stop token or string did not).
+            kept = 0
+            for j, token in enumerate(tokens):
+                if row.done:
+                    break
+                before = len(row.generated)
+                self._accept(row, token)
+                if j < len(tokens) - 1 and len(row.generated) > before:
+                    kept += 1
+            row.fed += 1 + kept
+            trims.append(width - 1 - kept)
+        self.drafter.step_verified(
+            len(lane.rows), width - 1, lane.arrived - lane.launched, produced
         )
-        # The caches now hold the last token and every draft; they keep the
-        # drafts that became generated tokens (a draft that ended the request
-        # with a stop token or string did not).
-        kept = 0
-        for j, token in enumerate(tokens):
-            if row.done:
-                break
-            before = len(row.generated)
-            self._accept(row, token)
-            if j < len(tokens) - 1 and len(row.generated) > before:
-                kept += 1
-        row.fed += 1 + kept
-        lane.trim = k - kept
+        lane.trim = min(trims)
+        if max(trims) > lane.trim:
+            lane.row_trims = tuple(t - lane.trim for t in trims)
 
     def _feed(self, a: _Active) -> list[int]:
         chunk = a.to_prefill[: self._prefill_step]
@@ -551,8 +590,8 @@ class Scheduler:
         if step.width > 1:
             self._on_verify(lane, step, tokens)
             return
-        if self.drafter is not None and len(tokens) == 1 and not step.join:
-            self.drafter.plain_step(now - since)
+        if self.drafter is not None and not step.join:
+            self.drafter.plain_step(now - since, len(tokens))
         first = len(lane.rows) - len(step.join)
         for i, (row, token) in enumerate(zip(lane.rows, tokens, strict=True)):
             if i >= first and not row.done:

@@ -192,7 +192,7 @@ class DraftPolicy:
         self.verifies += 1
         self.acceptance = (1 - EMA) * self.acceptance + EMA * (accepted / max(k, 1))
 
-    def choose(self, costs: Costs) -> int:
+    def choose(self, costs: Costs, rows: int = 1) -> int:
         """Drafts for the next step; 0 while drafting does not pay for this request.
 
         When it does not, the request decodes plainly for a pause that doubles
@@ -215,7 +215,8 @@ class DraftPolicy:
         for k in range(1, self.k_max + 1):
             verify = costs.verify_cost(k)
             assert verify is not None
-            rate = expected_tokens(self.acceptance, k) / (k * draft_token + verify)
+            # Every row of the step drafts in turn before it is verified.
+            rate = expected_tokens(self.acceptance, k) / (rows * k * draft_token + verify)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         if best_k:
@@ -267,7 +268,10 @@ class Drafter:
         self.prefill_step = prefill_step
         self.fail_after = fail_after
         self.on_failure = on_failure
-        self.costs = Costs()
+        # Step costs by the lane's rows: a verify step of four rows is weighed
+        # against a plain step of four, so drafting stops where batches make
+        # verification dear.
+        self._costs: dict[int, Costs] = {}
         self.trace: Any = None  # the head's lockstep.StepTrace, when profiling
         self.failed = ""
         self._states: dict[int, _DraftState] = {}
@@ -279,12 +283,50 @@ class Drafter:
 
     # -- the scheduler's calls ----------------------------------------------------
 
-    def draft_count(self, rid: int, sampling: Sampling) -> int:
-        """How many tokens to draft for this request's next step (0: a plain step)."""
+    @property
+    def costs(self) -> Costs:
+        """The step costs of one-row lanes."""
+        return self.costs_for(1)
+
+    def costs_for(self, rows: int) -> Costs:
+        """The step costs of lanes of ``rows`` rows (a draft token costs the same in all)."""
+        costs = self._costs.get(rows)
+        if costs is None:
+            one = self._costs.setdefault(1, Costs())
+            costs = self._costs[rows] = one if rows == 1 else Costs(_draft=one._draft)
+        return costs
+
+    def draft_count(self, rid: int, sampling: Sampling, rows: int = 1) -> int:
+        """How many tokens to draft for this request's next step (0: a plain step),
+        in a lane of ``rows`` rows."""
         if self.failed:
             return 0
         state = self._state(rid, sampling)
-        return state.policy.choose(self.costs)
+        return state.policy.choose(self.costs_for(rows), rows)
+
+    def all_resting(self, rids: Sequence[int], rows: int) -> bool:
+        """Whether every row's next step is plain whatever the costs (see ``resting``);
+        only then is each counted as one of its request's steps."""
+        if self.failed:
+            return True
+        costs = self.costs_for(rows)
+        policies = []
+        for rid in rids:
+            state = self._states.get(rid)
+            if state is None:
+                return False
+            policy = state.policy
+            step = policy.steps + 1
+            if not (
+                step < policy.paused_until
+                or costs.plain_samples < PLAIN_PROBES
+                or step % REPROBE == 0
+            ):
+                return False
+            policies.append(policy)
+        for policy in policies:
+            policy.steps += 1
+        return True
 
     def resting(self, rid: int) -> bool:
         """Whether this request's next step is a plain one whatever the costs (inside
@@ -319,7 +361,7 @@ class Drafter:
                 raise RuntimeError(f"injected draft failure after {self.fail_after} proposals")
             began = time.monotonic()
             proposal = self._propose(self._state(rid, sampling), seq, k, sampling)
-            self.costs.drafted(k, time.monotonic() - began)
+            self.costs_for(1).drafted(k, time.monotonic() - began)
             if self.trace is not None:
                 self.trace.add(began, "draft", None, k)
             return proposal
@@ -332,19 +374,28 @@ class Drafter:
             return None
 
     def verified(self, rid: int, k: int, accepted: int, produced: int, seconds: float) -> None:
+        """One row's verify step (a lane of one row)."""
+        self.row_verified(rid, k, accepted)
+        self.step_verified(1, k, seconds, produced)
+
+    def row_verified(self, rid: int, k: int, accepted: int) -> None:
+        """What one row's ``k`` drafts came to."""
         state = self._states.get(rid)
         if state is not None:
             state.policy.record(k, accepted)
             state.drafted += k
             state.accepted += accepted
-        self.costs.verify_step(k, seconds)
         self.drafted_total += k
         self.accepted_total += accepted
+
+    def step_verified(self, rows: int, k: int, seconds: float, produced: int) -> None:
+        """A verify step of ``rows`` rows, ``k`` drafts wide, took ``seconds``."""
+        self.costs_for(rows).verify_step(k, seconds)
         self.verifies_total += 1
         self.verify_tokens_total += produced
 
-    def plain_step(self, seconds: float) -> None:
-        self.costs.plain_step(seconds)
+    def plain_step(self, seconds: float, rows: int = 1) -> None:
+        self.costs_for(rows).plain_step(seconds)
 
     def warm_up(self, prompt_tokens: int) -> None:
         """Run the draft at the shapes of a request's first proposals (a prompt
@@ -367,14 +418,23 @@ class Drafter:
     def release(self, rid: int) -> None:
         self._states.pop(rid, None)
 
-    def accept(self, rid: int, proposal: Proposal, result: list[Any]) -> list[int]:
+    def accept(
+        self, rid: int, proposal: Proposal | None, result: list[Any], sampled: bool = False
+    ) -> list[int]:
         """Tokens a verify step yields for this request, from what the last rank
-        returned: the target's tokens, or its probability rows for a sampled row."""
-        if proposal.q is None:
-            return accept_greedy(proposal.drafts, [int(t) for t in result])
+        returned: the target's tokens, or its probability rows for a sampled row.
+        A row that drafted nothing (``proposal`` None) in a verify step of other
+        rows gets the target's next token, as from a plain step."""
+        if proposal is None:
+            drafts: list[int] = []
+            q = None if not sampled else np.zeros((0, len(result[0])))
+        else:
+            drafts, q = proposal.drafts, proposal.q
+        if q is None:
+            return accept_greedy(drafts, [int(t) for t in result])
         state = self._states.get(rid)
         rng = state.rng if state is not None else np.random.default_rng()
-        return accept_sampled(proposal.drafts, proposal.q, np.asarray(result, np.float64), rng)
+        return accept_sampled(drafts, q, np.asarray(result, np.float64), rng)
 
     # -- internals -------------------------------------------------------------
 
