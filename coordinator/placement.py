@@ -69,7 +69,7 @@ def place(
     specs = [node_spec(d.node_id, d.name, d.hardware) for d in nodes]
     context = min(context, profile.max_context or context)
     if layers:
-        return manual_split(profile, specs, layers, info.model), None
+        return manual_split(profile, specs, layers, info.model, draft_bytes), None
     try:
         result = plan(
             profile,
@@ -90,9 +90,14 @@ def place(
 
 
 def manual_split(
-    profile: ModelProfile, nodes: Sequence[NodeSpec], layers: Sequence[int], model: str
+    profile: ModelProfile,
+    nodes: Sequence[NodeSpec],
+    layers: Sequence[int],
+    model: str,
+    draft_bytes: int = 0,
 ) -> list[Assignment]:
-    """An operator's split, in node order, checked against memory."""
+    """An operator's split, in node order, checked against memory (the head's
+    node also holds a draft model of ``draft_bytes``, weights and KV)."""
     n = profile.num_layers
     if len(layers) != len(nodes) or sum(layers) != n or min(layers) < 1:
         raise PlacementError(
@@ -112,10 +117,12 @@ def manual_split(
                 profile.embedding_bytes if profile.tied_embeddings and i else 0
             )
         usable = node.gpu_memory_limit_bytes or node.total_memory_bytes
-        if weights > usable:
+        draft = draft_bytes if i == 0 else 0
+        if weights + draft > usable:
+            with_draft = f" and the draft model ({format_bytes(draft)})" if draft else ""
             raise PlacementError(
-                f"{node.name} would hold layers [{start}, {end}) of {model}: "
-                f"{format_bytes(weights)}, but it has {format_bytes(usable)} usable"
+                f"{node.name} would hold layers [{start}, {end}) of {model}{with_draft}: "
+                f"{format_bytes(weights + draft)}, but it has {format_bytes(usable)} usable"
             )
         out.append(Assignment(node.node_id, node.name, start, end, weights))
         start = end

@@ -235,6 +235,13 @@ def test_the_planner_counts_the_draft_on_the_head_node() -> None:
     with pytest.raises(PlanError):
         plan(profile, nodes[:1], context_length=4096, draft_bytes=8 * gib)
 
+    # An operator's --layers split counts it too, on the head's node.
+    from pomona.coordinator.placement import PlacementError, manual_split
+
+    manual_split(profile, nodes, [30, 2], "llama-3.1-8b")
+    with pytest.raises(PlacementError, match=r"a would hold .* and the draft model \(12\.0 GiB\)"):
+        manual_split(profile, nodes, [30, 2], "llama-3.1-8b", draft_bytes=12 * gib)
+
 
 def test_unmeasured_draft_lengths_are_priced_between_the_measured_ones() -> None:
     costs = Costs()
