@@ -144,7 +144,7 @@ def test_draft_length_adapts_and_drafting_stops_when_it_does_not_pay() -> None:
     for _ in range(3):
         costs.plain_step(0.010)
     costs.drafted(4, 0.004)  # 1 ms a draft token
-    costs.verify_step(4, 0.011)
+    costs.verify_step(4, 0.016)  # the whole cycle: 4 ms of drafting, a 12 ms step
     good = DraftPolicy(k_max=4)
     for _ in range(5):
         good.record(4, 4)
@@ -419,3 +419,22 @@ def test_per_row_trims_travel_in_the_control_vector() -> None:
     step = Step(0, prefill=False, tokens=(5,) * 9, width=3, trim=1, row_trims=(0, 2, 1))
     back = decode_ctrl(encode_ctrl(step))
     assert back is not None and back.row_trims == (0, 2, 1) and back.trim == 1
+
+
+def test_a_new_request_starts_from_what_the_draft_showed_before() -> None:
+    """A draft that rarely agreed pauses a new request after one verify step."""
+    drafter = Drafter(None, 4)
+    assert drafter._new_policy().evidence == 3  # nothing shown yet: the prior
+    for _ in range(3):
+        drafter.row_verified(0, 4, 0)
+        drafter.step_verified(1, 4, 0.02, 1)
+    policy = drafter._new_policy()
+    assert policy.acceptance == 0.0 and policy.evidence == 1
+    costs = Costs()
+    for _ in range(3):
+        costs.plain_step(0.010)
+    costs.drafted(1, 0.001)
+    costs.verify_step(1, 0.014)
+    assert policy.choose(costs) == 1  # its one verify step of evidence
+    policy.record(1, 0)
+    assert policy.choose(costs) == 0 and policy.stopped  # then it pauses

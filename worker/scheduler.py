@@ -140,6 +140,7 @@ class _Lane:
     in_flight: int = 0  # decode steps launched and not yet collected (2: one chained)
     launched: float = 0.0  # when the last step not chained was launched
     arrived: float = 0.0  # when the tokens of its last step came in
+    drafting: float = 0.0  # when the verify step in flight began drafting
     trim: int = 0  # positions of rejected drafts every stage drops at the next step
     row_trims: tuple[int, ...] = ()  # and those of single rows beyond ``trim``
     proposal: Any = None  # the drafts of the verify step in flight, by row
@@ -498,6 +499,7 @@ class Scheduler:
         rows = lane.rows
         if len({r.req.sampling.temperature > 0 for r in rows}) != 1:
             return None
+        began = time.monotonic()
         counts = [
             min(
                 self.drafter.draft_count(id(r), r.req.sampling, len(rows)),
@@ -528,6 +530,7 @@ class Scheduler:
         lane.proposal = proposals
         lane.in_flight += 1
         lane.launched = time.monotonic()
+        lane.drafting = began
         return Step(
             index,
             prefill=False,
@@ -567,8 +570,9 @@ class Scheduler:
                     kept += 1
             row.fed += 1 + kept
             trims.append(width - 1 - kept)
+        # The whole cycle, drafting included: what it replaces is chained plain steps.
         self.drafter.step_verified(
-            len(lane.rows), width - 1, lane.arrived - lane.launched, produced
+            len(lane.rows), width - 1, lane.arrived - lane.drafting, produced
         )
         lane.trim = min(trims)
         if max(trims) > lane.trim:
