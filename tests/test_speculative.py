@@ -143,7 +143,6 @@ def test_draft_length_adapts_and_drafting_stops_when_it_does_not_pay() -> None:
     costs = Costs()
     for _ in range(3):
         costs.plain_step(0.010)
-    costs.drafted(4, 0.004)  # 1 ms a draft token
     costs.verify_step(4, 0.016)  # the whole cycle: 4 ms of drafting, a 12 ms step
     good = DraftPolicy(k_max=4)
     for _ in range(5):
@@ -379,7 +378,7 @@ def test_rows_that_keep_different_numbers_of_drafts_keep_the_targets_tokens(
     positions per row."""
     import pomona.worker.speculative as spec
 
-    monkeypatch.setattr(spec.DraftPolicy, "choose", lambda self, costs, rows=1: self.k_max)
+    monkeypatch.setattr(spec.DraftPolicy, "choose", lambda self, costs: self.k_max)
     propose = spec.Drafter.propose
     spoiled = {2: 1, 3: 0}  # row index (by prompt) -> drafts left unspoiled
 
@@ -433,7 +432,6 @@ def test_a_new_request_starts_from_what_the_draft_showed_before() -> None:
     costs = Costs()
     for _ in range(3):
         costs.plain_step(0.010)
-    costs.drafted(1, 0.001)
     costs.verify_step(1, 0.014)
     assert policy.choose(costs) == 1  # its one verify step of evidence
     policy.record(1, 0)

@@ -119,7 +119,7 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 @dataclass
 class Costs:
-    """Measured seconds: a plain one-row decode step, a verify step by k, a draft token.
+    """Measured seconds: a plain decode step, and a verify cycle by k (drafting included).
 
     Each figure is the median of its last ``RECENT`` measurements, so that one
     slow step (a kernel compiled on its first use, a hiccup of the machine)
@@ -129,7 +129,6 @@ class Costs:
     plain_samples: int = 0
     _plain: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     _verify: dict[int, deque[float]] = field(default_factory=dict)
-    _draft: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
 
     @property
     def plain(self) -> float | None:
@@ -139,19 +138,12 @@ class Costs:
     def verify(self) -> dict[int, float]:
         return {k: statistics.median(v) for k, v in self._verify.items()}
 
-    @property
-    def draft_token(self) -> float | None:
-        return statistics.median(self._draft) if self._draft else None
-
     def plain_step(self, seconds: float) -> None:
         self._plain.append(seconds)
         self.plain_samples += 1
 
     def verify_step(self, k: int, seconds: float) -> None:
         self._verify.setdefault(k, deque(maxlen=RECENT)).append(seconds)
-
-    def drafted(self, tokens: int, seconds: float) -> None:
-        self._draft.append(seconds / max(tokens, 1))
 
     def verify_cost(self, k: int) -> float | None:
         """A verify step of ``k`` drafts: measured, else interpolated between the
@@ -192,7 +184,7 @@ class DraftPolicy:
         self.verifies += 1
         self.acceptance = (1 - EMA) * self.acceptance + EMA * (accepted / max(k, 1))
 
-    def choose(self, costs: Costs, rows: int = 1) -> int:
+    def choose(self, costs: Costs) -> int:
         """Drafts for the next step; 0 while drafting does not pay for this request.
 
         When it does not, the request decodes plainly for a pause that doubles
@@ -203,9 +195,9 @@ class DraftPolicy:
         self.steps += 1
         if self.stopped or costs.plain_samples < PLAIN_PROBES or self.steps % REPROBE == 0:
             return 0  # a plain step: measure what drafting is compared with
-        plain, measured, draft_token = costs.plain, costs.verify, costs.draft_token
+        plain, measured = costs.plain, costs.verify
         assert plain is not None
-        if draft_token is None or not measured:
+        if not measured:
             return self.k_max  # nothing measured yet: try the most
         # A verify step never costs less than a plain one: the cheaper of the two
         # measured is the better estimate of a plain step (the first plain steps
@@ -291,12 +283,8 @@ class Drafter:
         return self.costs_for(1)
 
     def costs_for(self, rows: int) -> Costs:
-        """The step costs of lanes of ``rows`` rows (a draft token costs the same in all)."""
-        costs = self._costs.get(rows)
-        if costs is None:
-            one = self._costs.setdefault(1, Costs())
-            costs = self._costs[rows] = one if rows == 1 else Costs(_draft=one._draft)
-        return costs
+        """The step costs of lanes of ``rows`` rows."""
+        return self._costs.setdefault(rows, Costs())
 
     def draft_count(self, rid: int, sampling: Sampling, rows: int = 1) -> int:
         """How many tokens to draft for this request's next step (0: a plain step),
@@ -304,11 +292,17 @@ class Drafter:
         if self.failed:
             return 0
         state = self._state(rid, sampling)
-        return state.policy.choose(self.costs_for(rows), rows)
+        return state.policy.choose(self.costs_for(rows))
 
     def all_resting(self, rids: Sequence[int], rows: int) -> bool:
-        """Whether every row's next step is plain whatever the costs (see ``resting``);
-        only then is each counted as one of its request's steps."""
+        """Whether every row's next step is a plain one whatever the costs (inside a
+        pause, a measuring step, or drafting failed), so that the head may chain
+        it on tokens in flight; only then is it counted as one of each request's
+        steps.
+
+        Measuring steps chain too: drafting is weighed against what a plain
+        token costs when steps chain, as they do while a request does not draft.
+        """
         if self.failed:
             return True
         costs = self.costs_for(rows)
@@ -330,30 +324,6 @@ class Drafter:
             policy.steps += 1
         return True
 
-    def resting(self, rid: int) -> bool:
-        """Whether this request's next step is a plain one whatever the costs (inside
-        a pause, a measuring step, or drafting failed), so that the head may chain
-        it on tokens in flight; it is counted as one of the request's steps.
-
-        Measuring steps chain too: drafting is weighed against what a plain
-        token costs when steps chain, as they do while a request does not draft.
-        """
-        if self.failed:
-            return True
-        state = self._states.get(rid)
-        if state is None:
-            return False
-        policy = state.policy
-        step = policy.steps + 1
-        if (
-            step < policy.paused_until
-            or self.costs.plain_samples < PLAIN_PROBES
-            or step % REPROBE == 0
-        ):
-            policy.steps += 1
-            return True
-        return False
-
     def propose(self, rid: int, seq: Sequence[int], k: int, sampling: Sampling) -> Proposal | None:
         """``k`` drafts after ``seq`` (the prompt and every token generated), or None
         when the draft failed (drafting is then off for good)."""
@@ -363,7 +333,6 @@ class Drafter:
                 raise RuntimeError(f"injected draft failure after {self.fail_after} proposals")
             began = time.monotonic()
             proposal = self._propose(self._state(rid, sampling), seq, k, sampling)
-            self.costs_for(1).drafted(k, time.monotonic() - began)
             if self.trace is not None:
                 self.trace.add(began, "draft", None, k)
             return proposal
@@ -374,11 +343,6 @@ class Drafter:
             if self.on_failure is not None:
                 self.on_failure(self.failed)
             return None
-
-    def verified(self, rid: int, k: int, accepted: int, produced: int, seconds: float) -> None:
-        """One row's verify step (a lane of one row)."""
-        self.row_verified(rid, k, accepted)
-        self.step_verified(1, k, seconds, produced)
 
     def _new_policy(self) -> DraftPolicy:
         """A new request's policy: it starts from what this draft has shown on the
