@@ -418,12 +418,19 @@ class _CausalBatchKVCache(BatchKVCache):
 
 
 def _note_padding(caches: Sequence[Any]) -> None:
-    """Mark which of these batched caches have no padded row (see above)."""
+    """Mark which of these batched caches have no padded row (see above), reading
+    every layer's padding from the device at once."""
+    batched = []
     for c in caches:
         if type(c) is BatchKVCache:
             c.__class__ = _CausalBatchKVCache
         if isinstance(c, _CausalBatchKVCache):
-            c.unpadded = c.left_padding.size == 0 or not mx.any(c.left_padding).item()
+            batched.append(c)
+    if not batched:
+        return
+    padded = cast(list[bool], mx.stack([mx.any(c.left_padding) for c in batched]).tolist())
+    for c, p in zip(batched, padded, strict=True):
+        c.unpadded = not p
 
 
 def warm_up_steps(prefill_step: int, widths: Sequence[int] = ()) -> list[Step]:
