@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +262,26 @@ def generate_tokens(
         last = chunk
     assert last is not None
     return tokens, text, last
+
+
+def generate_together(
+    coordinator: Proc, prompts: Sequence[str], max_tokens: int, timeout: float = 120
+) -> dict[str, list[int]]:
+    """The greedy tokens of every prompt, all requested at once (one thread each)."""
+    results: dict[str, list[int]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda p=p: results.__setitem__(
+                p, generate_tokens(coordinator, p, max_tokens)[0]
+            )
+        )
+        for p in prompts
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
 
 
 def reference_tokens(model_path: Path, prompt: str, max_tokens: int) -> list[int]:

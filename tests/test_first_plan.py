@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -11,17 +13,36 @@ from pomona.coordinator.cluster import Cluster, Member
 from pomona.v1 import worker_pb2
 
 
+def _member(cluster: Cluster, i: int, describe: worker_pb2.DescribeReply) -> Member:
+    node_id = f"{i:012x}"
+    member = cluster.members[node_id] = Member(
+        node_id,
+        f"w{i}",
+        f"10.0.0.{i + 1}:50151",
+        describe,
+        None,  # type: ignore[arg-type]
+    )
+    return member
+
+
 def _members(cluster: Cluster, n: int) -> list[Member]:
     for i in range(n):
-        node_id = f"{i:012x}"
-        cluster.members[node_id] = Member(
-            node_id,
-            f"w{i}",
-            f"10.0.0.{i + 1}:50151",
-            worker_pb2.DescribeReply(),
-            None,  # type: ignore[arg-type]
-        )
+        _member(cluster, i, worker_pb2.DescribeReply())
     return cluster.usable()
+
+
+@contextlib.asynccontextmanager
+async def _planning(
+    cluster: Cluster, plan_and_load: Callable[[], Awaitable[None]]
+) -> AsyncIterator[None]:
+    """The cluster's planning loop running, with ``plan_and_load`` in place of a load."""
+    cluster.plan_and_load = plan_and_load  # type: ignore[method-assign]
+    cluster.note_change()
+    running = asyncio.create_task(cluster.run())
+    try:
+        yield
+    finally:
+        running.cancel()
 
 
 @pytest.mark.parametrize(
@@ -50,14 +71,9 @@ def test_the_first_plan_starts_without_the_settle_once_min_workers_are_in() -> N
         async def plan_and_load() -> None:
             planned.set()
 
-        cluster.plan_and_load = plan_and_load  # type: ignore[method-assign]
         _members(cluster, 3)
-        cluster.note_change()
-        running = asyncio.create_task(cluster.run())
-        try:
+        async with _planning(cluster, plan_and_load):
             await asyncio.wait_for(planned.wait(), 30)
-        finally:
-            running.cancel()
 
     asyncio.run(scenario())
 
@@ -66,19 +82,10 @@ MODEL = "/models/big"
 
 
 def _rank(cluster: Cluster, rank: int, load: str = "L1", world: int = 3) -> Member:
-    node_id = f"{rank:012x}"
     shard = worker_pb2.ShardStatus(
         state=worker_pb2.SHARD_STATE_READY, model=MODEL, load_id=load, rank=rank, world_size=world
     )
-    member = Member(
-        node_id,
-        f"w{rank}",
-        f"10.0.0.{rank + 1}:50151",
-        worker_pb2.DescribeReply(shard=shard),
-        None,  # type: ignore[arg-type]
-    )
-    cluster.members[node_id] = member
-    return member
+    return _member(cluster, rank, worker_pb2.DescribeReply(shard=shard))
 
 
 def test_the_first_plan_waits_for_every_rank_of_a_running_load() -> None:
@@ -109,11 +116,8 @@ def test_a_restarted_coordinator_plans_with_every_rank_or_after_the_wait() -> No
             cluster.ever_served = True
             done.set()
 
-        cluster.plan_and_load = plan_and_load  # type: ignore[method-assign]
         _rank(cluster, 1)
-        cluster.note_change()
-        running = asyncio.create_task(cluster.run())
-        try:
+        async with _planning(cluster, plan_and_load):
             await asyncio.sleep(0.2)
             assert not planned and "1 of its 3 ranks" in cluster.problem
             _rank(cluster, 0)
@@ -124,8 +128,6 @@ def test_a_restarted_coordinator_plans_with_every_rank_or_after_the_wait() -> No
                 _rank(cluster, 2)
                 cluster.note_change()
             await asyncio.wait_for(done.wait(), 10)
-        finally:
-            running.cancel()
         return planned
 
     assert asyncio.run(scenario(third_comes=True)) == [3]

@@ -8,7 +8,6 @@ Greedy output is single-process mlx-lm's either way.
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import openai
 import pytest
 from clusterkit import (
     coordinator_stub,
+    generate_together,
     generate_tokens,
     local_cluster,
     reference_tokens_of,
@@ -51,18 +51,7 @@ def test_two_workers_with_an_agreeing_draft_give_the_targets_tokens(tmp_path: Pa
         assert last.usage.drafted_tokens > 0
         assert last.usage.accepted_tokens >= 0.9 * last.usage.drafted_tokens
 
-        results: dict[str, list[int]] = {}
-        threads = [
-            threading.Thread(
-                target=lambda p=p: results.__setitem__(p, generate_tokens(coord, p, 24)[0])
-            )
-            for p in PROMPTS
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert results == expected
+        assert generate_together(coord, PROMPTS, 24) == expected
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused")
         reply = client.completions.create(

@@ -10,11 +10,16 @@ leave anything behind in the caches of the first real request.
 from __future__ import annotations
 
 import random
-import threading
 from pathlib import Path
 
 import pytest
-from clusterkit import generate_tokens, local_cluster, reference_tokens_of, wait_serving
+from clusterkit import (
+    generate_together,
+    generate_tokens,
+    local_cluster,
+    reference_tokens_of,
+    wait_serving,
+)
 from modelfactory import make_model
 
 from pomona.worker.lockstep import Sampling, warm_up_steps
@@ -83,18 +88,7 @@ def test_a_warmed_draft_and_its_verify_widths_give_the_targets_tokens(tmp_path: 
         )
         wait_serving(coord)
         _warmed(tmp_path)
-        results: dict[str, list[int]] = {}
-        threads = [
-            threading.Thread(
-                target=lambda p=p: results.__setitem__(p, generate_tokens(coord, p, 16)[0])
-            )
-            for p in PROMPTS
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert results == expected
+        assert generate_together(coord, PROMPTS, 16) == expected
         tokens, _, last = generate_tokens(coord, PROMPTS[0], max_tokens=16)
         assert tokens == expected[PROMPTS[0]]
         assert last.usage.drafted_tokens > 0
