@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="BLAS for both systems' ranks (Linux): auto = the system's OpenBLAS, one thread"
         " per rank, where there is one (LD_PRELOAD); bundled = the one in the mlx wheel",
     )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one server resident at a time: each is started, swept and stopped before the "
+        "other (a model too big for two copies on one accelerator)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     p.add_argument("-v", "--verbose", action="store_true", help="commands and CPU by process")
@@ -302,6 +308,18 @@ def turn(system: Server, idle: Server, model: str, prompts: list[str], max_token
 # -- the run ------------------------------------------------------------------
 
 
+class _Nobody:
+    """The idle system of a ``--sequential`` turn: none is resident."""
+
+    pids: dict[str, int] = {}
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+
 def measure(
     pomona: PomonaHttp,
     mlx: MlxLmServer,
@@ -310,40 +328,55 @@ def measure(
     model: Path,
     prompts: list[str],
     warmup: list[str],
+    blas: dict[str, list[str]],
 ) -> tuple[dict[str, str], dict[int, dict[str, Turn]]]:
-    """Start both servers, warm each up, then let them take turns per concurrency."""
-    pomona.start(processes, model)
-    mlx.start(processes, model)
-    for system in (pomona, mlx):
-        try:
-            wait_for(f"{system.name} to serve", system.ready, 240, system.procs)
-        except TimeoutError as e:
-            problem = getattr(system, "problem", "")
-            raise TimeoutError(f"{e}" + (f" (last problem: {problem})" if problem else "")) from e
-    mlx.pause()
-    names = {pomona.name: _served_model(pomona.url), mlx.name: "default_model"}
-    print(f"both servers up ({time.monotonic() - T0:.0f} s); warming up", flush=True)
-    pairs: tuple[tuple[Server, Server], ...] = ((pomona, mlx), (mlx, pomona))
-    for system, idle in pairs:
-        # The first request loads mlx_lm.server's model; the second batches two.
-        turn(system, idle, names[system.name], warmup[:1], args.warmup_tokens)
-        turn(system, idle, names[system.name], warmup[1:3], args.warmup_tokens)
-    print(f"warm ({time.monotonic() - T0:.0f} s)", flush=True)
-    turns: dict[int, dict[str, Turn]] = {}
-    used = 0
-    for k, level in enumerate(args.levels):
-        batch, used = prompts[used : used + level], used + level
-        order: list[tuple[Server, Server]] = [(pomona, mlx), (mlx, pomona)]
-        turns[level] = {}
-        for system, idle in order[k % 2 :] + order[: k % 2]:
-            result = turn(system, idle, names[system.name], batch, args.tokens)
-            turns[level][system.name] = result
-            print(
-                f"  {level:>3} streams  {system.name:<26} {result.tps:8.2f} tok/s"
-                f"  ({result.decode_tokens} tokens in {result.decode_seconds:.2f} s,"
-                f" TTFT p50 {result.ttft:.2f} s)",
-                flush=True,
-            )
+    """Start both servers, warm each up, then let them take turns per concurrency.
+
+    With ``--sequential`` one server at a time is started, warmed up, swept
+    over every concurrency and stopped before the other starts.
+    """
+    groups = [[pomona], [mlx]] if args.sequential else [[pomona, mlx]]
+    names: dict[str, str] = {}
+    turns: dict[int, dict[str, Turn]] = {level: {} for level in args.levels}
+    for group in groups:
+        for system in group:
+            system.start(processes, model)
+        for system in group:
+            try:
+                wait_for(f"{system.name} to serve", system.ready, 300, system.procs)
+            except TimeoutError as e:
+                problem = getattr(system, "problem", "")
+                raise TimeoutError(
+                    f"{e}" + (f" (last problem: {problem})" if problem else "")
+                ) from e
+            system.pause()
+            names[system.name] = _served_model(system.url) if system is pomona else "default_model"
+        print(
+            f"up: {', '.join(s.name for s in group)} ({time.monotonic() - T0:.0f} s); warming up",
+            flush=True,
+        )
+        pairs = [(s, next((o for o in group if o is not s), _Nobody())) for s in group]
+        for system, idle in pairs:
+            # The first request loads mlx_lm.server's model; the second batches two.
+            turn(system, idle, names[system.name], warmup[:1], args.warmup_tokens)
+            turn(system, idle, names[system.name], warmup[1:3], args.warmup_tokens)
+        print(f"warm ({time.monotonic() - T0:.0f} s)", flush=True)
+        used = 0
+        for k, level in enumerate(args.levels):
+            batch, used = prompts[used : used + level], used + level
+            for system, idle in pairs[k % len(pairs) :] + pairs[: k % len(pairs)]:
+                result = turn(system, idle, names[system.name], batch, args.tokens)
+                turns[level][system.name] = result
+                print(
+                    f"  {level:>3} streams  {system.name:<26} {result.tps:8.2f} tok/s"
+                    f"  ({result.decode_tokens} tokens in {result.decode_seconds:.2f} s,"
+                    f" TTFT p50 {result.ttft:.2f} s)",
+                    flush=True,
+                )
+        for system in group:
+            blas[system.name] = blas_libraries(system.rank_pids)
+            if args.sequential:
+                system.stop()
     return names, turns
 
 
@@ -540,9 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             mlx.stop()
 
     with processes.measuring(args.keep_logs, stop=stop_mlx):
-        names, turns = measure(pomona, mlx, processes, args, model, prompts, warmup)
-        for system in (pomona, mlx):
-            blas[system.name] = blas_libraries(system.rank_pids)
+        names, turns = measure(pomona, mlx, processes, args, model, prompts, warmup, blas)
     info = run_info(
         "bench_concurrency.py",
         T0,

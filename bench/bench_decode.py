@@ -24,6 +24,10 @@ Apple's protocol (a 4,096-token prompt, then 128 tokens), unpinned:
 
     python bench/bench_decode.py --model /tmp/pomona-gpu-model/llama-3.1-8b-l32 \
         --prompt-tokens 4096 --no-pin
+
+At the Llama-3.1-70B shape in 4-bit (``gpu_cluster.py --bits 4`` writes it),
+three resident copies do not fit one GPU: ``--sequential`` measures one system
+at a time (other load on the machine then falls less evenly on them).
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="OPTION",
         help="an option for Pomona's coordinator, e.g. --pomona-option=--prefill-step=2048",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one system resident at a time: each is started, measured over all its rounds "
+        "and stopped before the next (a model too big for three copies on one accelerator)",
     )
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="model cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -152,9 +162,30 @@ def measure(
 ) -> tuple[dict[str, list[Run]], dict[str, dict[str, float]]]:
     """Start every system, warm each up, then let the rows take turns.
 
+    With ``--sequential`` one system at a time is started, warmed up, measured
+    over all its rounds and stopped before the next one starts.
+
     Returns every run by row, and the CPU seconds each of a row's processes
     spent in its measured requests.
     """
+    runs: dict[str, list[Run]] = {row.label: [] for row in rows}
+    cpu: dict[str, dict[str, float]] = {row.label: {} for row in rows}
+    for group in [[s] for s in systems] if args.sequential else [systems]:
+        _measure_together(group, [r for r in rows if r.system in group], processes, args,
+                          model, prompt, runs, cpu)  # fmt: skip
+    return runs, cpu
+
+
+def _measure_together(
+    systems: list[MlxLm | Pomona],
+    rows: list[Row],
+    processes: Processes,
+    args: argparse.Namespace,
+    model: Path,
+    prompt: list[int],
+    runs: dict[str, list[Run]],
+    cpu: dict[str, dict[str, float]],
+) -> None:
     for system in systems:
         system.start(processes, model, prompt)
     for system in systems:
@@ -164,12 +195,11 @@ def measure(
             problem = getattr(system, "problem", "")
             raise TimeoutError(f"{e}" + (f" (last problem: {problem})" if problem else "")) from e
         system.pause()
-    print(f"all systems loaded ({time.monotonic() - T0:.0f} s)", flush=True)
+    names = ", ".join(s.name for s in systems)
+    print(f"loaded: {names} ({time.monotonic() - T0:.0f} s)", flush=True)
     for row in rows:
         if row.launcher_running:
             row.turn(args.warmup_tokens, {})
-    runs: dict[str, list[Run]] = {row.label: [] for row in rows}
-    cpu: dict[str, dict[str, float]] = {row.label: {} for row in rows}
     for r in range(args.repeats):
         for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
             idle = {
@@ -190,7 +220,6 @@ def measure(
             )
     for system in systems:
         system.stop()
-    return runs, cpu
 
 
 def divergence(runs: dict[str, list[Run]]) -> str:

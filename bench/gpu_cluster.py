@@ -11,6 +11,11 @@ CPU by the test suite (repeated GPU runs are not bit-identical).
 
     python bench/gpu_cluster.py --config ../shared/model-configs/llama-3.1-8b.json \\
         --workers 2,3 --out /tmp/gpu-figures
+
+The Llama-3.1-70B shape in 4-bit (80 layers, ~38 GB), split evenly:
+
+    python bench/gpu_cluster.py --config ../shared/model-configs/llama-3.1-70b.json \\
+        --layers 80 --bits 4 --workers 2 --split
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ KEPT = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_valu
         "head_dim", "rms_norm_eps", "rope_theta", "hidden_act")  # fmt: skip
 
 
-def ensure_model(config: Path, folder: Path, layers: int, dtype: str) -> Path:
+def ensure_model(config: Path, folder: Path, layers: int, dtype: str, bits: int = 0) -> Path:
+    """A random-weight model of ``config``'s layer shape, ``bits``-quantized if asked."""
     if (folder / "tokenizer.json").exists():
         return folder
     sys.path.insert(0, str(REPO / "tests"))
@@ -39,7 +45,7 @@ def ensure_model(config: Path, folder: Path, layers: int, dtype: str) -> Path:
     overrides = {k: real[k] for k in KEPT if k in real}
     overrides["max_position_embeddings"] = 8192
     make_model(folder, real["model_type"], num_layers=layers, shards=max(1, layers // 4),
-               dtype=dtype, overrides=overrides)  # fmt: skip
+               dtype=dtype, overrides=overrides, bits=bits, group_size=64)  # fmt: skip
     return folder
 
 
@@ -94,6 +100,7 @@ def main() -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--bits", type=int, default=0, help="quantize the weights (4 or 8)")
     parser.add_argument("--workers", default="2,3")
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--gen-tokens", type=int, default=128)
@@ -113,8 +120,8 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    model = ensure_model(args.config, args.model_dir / f"{args.config.stem}-l{args.layers}",
-                         args.layers, args.dtype)  # fmt: skip
+    name = f"{args.config.stem}-l{args.layers}" + (f"-q{args.bits}" if args.bits else "")
+    model = ensure_model(args.config, args.model_dir / name, args.layers, args.dtype, args.bits)
     print(f"model ready in {time.monotonic() - t0:.0f} s: {model}", flush=True)
     results = {}
     for i, n in enumerate(int(x) for x in args.workers.split(",")):

@@ -510,4 +510,24 @@ class Pomona:
         return Run(tuple(tokens), tuple(stamps), cached)
 
     def stop(self) -> None:
-        pass  # Processes.stop_all stops the workers, which stop their runners
+        """Stop the coordinator and the workers, and with them their runners.
+
+        Only ``--sequential`` runs need it before the end (``Processes.stop_all``
+        stops everything then): the next system wants the accelerator's memory.
+        """
+        import psutil
+
+        for proc in reversed(self.procs):
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGTERM)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(30)
+        runners = [pid for key, pid in self.pids.items() if key.endswith("runner")]
+        with contextlib.suppress(psutil.Error):
+            _, alive = psutil.wait_procs(
+                [psutil.Process(pid) for pid in runners if psutil.pid_exists(pid)], timeout=15
+            )
+            for runner in alive:
+                runner.kill()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
@@ -112,8 +113,17 @@ def make_model(
     seed: int = 0,
     dtype: str = "float32",
     overrides: dict[str, Any] | None = None,
+    bits: int = 0,
+    group_size: int = 32,
 ) -> Path:
-    """Write a tiny random model of ``arch`` into folder and return it."""
+    """Write a tiny random model of ``arch`` into folder and return it.
+
+    With ``bits``, the model is quantized as ``mlx_lm.convert -q`` would write
+    it: every layer whose input width is a multiple of ``group_size``, with a
+    ``quantization`` entry in config.json. The weights stay lazy until each
+    shard is written, so a large shape needs memory for one shard at a time in
+    full precision (plus the quantized whole).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     config = {**_BASE, **ARCHITECTURES[arch], "num_hidden_layers": num_layers}
     config.update(overrides or {})
@@ -121,7 +131,20 @@ def make_model(
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
-    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
+    if bits:
+        nn.quantize(
+            model,
+            group_size,
+            bits,
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
+            ),
+        )
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+    weights = {
+        k: v if v.dtype == mx.uint32 else v.astype(getattr(mx, dtype))
+        for k, v in tree_flatten(model.parameters())
+    }
     _write_shards(folder, weights, num_layers, shards)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(folder)

@@ -84,6 +84,7 @@ class Shape:
     node_ids: tuple[str, ...]
     start_order: tuple[int, ...]  # indices into names / node_ids
     long_prompt_tokens: tuple[int, ...]
+    bits: int = 0  # quantized weights (mlx_lm.convert -q), as labs run big models
 
     @property
     def seed(self) -> int:
@@ -94,7 +95,8 @@ class Shape:
         workers = ", ".join(f"{self.names[i]!r}={self.node_ids[i]}" for i in self.start_order)
         return (
             f"[seed {self.seed}: POMONA_TEST_SEED={self.base}] {self.workers} workers, "
-            f"{self.arch} {self.dtype}, {self.num_layers} layers, split {split}, "
+            f"{self.arch} {self.dtype}{f' {self.bits}-bit' if self.bits else ''}, "
+            f"{self.num_layers} layers, split {split}, "
             f"started in order {workers}"
         )
 
@@ -118,6 +120,7 @@ def draw_shape(workers: int, base: int) -> Shape:
         node_ids=tuple(f"{rng.getrandbits(48):012x}" for _ in range(workers)),
         start_order=tuple(rng.sample(range(workers), workers)),
         long_prompt_tokens=tuple(rng.randint(100, 200) for _ in range(3)),
+        bits=rng.choice((0, 4, 8)),  # drawn last: the seeds' other draws stay as they were
     )
 
 
@@ -232,6 +235,7 @@ def test_any_shape_of_cluster_gives_single_process_greedy_tokens(
             shards=3,
             seed=shape.seed,
             dtype=shape.dtype,
+            bits=shape.bits,
         )
         tokenizer = load_tokenizer(model)
         long = long_prompts(model, shape)
