@@ -3,12 +3,14 @@
 Workers and the coordinator are separate processes on loopback that find each
 other through Bonjour, as real machines do. Every child runs in its own
 process group and is stopped on Ctrl-C or SIGTERM; on Linux a child also dies
-if this process is killed outright.
+if this process is killed outright. Nothing else ends ``up`` but the
+coordinator's death: not a worker's, and not a reader of its output going away.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 import secrets
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO, cast
 
 import grpc
 from rich.console import Console
@@ -83,6 +86,51 @@ def free_worker_ports(taken: set[int]) -> int:
     return free_ports(taken, 3)
 
 
+class Unread(io.TextIOBase):
+    """``stream``, but a write nobody can read any more is dropped, not raised.
+
+    ``up`` reports on stdout and stderr while it supervises the cluster, and
+    its reader may go away (``| head``, a harness that stopped reading, a
+    closed terminal). A failed write would end ``up`` and so stop the whole
+    cluster (rich even exits on a broken pipe), silently, as stderr is gone.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def write(self, text: str) -> int:
+        try:
+            self._stream.write(text)
+        except OSError:
+            self._to_devnull()
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        """Point the stream's file at /dev/null, so that what it still buffers (and
+        what Python flushes at exit) goes somewhere."""
+        with contextlib.suppress(OSError, ValueError):  # no file (a test's stream)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker{'' if count == 1 else 's'}"
+
+
 class LocalCluster:
     def __init__(
         self,
@@ -113,8 +161,10 @@ class LocalCluster:
         self.state_dir = state_dir
         self.cluster = f"local-{secrets.token_hex(3)}"
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-        self.console = Console(stderr=True)
-        self._stop = False
+        self.node_names = {f"worker-{i}": f"local-{i}" for i in range(1, count + 1)}
+        self.out = Unread(sys.stdout)
+        self.console = Console(file=cast(TextIO, Unread(sys.stderr)))
+        self._stop = ""  # the name of the signal that asked to stop
         self.config: Path | None = None
 
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -146,12 +196,14 @@ class LocalCluster:
         taken = {self.port, self.http_port}
         for i in range(self.count):
             port = free_worker_ports(taken)
+            name = f"worker-{i + 1}"
             self._spawn(
-                f"worker-{i + 1}",
+                name,
                 [
-                    "worker", "--port", str(port), "--host", LOOPBACK, "--name", f"local-{i + 1}",
-                    "--cluster", self.cluster, "--address", LOOPBACK, "--mdns-interface", LOOPBACK,
-                    "--state-dir", str(self.state_dir / f"worker-{i + 1}"),
+                    "worker", "--port", str(port), "--host", LOOPBACK,
+                    "--name", self.node_names[name], "--cluster", self.cluster,
+                    "--address", LOOPBACK, "--mdns-interface", LOOPBACK,
+                    "--state-dir", str(self.state_dir / name),
                     "--config", str(self.config), *self._model_dir_args(),
                 ],
             )  # fmt: skip
@@ -214,9 +266,10 @@ class LocalCluster:
                 if name.startswith("worker") and proc.poll() is not None and name not in gone:
                     gone.add(name)
                     self.console.print(
-                        f"[yellow]{name} exited with code {proc.returncode}[/yellow]; the "
-                        f"coordinator re-forms the pipeline on the {self.count - len(gone)} "
-                        "workers left (it is not restarted)",
+                        f"[yellow]{name} (node {self.node_names[name]}) exited with "
+                        f"code {proc.returncode}{_signal_name(proc.returncode)}[/yellow]; the "
+                        "coordinator re-forms the pipeline on the "
+                        f"{_workers(self.count - len(gone))} left (it is not restarted)",
                         soft_wrap=True,
                     )
             if gone:
@@ -275,6 +328,8 @@ class LocalCluster:
                         f"{shard.end_layer - 1} {shard_state(shard.state)}",
                     )
                 time.sleep(0.2)
+        if self._stop:
+            return coordinator_pb2.StatusReply()  # stopped while waiting: run() says so
         raise RuntimeError(f"the cluster was not ready within {timeout:.0f} s")
 
     def stop(self) -> None:
@@ -292,7 +347,7 @@ class LocalCluster:
 
     def run(self, timeout: float) -> int:
         def on_signal(signum: int, frame: object) -> None:
-            self._stop = True
+            self._stop = signal.Signals(signum).name
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
@@ -306,6 +361,7 @@ class LocalCluster:
                 f"Pomona is up: coordinator {LOOPBACK}:{self.port}{http}, {len(reply.nodes)} "
                 f'workers, model {reply.model} (try: pomona generate "Once upon a time"; '
                 "Ctrl-C stops)",
+                file=self.out,
                 flush=True,
             )
             return self._follow()
@@ -313,9 +369,21 @@ class LocalCluster:
             self.console.print(f"[red]error:[/red] {e} (logs in {self.state_dir / 'logs'})")
             return 1
         finally:
+            if self._stop:
+                self.console.print(f"{self._stop}: stopping the coordinator and the workers")
             self.stop()
             if self.config is not None:
                 self.config.unlink(missing_ok=True)
+
+
+def _signal_name(returncode: int) -> str:
+    """The signal that killed a process, as " (SIGKILL)", from its negative return code."""
+    if returncode >= 0:
+        return ""
+    try:
+        return f" ({signal.Signals(-returncode).name})"
+    except ValueError:
+        return ""
 
 
 def _layout(reply: coordinator_pb2.StatusReply) -> str:
@@ -323,4 +391,4 @@ def _layout(reply: coordinator_pb2.StatusReply) -> str:
     if not reply.serving:
         return f"not serving: {reply.problem}"
     where = ", ".join(f"{p.name} layers {p.start_layer}-{p.end_layer - 1}" for p in reply.plan)
-    return f"serving on {len(reply.plan)} workers: {where}"
+    return f"serving on {_workers(len(reply.plan))}: {where}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from clusterkit import wait_for
 
+from pomona import rpc
 from pomona.local import free_port_pair
+from pomona.security import Auth
+from pomona.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -60,8 +65,10 @@ def test_up_then_generate_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> N
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_up_with_three_keeps_serving_when_a_worker_dies(tmp_path: Path) -> None:
-    """Three local workers serve (they hung every request before), and survive a loss."""
+def test_up_with_three_keeps_serving_when_workers_die_even_unread(tmp_path: Path) -> None:
+    """Three local workers serve (they hung every request before), and survive losses,
+    the second after nobody reads `up`'s output any more (`| head`, a harness that
+    stopped reading): writing its report then ended `up`, and so the whole cluster."""
     port, http = free_port_pair(set()), free_port_pair(set())
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), HOME=str(tmp_path))
     client_env = dict(env, POMONA_COORDINATOR=f"127.0.0.1:{port}")
@@ -91,13 +98,37 @@ def test_up_with_three_keeps_serving_when_a_worker_dies(tmp_path: Path) -> None:
         while not any(x.startswith("serving on 2 workers") for x in lines):
             assert up.poll() is None, "pomona up exited when one worker died"
             lines.append(up.stderr.readline().strip())
-        assert any("exited with code -9" in x and "not restarted" in x for x in lines), lines
+        assert any(
+            x.startswith("worker-3 (node local-3) exited with code -9 (SIGKILL)")
+            and "on the 2 workers left (it is not restarted)" in x
+            for x in lines
+        ), lines
         again = generate()
         assert again.returncode == 0 and again.stdout.strip(), again.stderr
         assert up.poll() is None
         # The survivors re-formed with spares started once their first runners were up.
         took = [log.read_text().count(TOOK_SPARE) for log in worker_logs(tmp_path, 3)]
         assert sorted(took) == [1, 2, 2], took
+
+        up.stdout.close()
+        up.stderr.close()
+        workers[0].kill()
+        config = tmp_path / "state" / "pomona" / "local" / "cluster.json"
+        channel = rpc.channel(f"127.0.0.1:{port}", Auth.load(config))
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+
+        def serving_on_one() -> bool:
+            assert up.poll() is None, "pomona up exited when a worker died, its output unread"
+            reply = stub.Status(coordinator_pb2.StatusRequest(), timeout=5)
+            return reply.serving and [p.name for p in reply.plan] == ["local-2"]
+
+        wait_for(serving_on_one, 120, "the cluster to serve on local-2 alone")
+        last = generate()
+        assert last.returncode == 0 and last.stdout.strip(), last.stderr
+        assert up.poll() is None
+        channel.close()
     finally:
-        os.killpg(up.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGINT)
         up.wait(60)
+    assert up.returncode == 0
