@@ -107,14 +107,18 @@ def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, l
             predict(profile, stages, context_length=1, prompt_tokens=1)
     except (KeyError, ValueError) as e:
         return nothing, [f"no predictions: the serving plan cannot be read ({e})"]
-    assumed: dict[str, list[str]] = {}  # what was assumed -> the nodes it was for
+    assumed: dict[str, list[str]] = {}  # what was assumed or measured -> the nodes it was for
     for spec, _, _ in stages:
         node = resolve_node(spec)
-        if node.bandwidth_assumed or node.cores_assumption:
-            what = (
-                f"assume {node.bandwidth_gbs:g} GB/s and {node.gpu_cores} GPU cores "
-                f"({spec.chip or 'chip unknown'})"
-            )
+        guesses = [f"{node.bandwidth_gbs:g} GB/s"] * node.bandwidth_assumed
+        guesses += [f"{node.gpu_cores} GPU cores"] * bool(node.cores_assumption)
+        if guesses:
+            what = f"assume {' and '.join(guesses)} ({spec.chip or 'chip unknown'})"
+            assumed.setdefault(what, []).append(spec.name)
+        measured = [f"{node.bandwidth_gbs:.3g} GB/s"] * node.bandwidth_measured
+        measured += [f"{node.flops / 1e12:.3g} TFLOPS"] * node.flops_measured
+        if measured:
+            what = f"use what the worker measured: {', '.join(measured)}"
             assumed.setdefault(what, []).append(spec.name)
     notes = [
         f"predictions for {', '.join(names)} {what}: see `pomona plan --coordinator`"

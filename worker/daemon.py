@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from zeroconf import ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
 
 from pomona import rpc
 from pomona.backends import BACKENDS, RankHost, devices_from_wire, rank_launch
@@ -37,7 +39,7 @@ from pomona.tokens import describe_proof
 from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
 from pomona.worker.backend_facts import facts_to_proto, interface_peers, read_backend_facts
-from pomona.worker.bandwidth import cached_bandwidth_gbs
+from pomona.worker.bandwidth import Speed, cached_speed
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
 from pomona.worker.lease import Lease
@@ -77,7 +79,7 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
 
 
 def hardware_to_proto(
-    hw: HardwareInfo, cap: int = 0, bandwidth_gbs: float | None = None
+    hw: HardwareInfo, cap: int = 0, speed: Speed | None = None
 ) -> worker_pb2.Hardware:
     limit = hw.gpu_memory_limit_bytes or hw.total_memory_bytes
     if cap:
@@ -93,7 +95,8 @@ def hardware_to_proto(
         available_memory_bytes=psutil.virtual_memory().available,
         gpu_memory_limit_bytes=limit,
         rdma=hw.rdma_enabled,
-        measured_bandwidth_gbs=bandwidth_gbs,
+        measured_bandwidth_gbs=speed.bandwidth_gbs if speed else None,
+        measured_tflops=speed.tflops if speed else None,
     )
 
 
@@ -143,16 +146,16 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self.addresses = list(config.addresses) or local_addresses()
         # Measured (once per machine, in the background) only where Apple's
         # table does not know the chip or this variant of it.
-        self.bandwidth_gbs: float | None = None
+        self.speed: Speed | None = None
         self.stage_cache = StageCache(config.cache_dir, config.cache_max_bytes)
         self.spare = WarmRunner(config.spare_runner)
         self._refill: asyncio.Task[None] | None = None
 
-    async def measure_bandwidth(self) -> None:
+    async def measure_speed(self) -> None:
         if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
             return
-        self.bandwidth_gbs = await asyncio.to_thread(
-            cached_bandwidth_gbs, self.config.state_dir, machine_fingerprint()
+        self.speed = await asyncio.to_thread(
+            cached_speed, self.config.state_dir, machine_fingerprint()
         )
 
     # -- Worker service -------------------------------------------------------
@@ -178,7 +181,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             name=self.config.name,
             cluster=self.config.cluster,
             protocol_version=PROTOCOL_VERSION,
-            hardware=hardware_to_proto(hw, self.config.max_memory_bytes, self.bandwidth_gbs),
+            hardware=hardware_to_proto(hw, self.config.max_memory_bytes, self.speed),
             mlx_version=hw.mlx_version or "",
             backends=list(hw.distributed_backends),
             interfaces=[
@@ -557,7 +560,7 @@ async def serve(
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     await _set_serving(health_servicer)
-    measuring = asyncio.create_task(daemon.measure_bandwidth())
+    measuring = asyncio.create_task(daemon.measure_speed())
     await daemon.spare.ensure()  # a runner that has done its imports waits for the first load
     if config.spare_runner:
         # A model's profile (InspectModel, before every first plan) builds mlx-lm's model
@@ -565,23 +568,23 @@ async def serve(
         # 12-16 s on a Mac with PyTorch installed. Done now, in the background, it is not
         # on the path of a coordinator's first plan.
         asyncio.get_running_loop().run_in_executor(None, _import_mlx_lm)
-    info = service_info(
-        config.name,
-        daemon.addresses,
-        port,
-        {
-            "node_id": daemon.node_id,
-            "protocol": str(PROTOCOL_VERSION),
-            "cluster": config.cluster,
-            "name": config.name,
-            "grpc_port": str(port),
-            "memory": str(daemon.hardware.total_memory_bytes),
-            "chip": (daemon.hardware.chip or "unknown")[:120],
-        },
-    )
+    props = {
+        "node_id": daemon.node_id,
+        "protocol": str(PROTOCOL_VERSION),
+        "cluster": config.cluster,
+        "name": config.name,
+        "grpc_port": str(port),
+        "memory": str(daemon.hardware.total_memory_bytes),
+        "chip": (daemon.hardware.chip or "unknown")[:120],
+    }
+    info = service_info(config.name, daemon.addresses, port, props)
     zc = make_zeroconf(config.mdns_interfaces)
+    announcing: asyncio.Task[None] | None = None
     try:
         await zc.async_register_service(info)
+        if not measuring.done():
+            measured = service_info(config.name, daemon.addresses, port, {**props, "speed": "1"})
+            announcing = asyncio.create_task(_announce_measured(zc, measured, measuring))
         log.info(
             "worker %s (node %s) serving on port %d, cluster %r",
             config.name,
@@ -597,8 +600,20 @@ async def serve(
             await zc.async_unregister_service(info)
         await zc.async_close()
         measuring.cancel()
+        if announcing is not None:
+            announcing.cancel()
         await daemon.shutdown()
         await server.stop(grace=1.0)
+
+
+async def _announce_measured(
+    zc: AsyncZeroconf, measured: ServiceInfo, measuring: asyncio.Task[None]
+) -> None:
+    """Change the advert (to ``measured``) once the speed is measured: coordinators that
+    described this worker before (the first seconds on a machine) describe it again (mDNS
+    Updated), so their plans and predictions use the measured figures."""
+    await measuring
+    await zc.async_update_service(measured)
 
 
 def _import_mlx_lm() -> None:
