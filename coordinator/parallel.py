@@ -223,13 +223,15 @@ def predict_tensor(
     context_length: int,
     prompt_tokens: int,
     concurrency: int = 1,
+    links: Sequence[Link] = (),
 ) -> Prediction:
-    """What ``plan_tensor`` predicts for a tensor group already placed on ``nodes``."""
+    """What ``plan_tensor`` predicts for a tensor group already placed on ``nodes``
+    (collectives on the slowest of ``links`` among them, else the link class)."""
     if len(nodes) < 2:
         raise ValueError("a tensor parallel group has at least 2 nodes")
     group = [resolve_node(n) for n in nodes]
     d = Demand(profile, context_length, concurrency, False)
-    compute, collectives, ttft = _timing(group, d, link_class(nodes), prompt_tokens)
+    compute, collectives, ttft = _timing(group, d, link_class(nodes, links), prompt_tokens)
     step = compute + collectives
     return Prediction(1.0 / step, concurrency / step, ttft)
 

@@ -479,12 +479,14 @@ def predict(
     prompt_tokens: int,
     concurrency: int = 1,
     head_on_every_stage: bool = False,
+    links: Sequence[Link] = (),
 ) -> Prediction:
     """What `plan` predicts for `stages` — (node, start layer, end layer exclusive) in
     ring order — without choosing nodes or checking memory: the layers are already
     placed (a loaded model shows as memory in use, which would not fit again).
 
     context_length: tokens in each stream's KV cache (its reads cost decode time).
+    links: measured links between the nodes; unmeasured hops count as DEFAULT_LINK.
     """
     if not stages:
         raise ValueError("predict needs at least one stage")
@@ -503,6 +505,7 @@ def predict(
         )
     order = [resolve_node(node) for node, _, _ in stages]
     demand = Demand(profile, context_length, concurrency, head_on_every_stage)
-    timing = _timing(order, ends, demand, {}, _Prefill.of(profile, prompt_tokens))
+    by_pair = {frozenset((link.a, link.b)): link for link in links}
+    timing = _timing(order, ends, demand, by_pair, _Prefill.of(profile, prompt_tokens))
     step = timing.step_seconds
     return Prediction(1.0 / step, concurrency / step, timing.ttft_s)

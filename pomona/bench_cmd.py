@@ -84,10 +84,11 @@ def check_context(settings: BenchSettings, max_context: int) -> None:
 
 def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, list[str]]:
     """The planner's predictions for the serving plan, and what they assume."""
+    from pomona.coordinator.links import links_from_proto
     from pomona.coordinator.memory_fit import resolve_node
     from pomona.coordinator.parallel import is_tensor_layout, predict_tensor
     from pomona.coordinator.placement import node_spec
-    from pomona.coordinator.planner import predict
+    from pomona.coordinator.planner import DEFAULT_LINK, predict
     from pomona.model_profile import ModelProfile
 
     def nothing(prompt: int, context: int, streams: int) -> Predicted | None:
@@ -125,6 +126,13 @@ def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, l
         for what, names in assumed.items()
     ]
 
+    links = links_from_proto(status.links)  # hops at what the coordinator measured
+    if not links and len(stages) > 1:
+        notes.append(
+            f"links not measured: predictions assume {DEFAULT_LINK.latency_ms:g} ms and "
+            f"{DEFAULT_LINK.bandwidth_gbs:g} GB/s a hop ({DEFAULT_LINK.kind})"
+        )
+
     def predictor(prompt: int, context: int, streams: int) -> Predicted | None:
         if tensor:
             p = predict_tensor(
@@ -133,10 +141,16 @@ def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, l
                 context_length=context,
                 prompt_tokens=prompt,
                 concurrency=streams,
+                links=links,
             )
         else:
             p = predict(
-                profile, stages, context_length=context, prompt_tokens=prompt, concurrency=streams
+                profile,
+                stages,
+                context_length=context,
+                prompt_tokens=prompt,
+                concurrency=streams,
+                links=links,
             )
         return Predicted(p.ttft_s, p.decode_tokens_per_s, p.aggregate_tokens_per_s)
 

@@ -249,12 +249,27 @@ def serving_status(**hardware: Any) -> coordinator_pb2.StatusReply:
     return reply
 
 
+def test_bench_predictions_cross_the_links_the_coordinator_measured() -> None:
+    status = serving_status(measured_bandwidth_gbs=2.0, measured_tflops=0.006)
+    assumed, notes = serving_predictor(status)
+    assert any("links not measured" in n for n in notes)
+    status.links.add(from_node_id="w1", to_node_id="w2", rtt_ms=20.0, bandwidth_bytes_per_s=1e9)
+    measured, notes = serving_predictor(status)
+    assert not any("links not measured" in n for n in notes)
+    slow, fast = measured(1, 64, 1), assumed(1, 64, 1)
+    assert slow is not None and fast is not None
+    # a hop each way (10 ms one way, against 0.3 ms assumed) in every decode step
+    assert 1 / slow.decode_tokens_per_s - 1 / fast.decode_tokens_per_s == pytest.approx(
+        2 * (0.010 - 0.0003), rel=0.01
+    )
+
+
 def test_bench_predicts_with_what_the_workers_measured_and_assumes_no_gpu_cores() -> None:
     guess, notes = serving_predictor(serving_status())
     assert any("7 GPU cores" in n for n in notes) and any("68 GB/s" in n for n in notes)
-    measured, notes = serving_predictor(
-        serving_status(measured_bandwidth_gbs=2.0, measured_tflops=0.006)
-    )
+    status = serving_status(measured_bandwidth_gbs=2.0, measured_tflops=0.006)
+    status.links.add(from_node_id="w1", to_node_id="w2", rtt_ms=0.1, bandwidth_bytes_per_s=1e9)
+    measured, notes = serving_predictor(status)
     assert not any("GPU cores" in n or "assume" in n for n in notes)
     assert notes == [
         "predictions for w1, w2 use what the worker measured: 2 GB/s, 0.006 TFLOPS: "

@@ -5,16 +5,21 @@ for anything else the worker measures, once per machine, what MLX's default
 device reaches streaming a large array (decode's bound) and multiplying square
 matrices (prefill's), and remembers both in its state directory. The figures are
 the daemon's: a daemon pinned to one core (``taskset``) measures one core, which
-is what its runner gets, so the remembered figures are kept per set of cores.
+is what its runner gets, so the remembered figures are kept per set of cores. Workers
+that start together on one machine (``pomona up --local N``) measure in turn, each
+alone, as one worker per machine would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ MATMUL_MAX = 8192
 # A matmul at least this long is compute-bound (launch and timer overheads are
 # noise): on a 2-core CPU that is 512 (~45 ms), on a large GPU 8192 (~2 ms) caps it.
 MATMUL_LONG_ENOUGH_S = 0.025
-MATMUL_REPEATS = 3
+MATMUL_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,17 @@ def device_key() -> dict[str, Any]:
     return {"device": str(mx.default_device()), "cpus": cpus}
 
 
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    """Held while measuring: one measurement at a time on this machine."""
+    with open(Path(tempfile.gettempdir()) / "pomona-speed.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cached_speed(
     state_dir: Path, fingerprint: str, measure: Callable[[], Speed] = measure_speed
 ) -> Speed:
@@ -109,7 +125,8 @@ def cached_speed(
             return Speed(float(data["gbs"]), float(data["tflops"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    speed = measure()
+    with _machine_lock():
+        speed = measure()
     log.info(
         "measured memory bandwidth %.1f GB/s, matmul %.3g TFLOPS",
         speed.bandwidth_gbs,

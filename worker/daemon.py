@@ -18,8 +18,6 @@ from pathlib import Path
 import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from zeroconf import ServiceInfo
-from zeroconf.asyncio import AsyncZeroconf
 
 from pomona import rpc
 from pomona.backends import BACKENDS, RankHost, devices_from_wire, rank_launch
@@ -144,7 +142,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self._lock = asyncio.Lock()
         self._sinks: list[LinkSink] = []  # link probes' sinks (LinkListen)
         self.addresses = list(config.addresses) or local_addresses()
-        # Measured (once per machine, in the background) only where Apple's
+        # Measured (once per machine, before serving) only where Apple's
         # table does not know the chip or this variant of it.
         self.speed: Speed | None = None
         self.stage_cache = StageCache(config.cache_dir, config.cache_max_bytes)
@@ -548,6 +546,10 @@ async def serve(
 ) -> None:
     """Run a worker until ``stop`` is set (or forever)."""
     daemon = WorkerDaemon(config)
+    # Before anyone can describe this worker: a plan made while one worker's speed is
+    # measured and another's assumed splits layers by numbers 50x apart. Measured once
+    # per machine (1-2 s on a CPU), then read from the state directory.
+    await daemon.measure_speed()
     server = rpc.aio_server(config.auth, target=daemon.node_id)
     worker_pb2_grpc.add_WorkerServicer_to_server(daemon, server)
     transfer_pb2_grpc.add_ModelTransferServicer_to_server(transfer_service(daemon), server)
@@ -560,7 +562,6 @@ async def serve(
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     await _set_serving(health_servicer)
-    measuring = asyncio.create_task(daemon.measure_speed())
     await daemon.spare.ensure()  # a runner that has done its imports waits for the first load
     if config.spare_runner:
         # A model's profile (InspectModel, before every first plan) builds mlx-lm's model
@@ -568,23 +569,23 @@ async def serve(
         # 12-16 s on a Mac with PyTorch installed. Done now, in the background, it is not
         # on the path of a coordinator's first plan.
         asyncio.get_running_loop().run_in_executor(None, _import_mlx_lm)
-    props = {
-        "node_id": daemon.node_id,
-        "protocol": str(PROTOCOL_VERSION),
-        "cluster": config.cluster,
-        "name": config.name,
-        "grpc_port": str(port),
-        "memory": str(daemon.hardware.total_memory_bytes),
-        "chip": (daemon.hardware.chip or "unknown")[:120],
-    }
-    info = service_info(config.name, daemon.addresses, port, props)
+    info = service_info(
+        config.name,
+        daemon.addresses,
+        port,
+        {
+            "node_id": daemon.node_id,
+            "protocol": str(PROTOCOL_VERSION),
+            "cluster": config.cluster,
+            "name": config.name,
+            "grpc_port": str(port),
+            "memory": str(daemon.hardware.total_memory_bytes),
+            "chip": (daemon.hardware.chip or "unknown")[:120],
+        },
+    )
     zc = make_zeroconf(config.mdns_interfaces)
-    announcing: asyncio.Task[None] | None = None
     try:
         await zc.async_register_service(info)
-        if not measuring.done():
-            measured = service_info(config.name, daemon.addresses, port, {**props, "speed": "1"})
-            announcing = asyncio.create_task(_announce_measured(zc, measured, measuring))
         log.info(
             "worker %s (node %s) serving on port %d, cluster %r",
             config.name,
@@ -599,21 +600,8 @@ async def serve(
         with contextlib.suppress(Exception):
             await zc.async_unregister_service(info)
         await zc.async_close()
-        measuring.cancel()
-        if announcing is not None:
-            announcing.cancel()
         await daemon.shutdown()
         await server.stop(grace=1.0)
-
-
-async def _announce_measured(
-    zc: AsyncZeroconf, measured: ServiceInfo, measuring: asyncio.Task[None]
-) -> None:
-    """Change the advert (to ``measured``) once the speed is measured: coordinators that
-    described this worker before (the first seconds on a machine) describe it again (mDNS
-    Updated), so their plans and predictions use the measured figures."""
-    await measuring
-    await zc.async_update_service(measured)
 
 
 def _import_mlx_lm() -> None:
