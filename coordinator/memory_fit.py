@@ -65,6 +65,9 @@ class NodeBudget:
     # What was not given and how it was filled in, for the plan's notes; empty: nothing.
     cores_assumption: str = ""
     memory_limit_assumed: bool = False
+    # Figures a worker measured rather than a datasheet's (planner.decode_bytes_per_s).
+    bandwidth_measured: bool = False
+    flops_measured: bool = False
 
     @property
     def key(self) -> tuple[float, int, str]:
@@ -79,16 +82,22 @@ def resolve_node(spec: NodeSpec, os_reserve_bytes: int = DEFAULT_OS_RESERVE_BYTE
     budget = min(limit, total - os_reserve_bytes - spec.memory_in_use_bytes)
     chip = lookup_chip(spec.chip)
     bandwidth = spec.bandwidth_gbs or (chip.bandwidth_gbs(spec.gpu_cores) if chip else None)
-    cores, assumption = _gpu_cores(spec)
+    if spec.measured_tflops is not None:  # no GPU cores to count, nor to assume
+        cores, assumption, flops = spec.gpu_cores or 0, "", spec.measured_tflops * 1e12
+    else:
+        cores, assumption = _gpu_cores(spec)
+        flops = cores * FLOPS_PER_GPU_CORE
     return NodeBudget(
         spec=spec,
         budget=budget,
         bandwidth_gbs=bandwidth or DEFAULT_BANDWIDTH_GBS,
         bandwidth_assumed=bandwidth is None,
-        flops=cores * FLOPS_PER_GPU_CORE,
+        flops=flops,
         gpu_cores=cores,
         cores_assumption=assumption,
         memory_limit_assumed=spec.gpu_memory_limit_bytes is None,
+        bandwidth_measured=spec.bandwidth_measured,
+        flops_measured=spec.measured_tflops is not None,
     )
 
 

@@ -10,8 +10,10 @@ nodes:                      # or a bare list
 ```
 
 Optional keys: count, id, gpu_cores, gpu_memory_gb (a raised iogpu.wired_limit_mb),
-memory_in_use_gb, bandwidth_gbs (needed for a chip the table does not know), rdma,
-address. JSON files take the same shape. With a top level ``nodes:``, an optional
+memory_in_use_gb, bandwidth_gbs (a published figure; a chip the table does not know needs
+it or measured_bandwidth_gbs), measured_bandwidth_gbs and measured_tflops (what a worker
+on that machine measured: ``pomona nodes --json``), rdma, address. JSON files take the
+same shape. With a top level ``nodes:``, an optional
 ``rdma_cables: [[studio-1, studio-2], ...]`` says which machines a Thunderbolt 5 cable
 with RDMA joins (without it, every ``rdma: true`` node is taken as cabled to the others):
 `pomona plan` picks the backend from it. An optional ``links:`` gives measured (or
@@ -47,6 +49,8 @@ OPTIONAL = (
     "gpu_memory_gb",
     "memory_in_use_gb",
     "bandwidth_gbs",
+    "measured_bandwidth_gbs",
+    "measured_tflops",
     "rdma",
     "address",
 )
@@ -113,14 +117,20 @@ def _entry(entry: Any, where: str) -> list[NodeSpec]:
     chip_name = _text(entry, "chip", where)
     memory = _number(entry, "memory_gb", where)
     bandwidth = _optional_number(entry, "bandwidth_gbs", where)
+    measured = _optional_number(entry, "measured_bandwidth_gbs", where)
+    if bandwidth is not None and measured is not None:
+        raise NodesFileError(
+            f"{where}: give the bandwidth once: bandwidth_gbs or measured_bandwidth_gbs"
+        )
+    tflops = _optional_number(entry, "measured_tflops", where)
     cores = _optional_integer(entry, "gpu_cores", where)
     chip = lookup_chip(chip_name)
-    if chip is None and bandwidth is None:
+    if chip is None and bandwidth is None and measured is None:
         hint = suggest_chip(chip_name)
         raise NodesFileError(
             f"{where}: unknown chip {chip_name!r}"
             + (f" (did you mean {hint!r}?)" if hint else "")
-            + "; name a known Apple chip or give bandwidth_gbs"
+            + "; name a known Apple chip or give bandwidth_gbs (or measured_bandwidth_gbs)"
         )
     if chip is not None and cores is not None and cores not in chip.gpu_core_counts:
         counts = " or ".join(str(c) for c in chip.gpu_core_counts)
@@ -150,8 +160,10 @@ def _entry(entry: Any, where: str) -> list[NodeSpec]:
             total_memory_bytes=round(memory * GIB),
             gpu_memory_limit_bytes=round(gpu_memory * GIB) if gpu_memory else None,
             memory_in_use_bytes=round(in_use * GIB),
-            bandwidth_gbs=bandwidth,
+            bandwidth_gbs=bandwidth if measured is None else measured,
             gpu_cores=cores,
+            bandwidth_measured=measured is not None,
+            measured_tflops=tflops,
             rdma=rdma,
             address=address,
         )

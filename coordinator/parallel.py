@@ -23,16 +23,16 @@ from pomona.coordinator.memory_fit import (
     resolve_node,
 )
 from pomona.coordinator.planner import (
-    COMPUTE_EFFICIENCY,
     DEFAULT_LINK,
     DEFAULT_PROMPT_TOKENS,
-    MEMORY_EFFICIENCY,
     Link,
     NodeSpec,
     Plan,
     PlanError,
     Prediction,
+    decode_bytes_per_s,
     plan,
+    prefill_flops_per_s,
 )
 from pomona.model_profile import ModelProfile
 from pomona.units import format_bytes
@@ -133,14 +133,14 @@ def _timing(
     """Decode compute and collectives per step, and time to first token."""
     p, n = d.profile, len(group)
     read = (d.decode_read[-1] + d.kv[-1]) / n + p.head_bytes + p.embedding_bytes * p.tied_embeddings
-    compute = max(read / (node.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY) for node in group)
+    compute = max(read / decode_bytes_per_s(node) for node in group)
     # Two all_sums per layer of the step's hidden states, and the step's control vector.
     width = p.hidden_size * p.dtype_bytes
     calls = 2 * p.num_layers
     collectives = calls * collective_seconds(n, link, d.concurrency * width)
     collectives += collective_seconds(n, link, 1024)
     flops = 2 * prompt * p.active_params + 2 * prompt * prompt * p.hidden_size * p.num_layers
-    prefill = max(flops / n / (node.flops * COMPUTE_EFFICIENCY) for node in group)
+    prefill = max(flops / n / prefill_flops_per_s(node) for node in group)
     ttft = prefill + calls * collective_seconds(n, link, prompt * width)
     return compute, collectives, ttft
 
@@ -223,13 +223,15 @@ def predict_tensor(
     context_length: int,
     prompt_tokens: int,
     concurrency: int = 1,
+    links: Sequence[Link] = (),
 ) -> Prediction:
-    """What ``plan_tensor`` predicts for a tensor group already placed on ``nodes``."""
+    """What ``plan_tensor`` predicts for a tensor group already placed on ``nodes``
+    (collectives on the slowest of ``links`` among them, else the link class)."""
     if len(nodes) < 2:
         raise ValueError("a tensor parallel group has at least 2 nodes")
     group = [resolve_node(n) for n in nodes]
     d = Demand(profile, context_length, concurrency, False)
-    compute, collectives, ttft = _timing(group, d, link_class(nodes), prompt_tokens)
+    compute, collectives, ttft = _timing(group, d, link_class(nodes, links), prompt_tokens)
     step = compute + collectives
     return Prediction(1.0 / step, concurrency / step, ttft)
 

@@ -47,6 +47,8 @@ def node_spec(
         memory_in_use_bytes=in_use,
         gpu_cores=hw.gpu_cores or None,
         bandwidth_gbs=hw.measured_bandwidth_gbs if hw.HasField("measured_bandwidth_gbs") else None,
+        bandwidth_measured=hw.HasField("measured_bandwidth_gbs"),
+        measured_tflops=hw.measured_tflops if hw.HasField("measured_tflops") else None,
         rdma=hw.rdma,
         address=address,
     )

@@ -72,6 +72,10 @@ class NodeSpec:
     memory_in_use_bytes: int = 0  # used by other processes
     bandwidth_gbs: float | None = None  # None -> chip table, else an assumed default
     gpu_cores: int | None = None
+    # What a worker measured (worker/bandwidth.py), where Apple's table lacks its chip:
+    # streaming bandwidth (then in bandwidth_gbs) and dense matmul throughput.
+    bandwidth_measured: bool = False
+    measured_tflops: float | None = None  # None -> GPU cores x FLOPS_PER_GPU_CORE
     rdma: bool = False
     address: str | None = None
 
@@ -82,6 +86,10 @@ class NodeSpec:
             raise ValueError(f"node {self.name!r}: memory in use cannot be negative")
         if self.bandwidth_gbs is not None and self.bandwidth_gbs <= 0:
             raise ValueError(f"node {self.name!r}: bandwidth must be positive or None")
+        if self.bandwidth_measured and self.bandwidth_gbs is None:
+            raise ValueError(f"node {self.name!r}: a measured bandwidth needs bandwidth_gbs")
+        if self.measured_tflops is not None and not self.measured_tflops > 0:
+            raise ValueError(f"node {self.name!r}: measured TFLOPS must be positive or None")
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,21 @@ def _hop(link: Link, payload_bytes: float) -> float:
     return link.latency_ms / 1e3 + payload_bytes / (link.bandwidth_gbs * 1e9)
 
 
+def decode_bytes_per_s(node: NodeBudget) -> float:
+    """The rate decode reads weights and KV at on ``node``.
+
+    A datasheet's bandwidth is a peak decode reaches MEMORY_EFFICIENCY of; a worker's
+    measured figure is already what MLX reaches streaming on it, as decode streams.
+    """
+    return node.bandwidth_gbs * 1e9 * (1.0 if node.bandwidth_measured else MEMORY_EFFICIENCY)
+
+
+def prefill_flops_per_s(node: NodeBudget) -> float:
+    """The rate prefill computes at on ``node``: COMPUTE_EFFICIENCY of GPU cores at their
+    nominal rate, or all of a measured matmul rate (prefill is large matmuls)."""
+    return node.flops * (1.0 if node.flops_measured else COMPUTE_EFFICIENCY)
+
+
 def _ring_cost(order: Iterable[NodeBudget], links: dict[frozenset[str], Link]) -> float:
     """Latency around the ring: every hop, and the last back to the first."""
     ids = [n.spec.node_id for n in order]
@@ -218,11 +241,11 @@ def _timing(
         read = d.decode_read[end] - d.decode_read[start] + d.kv[end] - d.kv[start]
         if d.holds(i, k)[1]:
             read += p.head_bytes + p.embedding_bytes * p.tied_embeddings
-        bandwidth = node.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY
+        bandwidth = decode_bytes_per_s(node)
         stage.append(read / bandwidth)
         flops = prefill.flops[end] - prefill.flops[start]
         weights = prefill.read[end] - prefill.read[start]
-        prompt.append(max(flops / (node.flops * COMPUTE_EFFICIENCY), weights / bandwidth))
+        prompt.append(max(flops / prefill_flops_per_s(node), weights / bandwidth))
     ids = [n.spec.node_id for n in order]
     pairs = list(zip(ids, ids[1:], strict=False))
     width = p.hidden_size * p.dtype_bytes
@@ -430,13 +453,12 @@ def _make_plan(
 def formula_text(concurrency: int, prompt: int) -> str:
     return (
         f"t_token = sum over stages of (active weights + KV cache read) / (bandwidth x "
-        f"{MEMORY_EFFICIENCY}) + sum over hops of (latency + {concurrency} x hidden x "
-        f"dtype bytes / link bandwidth); tok/s per stream = 1 / t_token, aggregate = "
-        f"{concurrency} / t_token. TTFT = sum over stages of max((2 x active params x "
-        f"{prompt} tokens + 2 x {prompt} x tokens seen x hidden) / (GPU cores x "
-        f"{FLOPS_PER_GPU_CORE / 1e12:g} TFLOPS x "
-        f"{COMPUTE_EFFICIENCY}), weights / (bandwidth x {MEMORY_EFFICIENCY})) + hops carrying "
-        f"{prompt} tokens of activations"
+        f"{MEMORY_EFFICIENCY}, or a measured bandwidth x 1) + sum over hops of (latency + "
+        f"{concurrency} x hidden x dtype bytes / link bandwidth); tok/s per stream = 1 / "
+        f"t_token, aggregate = {concurrency} / t_token. TTFT = sum over stages of max((2 x "
+        f"active params x {prompt} tokens + 2 x {prompt} x tokens seen x hidden) / (GPU cores "
+        f"x {FLOPS_PER_GPU_CORE / 1e12:g} TFLOPS x {COMPUTE_EFFICIENCY}, or the measured "
+        f"TFLOPS), weights / decode's bandwidth) + hops carrying {prompt} tokens of activations"
     )
 
 
@@ -457,12 +479,14 @@ def predict(
     prompt_tokens: int,
     concurrency: int = 1,
     head_on_every_stage: bool = False,
+    links: Sequence[Link] = (),
 ) -> Prediction:
     """What `plan` predicts for `stages` — (node, start layer, end layer exclusive) in
     ring order — without choosing nodes or checking memory: the layers are already
     placed (a loaded model shows as memory in use, which would not fit again).
 
     context_length: tokens in each stream's KV cache (its reads cost decode time).
+    links: measured links between the nodes; unmeasured hops count as DEFAULT_LINK.
     """
     if not stages:
         raise ValueError("predict needs at least one stage")
@@ -481,6 +505,7 @@ def predict(
         )
     order = [resolve_node(node) for node, _, _ in stages]
     demand = Demand(profile, context_length, concurrency, head_on_every_stage)
-    timing = _timing(order, ends, demand, {}, _Prefill.of(profile, prompt_tokens))
+    by_pair = {frozenset((link.a, link.b)): link for link in links}
+    timing = _timing(order, ends, demand, by_pair, _Prefill.of(profile, prompt_tokens))
     step = timing.step_seconds
     return Prediction(1.0 / step, concurrency / step, timing.ttft_s)

@@ -84,10 +84,11 @@ def check_context(settings: BenchSettings, max_context: int) -> None:
 
 def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, list[str]]:
     """The planner's predictions for the serving plan, and what they assume."""
+    from pomona.coordinator.links import links_from_proto
     from pomona.coordinator.memory_fit import resolve_node
     from pomona.coordinator.parallel import is_tensor_layout, predict_tensor
     from pomona.coordinator.placement import node_spec
-    from pomona.coordinator.planner import predict
+    from pomona.coordinator.planner import DEFAULT_LINK, predict
     from pomona.model_profile import ModelProfile
 
     def nothing(prompt: int, context: int, streams: int) -> Predicted | None:
@@ -107,19 +108,30 @@ def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, l
             predict(profile, stages, context_length=1, prompt_tokens=1)
     except (KeyError, ValueError) as e:
         return nothing, [f"no predictions: the serving plan cannot be read ({e})"]
-    assumed: dict[str, list[str]] = {}  # what was assumed -> the nodes it was for
+    assumed: dict[str, list[str]] = {}  # what was assumed or measured -> the nodes it was for
     for spec, _, _ in stages:
         node = resolve_node(spec)
-        if node.bandwidth_assumed or node.cores_assumption:
-            what = (
-                f"assume {node.bandwidth_gbs:g} GB/s and {node.gpu_cores} GPU cores "
-                f"({spec.chip or 'chip unknown'})"
-            )
+        guesses = [f"{node.bandwidth_gbs:g} GB/s"] * node.bandwidth_assumed
+        guesses += [f"{node.gpu_cores} GPU cores"] * bool(node.cores_assumption)
+        if guesses:
+            what = f"assume {' and '.join(guesses)} ({spec.chip or 'chip unknown'})"
+            assumed.setdefault(what, []).append(spec.name)
+        measured = [f"{node.bandwidth_gbs:.3g} GB/s"] * node.bandwidth_measured
+        measured += [f"{node.flops / 1e12:.3g} TFLOPS"] * node.flops_measured
+        if measured:
+            what = f"use what the worker measured: {', '.join(measured)}"
             assumed.setdefault(what, []).append(spec.name)
     notes = [
         f"predictions for {', '.join(names)} {what}: see `pomona plan --coordinator`"
         for what, names in assumed.items()
     ]
+
+    links = links_from_proto(status.links)  # hops at what the coordinator measured
+    if not links and len(stages) > 1:
+        notes.append(
+            f"links not measured: predictions assume {DEFAULT_LINK.latency_ms:g} ms and "
+            f"{DEFAULT_LINK.bandwidth_gbs:g} GB/s a hop ({DEFAULT_LINK.kind})"
+        )
 
     def predictor(prompt: int, context: int, streams: int) -> Predicted | None:
         if tensor:
@@ -129,10 +141,16 @@ def serving_predictor(status: coordinator_pb2.StatusReply) -> tuple[Predictor, l
                 context_length=context,
                 prompt_tokens=prompt,
                 concurrency=streams,
+                links=links,
             )
         else:
             p = predict(
-                profile, stages, context_length=context, prompt_tokens=prompt, concurrency=streams
+                profile,
+                stages,
+                context_length=context,
+                prompt_tokens=prompt,
+                concurrency=streams,
+                links=links,
             )
         return Predicted(p.ttft_s, p.decode_tokens_per_s, p.aggregate_tokens_per_s)
 

@@ -8,11 +8,13 @@ start it, discovers its peers through real mDNS on 127.0.0.1, and is stopped
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +28,8 @@ from pomona import rpc
 from pomona.local import free_port_pair, free_worker_ports
 from pomona.security import Auth, write_local_config
 from pomona.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pomona.worker.bandwidth import cached_speed
+from pomona.worker.identity import machine_fingerprint
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
@@ -52,6 +56,22 @@ def cluster_config(root: Path, cluster: str) -> Path:
     if not path.exists():
         write_local_config(path.parent, cluster)
     return path
+
+
+@functools.cache
+def _measured_speed() -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        cached_speed(Path(d), machine_fingerprint())
+        return (Path(d) / "bandwidth.json").read_bytes()
+
+
+def seed_speed(state_dir: Path) -> None:
+    """Give a new worker's state dir this machine's measured speed, as a restarted worker
+    finds it: measured once per test run instead of at every worker's first start."""
+    path = state_dir / "bandwidth.json"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_measured_speed())
 
 
 def spare_flag(extra: Sequence[str]) -> list[str]:
@@ -151,6 +171,7 @@ class LocalCluster:
         and log, so that two workers may share a name as two Macs may."""
         key = key or name
         port = port or free_worker_ports(self.taken)
+        seed_speed(self.state_dir(key))
         args = [
             "worker", "--port", str(port), "--host", LOOPBACK, "--name", name,
             "--cluster", cluster or self.cluster, "--address", LOOPBACK,

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from clusterkit import coordinator_stub, local_cluster, wait_for, wait_serving
 from modelfactory import VOCAB_SIZE, make_model
 
-from pomona.bench_cmd import bench_command, check_context, parse_concurrency
+from pomona.bench_cmd import bench_command, check_context, parse_concurrency, serving_predictor
 from pomona.bench_view import bench_json
 from pomona.benchmark import (
     BenchSettings,
@@ -26,7 +26,7 @@ from pomona.benchmark import (
     run_bench,
 )
 from pomona.model_profile import ModelProfile
-from pomona.v1 import coordinator_pb2
+from pomona.v1 import coordinator_pb2, worker_pb2
 
 
 def timing(sent: float, first: float, last: float, tokens: int, asked: int = 0) -> StreamTiming:
@@ -85,6 +85,7 @@ def test_every_request_must_fit_the_context() -> None:
 
 
 DOCS = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+CONFIGS = Path(__file__).parents[1] / "pomona" / "model_configs"
 
 
 class FakeStreamer:
@@ -230,3 +231,50 @@ def test_bench_json_against_a_local_cluster(tmp_path: Path) -> None:
             assert result.exit_code == 1
             assert result.output.count("\n") == 1 and says in result.output, result.output
         assert _bench(coord.address, coord.config, *args, "--concurrency", "none").exit_code == 0
+
+
+def serving_status(**hardware: Any) -> coordinator_pb2.StatusReply:
+    """Llama-3.1-8B served on two Linux workers, 16 layers each."""
+    config = json.loads((CONFIGS / "llama-3.1-8b.json").read_text())
+    profile = ModelProfile.from_config(config, name="llama-3.1-8b")
+    reply = coordinator_pb2.StatusReply(model_profile_json=profile.to_json())
+    half = profile.num_layers // 2
+    for i, name in enumerate(("w1", "w2")):
+        status = reply.nodes.add()
+        status.node.node_id = status.node.name = name
+        status.node.hardware.CopyFrom(
+            worker_pb2.Hardware(total_memory_bytes=16 << 30, chip="AMD EPYC", **hardware)
+        )
+        reply.plan.add(node_id=name, name=name, start_layer=half * i, end_layer=half * (i + 1))
+    return reply
+
+
+def test_bench_predictions_cross_the_links_the_coordinator_measured() -> None:
+    status = serving_status(measured_bandwidth_gbs=2.0, measured_tflops=0.006)
+    assumed, notes = serving_predictor(status)
+    assert any("links not measured" in n for n in notes)
+    status.links.add(from_node_id="w1", to_node_id="w2", rtt_ms=20.0, bandwidth_bytes_per_s=1e9)
+    measured, notes = serving_predictor(status)
+    assert not any("links not measured" in n for n in notes)
+    slow, fast = measured(1, 64, 1), assumed(1, 64, 1)
+    assert slow is not None and fast is not None
+    # a hop each way (10 ms one way, against 0.3 ms assumed) in every decode step
+    assert 1 / slow.decode_tokens_per_s - 1 / fast.decode_tokens_per_s == pytest.approx(
+        2 * (0.010 - 0.0003), rel=0.01
+    )
+
+
+def test_bench_predicts_with_what_the_workers_measured_and_assumes_no_gpu_cores() -> None:
+    guess, notes = serving_predictor(serving_status())
+    assert any("7 GPU cores" in n for n in notes) and any("68 GB/s" in n for n in notes)
+    status = serving_status(measured_bandwidth_gbs=2.0, measured_tflops=0.006)
+    status.links.add(from_node_id="w1", to_node_id="w2", rtt_ms=0.1, bandwidth_bytes_per_s=1e9)
+    measured, notes = serving_predictor(status)
+    assert not any("GPU cores" in n or "assume" in n for n in notes)
+    assert notes == [
+        "predictions for w1, w2 use what the worker measured: 2 GB/s, 0.006 TFLOPS: "
+        "see `pomona plan --coordinator`"
+    ]
+    before, after = guess(1024, 1056, 1), measured(1024, 1056, 1)
+    assert before is not None and after is not None
+    assert after.ttft_s > 100 * before.ttft_s  # 0.006 TFLOPS against 7 Apple GPU cores

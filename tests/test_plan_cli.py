@@ -149,6 +149,11 @@ def test_a_model_that_does_not_fit_exits_non_zero_with_one_line(
         ("- {name: a, chip: Apple M4, memory_gb: 16, gpu_cores: 12}", "8 or 10 GPU cores"),
         ("- [unclosed", "is not valid YAML"),
         ("nodes: 3", "expected a list of nodes"),
+        (
+            "- {name: a, chip: X, memory_gb: 16, bandwidth_gbs: 9, measured_bandwidth_gbs: 3}",
+            "give the bandwidth once",
+        ),
+        ("- {name: a, chip: X, memory_gb: 16, measured_tflops: 1}", "give bandwidth_gbs"),
     ],
 )
 def test_a_bad_nodes_file_is_one_clear_line(
@@ -236,3 +241,19 @@ def test_context_defaults_to_the_coordinators_and_prompt_tokens_set_ttft(
         str(llama_70b), "--nodes", str(lab), "--context", "1024", "--prompt-tokens", "2048"
     )
     assert too_long.exit_code == 1 and "does not fit a context" in too_long.output
+
+
+def test_a_nodes_file_takes_what_a_worker_measured(tmp_path: Path, llama_70b: Path) -> None:
+    entry = {"name": "pc", "chip": "AMD EPYC", "memory_gb": 256, "measured_bandwidth_gbs": 40}
+    (node,) = parse_nodes([{**entry, "measured_tflops": 2.5}])
+    assert (node.bandwidth_gbs, node.bandwidth_measured, node.measured_tflops) == (40, True, 2.5)
+    path = tmp_path / "pc.json"
+    ttft = {}
+    for tflops in (None, 2.5):
+        path.write_text(json.dumps([{**entry, "measured_tflops": tflops}]))
+        result = run(str(llama_70b), "--nodes", str(path), "--json")
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.output)
+        assert any("GPU cores" in n for n in out["notes"]) == (tflops is None)
+        ttft[tflops] = out["ttft_s"]
+    assert ttft[2.5] == pytest.approx(ttft[None] * 7 * 0.35 * 0.85 / 2.5, rel=0.05)

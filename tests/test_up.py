@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from clusterkit import wait_for
+from clusterkit import seed_speed, wait_for
 
 from pomona import rpc
 from pomona.local import free_port_pair
@@ -32,6 +32,8 @@ def worker_logs(home: Path, n: int) -> list[Path]:
 def test_up_then_generate_then_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     port, http = free_port_pair(set()), free_port_pair(set())
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), HOME=str(tmp_path))
+    for i in range(1, 2 + 1):
+        seed_speed(tmp_path / "state" / "pomona" / "local" / f"worker-{i}")
     up = subprocess.Popen(
         [sys.executable, "-m", "pomona", "up", "--local", "2", "--port", str(port),
          "--http-port", str(http)],
@@ -72,6 +74,8 @@ def test_up_with_three_keeps_serving_when_workers_die_even_unread(tmp_path: Path
     port, http = free_port_pair(set()), free_port_pair(set())
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), HOME=str(tmp_path))
     client_env = dict(env, POMONA_COORDINATOR=f"127.0.0.1:{port}")
+    for i in range(1, 3 + 1):
+        seed_speed(tmp_path / "state" / "pomona" / "local" / f"worker-{i}")
     up = subprocess.Popen(
         [sys.executable, "-m", "pomona", "up", "--local", "3", "--port", str(port),
          "--http-port", str(http)],

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import Proc, cluster_config, spare_flag
+from clusterkit import Proc, cluster_config, seed_speed, spare_flag
 
 PREFIX = "pbed"
 NETNS_DIR = Path("/run/netns")
@@ -772,6 +772,7 @@ class TestBed:
         assert self.root is not None
         ip = self.hosts[i].ip
         state_dir = state_dir or self.root / f"state-{name}"
+        seed_speed(state_dir)
         pinned = ["--host", ip, "--address", ip, "--mdns-interface", ip] if pin_address else []
         args = [
             "worker", "--port", str(port), "--name", name, "--cluster", cluster, *pinned,

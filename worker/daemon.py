@@ -37,7 +37,7 @@ from pomona.tokens import describe_proof
 from pomona.v1 import transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.worker.advertise import service_info
 from pomona.worker.backend_facts import facts_to_proto, interface_peers, read_backend_facts
-from pomona.worker.bandwidth import cached_bandwidth_gbs
+from pomona.worker.bandwidth import Speed, cached_speed
 from pomona.worker.hardware import HardwareInfo, read_hardware
 from pomona.worker.identity import load_node_id, machine_fingerprint
 from pomona.worker.lease import Lease
@@ -77,7 +77,7 @@ def shard_to_proto(info: ShardInfo) -> worker_pb2.ShardStatus:
 
 
 def hardware_to_proto(
-    hw: HardwareInfo, cap: int = 0, bandwidth_gbs: float | None = None
+    hw: HardwareInfo, cap: int = 0, speed: Speed | None = None
 ) -> worker_pb2.Hardware:
     limit = hw.gpu_memory_limit_bytes or hw.total_memory_bytes
     if cap:
@@ -93,7 +93,8 @@ def hardware_to_proto(
         available_memory_bytes=psutil.virtual_memory().available,
         gpu_memory_limit_bytes=limit,
         rdma=hw.rdma_enabled,
-        measured_bandwidth_gbs=bandwidth_gbs,
+        measured_bandwidth_gbs=speed.bandwidth_gbs if speed else None,
+        measured_tflops=speed.tflops if speed else None,
     )
 
 
@@ -141,18 +142,18 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
         self._lock = asyncio.Lock()
         self._sinks: list[LinkSink] = []  # link probes' sinks (LinkListen)
         self.addresses = list(config.addresses) or local_addresses()
-        # Measured (once per machine, in the background) only where Apple's
+        # Measured (once per machine, before serving) only where Apple's
         # table does not know the chip or this variant of it.
-        self.bandwidth_gbs: float | None = None
+        self.speed: Speed | None = None
         self.stage_cache = StageCache(config.cache_dir, config.cache_max_bytes)
         self.spare = WarmRunner(config.spare_runner)
         self._refill: asyncio.Task[None] | None = None
 
-    async def measure_bandwidth(self) -> None:
+    async def measure_speed(self) -> None:
         if chip_bandwidth_gbs(self.hardware.chip, self.hardware.gpu_cores) is not None:
             return
-        self.bandwidth_gbs = await asyncio.to_thread(
-            cached_bandwidth_gbs, self.config.state_dir, machine_fingerprint()
+        self.speed = await asyncio.to_thread(
+            cached_speed, self.config.state_dir, machine_fingerprint()
         )
 
     # -- Worker service -------------------------------------------------------
@@ -178,7 +179,7 @@ class WorkerDaemon(worker_pb2_grpc.WorkerServicer):
             name=self.config.name,
             cluster=self.config.cluster,
             protocol_version=PROTOCOL_VERSION,
-            hardware=hardware_to_proto(hw, self.config.max_memory_bytes, self.bandwidth_gbs),
+            hardware=hardware_to_proto(hw, self.config.max_memory_bytes, self.speed),
             mlx_version=hw.mlx_version or "",
             backends=list(hw.distributed_backends),
             interfaces=[
@@ -545,6 +546,10 @@ async def serve(
 ) -> None:
     """Run a worker until ``stop`` is set (or forever)."""
     daemon = WorkerDaemon(config)
+    # Before anyone can describe this worker: a plan made while one worker's speed is
+    # measured and another's assumed splits layers by numbers 50x apart. Measured once
+    # per machine (1-2 s on a CPU), then read from the state directory.
+    await daemon.measure_speed()
     server = rpc.aio_server(config.auth, target=daemon.node_id)
     worker_pb2_grpc.add_WorkerServicer_to_server(daemon, server)
     transfer_pb2_grpc.add_ModelTransferServicer_to_server(transfer_service(daemon), server)
@@ -557,7 +562,6 @@ async def serve(
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     await _set_serving(health_servicer)
-    measuring = asyncio.create_task(daemon.measure_bandwidth())
     await daemon.spare.ensure()  # a runner that has done its imports waits for the first load
     if config.spare_runner:
         # A model's profile (InspectModel, before every first plan) builds mlx-lm's model
@@ -596,7 +600,6 @@ async def serve(
         with contextlib.suppress(Exception):
             await zc.async_unregister_service(info)
         await zc.async_close()
-        measuring.cancel()
         await daemon.shutdown()
         await server.stop(grace=1.0)
 

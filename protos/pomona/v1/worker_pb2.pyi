@@ -52,7 +52,7 @@ class NetworkInterface(_message.Message):
     def __init__(self, name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., is_up: _Optional[bool] = ..., speed_mbps: _Optional[int] = ..., link_state: _Optional[str] = ..., peer_domain_uuid: _Optional[str] = ...) -> None: ...
 
 class Hardware(_message.Message):
-    __slots__ = ("hostname", "os", "chip", "machine_model", "cpu_cores", "gpu_cores", "total_memory_bytes", "available_memory_bytes", "gpu_memory_limit_bytes", "rdma", "measured_bandwidth_gbs")
+    __slots__ = ("hostname", "os", "chip", "machine_model", "cpu_cores", "gpu_cores", "total_memory_bytes", "available_memory_bytes", "gpu_memory_limit_bytes", "rdma", "measured_bandwidth_gbs", "measured_tflops")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Hardware(_message.Message):
     GPU_MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RDMA_FIELD_NUMBER: _ClassVar[int]
     MEASURED_BANDWIDTH_GBS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_TFLOPS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     os: str
     chip: str
@@ -75,7 +76,8 @@ class Hardware(_message.Message):
     gpu_memory_limit_bytes: int
     rdma: bool
     measured_bandwidth_gbs: float
-    def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., chip: _Optional[str] = ..., machine_model: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., gpu_memory_limit_bytes: _Optional[int] = ..., rdma: _Optional[bool] = ..., measured_bandwidth_gbs: _Optional[float] = ...) -> None: ...
+    measured_tflops: float
+    def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., chip: _Optional[str] = ..., machine_model: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., gpu_memory_limit_bytes: _Optional[int] = ..., rdma: _Optional[bool] = ..., measured_bandwidth_gbs: _Optional[float] = ..., measured_tflops: _Optional[float] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
     __slots__ = ("node_id", "name", "cluster", "protocol_version", "hardware", "mlx_version", "backends", "interfaces", "ring_port", "shard", "held_by", "proof", "backend_facts")
