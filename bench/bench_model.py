@@ -81,11 +81,21 @@ def ensure_model(
 
 
 def parameter_count(folder: Path) -> int:
-    """Parameters in the folder's safetensors files, from their headers alone."""
+    """Parameters in the folder's safetensors files, from their headers alone.
+
+    A quantized weight packs 32 / bits parameters into each uint32; its scales
+    and biases are not parameters of the model.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    bits = (config.get("quantization") or {}).get("bits", 0)
     total = 0
     for path in sorted(folder.glob("*.safetensors")):
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        for name, v in header.items():
+            if name == "__metadata__" or (bits and name.endswith((".scales", ".biases"))):
+                continue
+            packed = 32 // bits if bits and v["dtype"] == "U32" else 1
+            total += math.prod(v["shape"]) * packed
     return total
