@@ -34,8 +34,11 @@ KEPT = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_valu
         "head_dim", "rms_norm_eps", "rope_theta", "hidden_act")  # fmt: skip
 
 
-def ensure_model(config: Path, folder: Path, layers: int, dtype: str, bits: int = 0) -> Path:
-    """A random-weight model of ``config``'s layer shape, ``bits``-quantized if asked."""
+def ensure_model(
+    config: Path, folder: Path, layers: int, dtype: str, bits: int = 0, model_type: str = ""
+) -> Path:
+    """A random-weight model of ``config``'s layer shape, ``bits``-quantized if asked, as
+    ``model_type`` if given (mlx-lm's own pipeline takes qwen2 but not llama)."""
     if (folder / "tokenizer.json").exists():
         return folder
     sys.path.insert(0, str(REPO / "tests"))
@@ -44,8 +47,9 @@ def ensure_model(config: Path, folder: Path, layers: int, dtype: str, bits: int 
     real = json.loads(config.read_text())
     overrides = {k: real[k] for k in KEPT if k in real}
     overrides["max_position_embeddings"] = 8192
-    make_model(folder, real["model_type"], num_layers=layers, shards=max(1, layers // 4),
-               dtype=dtype, overrides=overrides, bits=bits, group_size=64)  # fmt: skip
+    make_model(folder, model_type or real["model_type"], num_layers=layers,
+               shards=max(1, layers // 4), dtype=dtype, overrides=overrides, bits=bits,
+               group_size=64)  # fmt: skip
     return folder
 
 
@@ -101,6 +105,17 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--bits", type=int, default=0, help="quantize the weights (4 or 8)")
+    parser.add_argument(
+        "--model-type",
+        default="",
+        help="write the layers as this architecture (qwen2: for mlx-lm's pipeline, which "
+        "refuses llama)",
+    )
+    parser.add_argument(
+        "--write-only",
+        action="store_true",
+        help="write the model, print its folder and stop (for bench_decode.py --model)",
+    )
     parser.add_argument("--workers", default="2,3")
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--gen-tokens", type=int, default=128)
@@ -121,8 +136,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     name = f"{args.config.stem}-l{args.layers}" + (f"-q{args.bits}" if args.bits else "")
-    model = ensure_model(args.config, args.model_dir / name, args.layers, args.dtype, args.bits)
+    name += f"-{args.model_type}" if args.model_type else ""
+    model = ensure_model(args.config, args.model_dir / name, args.layers, args.dtype, args.bits,
+                         args.model_type)  # fmt: skip
     print(f"model ready in {time.monotonic() - t0:.0f} s: {model}", flush=True)
+    if args.write_only:
+        return 0
     results = {}
     for i, n in enumerate(int(x) for x in args.workers.split(",")):
         results[n] = run_cluster(model, n, args, 40100 + 10 * i)
