@@ -132,25 +132,32 @@ class Processes:
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
+        self.stop(list(self.procs), set(self.extra_pids))
+
+    def stop(self, procs: list[Proc], extra_pids: set[int]) -> None:
+        """SIGTERM ``procs``' groups, SIGKILL what is left after 10 s, then kill
+        ``extra_pids`` and their groups; none of them is stopped again later."""
+        for proc in reversed(procs):
             if proc.alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.popen.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for proc in self.procs:
+        for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(max(0.1, deadline - time.monotonic()))
-        for proc in self.procs:
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.popen.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(5)
         # Pomona's runners and the mlx-lm processes lead sessions of their own.
-        for pid in self.extra_pids:
+        for pid in extra_pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        self.procs = [p for p in self.procs if p not in procs]
+        self.extra_pids -= extra_pids
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ({p.log})\n{p.tail()}" for p in self.procs)
@@ -515,19 +522,6 @@ class Pomona:
         Only ``--sequential`` runs need it before the end (``Processes.stop_all``
         stops everything then): the next system wants the accelerator's memory.
         """
-        import psutil
-
-        for proc in reversed(self.procs):
-            if proc.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.popen.pid, signal.SIGTERM)
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(30)
-        runners = [pid for key, pid in self.pids.items() if key.endswith("runner")]
-        with contextlib.suppress(psutil.Error):
-            _, alive = psutil.wait_procs(
-                [psutil.Process(pid) for pid in runners if psutil.pid_exists(pid)], timeout=15
-            )
-            for runner in alive:
-                runner.kill()
+        if self.processes is not None:
+            runners = {pid for key, pid in self.pids.items() if key.endswith("runner")}
+            self.processes.stop(self.procs, runners)
